@@ -1,0 +1,187 @@
+"""Collapse the operator graph into per-token coefficients that the vectorised evaluation uses.
+
+The graph is the source of truth; a summary is the exact sum of its ops' quantities grouped by
+how they scale (per token, per token per sequence position) and shard (tp / sp / none). Tests
+check that evaluating a summary equals walking the graph op by op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.graph import ModelGraph, Op, Saved
+
+RECOMPUTE_POLICIES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes per token, split by sharding: value(T, s, t, sp) = tp·T/t + sp_part·T/(t if sp) +
+    none·T + seq·T·s/t, with T = tokens in the micro-batch."""
+
+    tp: float = 0.0
+    sp: float = 0.0
+    none: float = 0.0
+    seq: float = 0.0
+
+    def __add__(self, other: Bytes) -> Bytes:
+        return Bytes(self.tp + other.tp, self.sp + other.sp, self.none + other.none, self.seq + other.seq)
+
+    def __sub__(self, other: Bytes) -> Bytes:
+        return Bytes(self.tp - other.tp, self.sp - other.sp, self.none - other.none, self.seq - other.seq)
+
+    def scale(self, factor: float) -> Bytes:
+        return Bytes(self.tp * factor, self.sp * factor, self.none * factor, self.seq * factor)
+
+    def evaluate(self, tokens, seq_len, tp, sp_divisor):
+        """Works on floats and numpy arrays alike."""
+        return (self.tp * tokens / tp + self.sp * tokens / sp_divisor + self.none * tokens
+                + self.seq * tokens * seq_len / tp)
+
+
+@dataclass(frozen=True)
+class Matmul:
+    name: str
+    flops_per_token: float  # forward, unsharded
+    in_features: int
+    out_features: int
+    tokens_factor: float
+    trainable: bool
+    tp_split: bool
+
+
+@dataclass(frozen=True)
+class ParamGroups:
+    """Parameter counts (unsharded) by how they are stored."""
+
+    trainable_tp: float = 0.0  # trained, sharded by TP
+    trainable_rep: float = 0.0  # trained, replicated across TP ranks (norms, router)
+    frozen_tp: float = 0.0  # frozen base weights (LoRA), compute dtype
+    frozen_rep: float = 0.0
+    quantized_tp: float = 0.0  # frozen base linears stored in NF4 (QLoRA)
+    largest_tensor: float = 0.0  # the largest single trained parameter tensor (for-loop optimizer temps)
+
+    def __add__(self, o: ParamGroups) -> ParamGroups:
+        return ParamGroups(self.trainable_tp + o.trainable_tp, self.trainable_rep + o.trainable_rep,
+                           self.frozen_tp + o.frozen_tp, self.frozen_rep + o.frozen_rep,
+                           self.quantized_tp + o.quantized_tp, max(self.largest_tensor, o.largest_tensor))
+
+    def scale(self, factor: float) -> ParamGroups:
+        return ParamGroups(self.trainable_tp * factor, self.trainable_rep * factor, self.frozen_tp * factor,
+                           self.frozen_rep * factor, self.quantized_tp * factor, self.largest_tensor)
+
+    @property
+    def total(self) -> float:
+        return self.trainable_tp + self.trainable_rep + self.frozen_tp + self.frozen_rep + self.quantized_tp
+
+    @property
+    def trainable(self) -> float:
+        return self.trainable_tp + self.trainable_rep
+
+
+@dataclass(frozen=True)
+class PartSummary:
+    """One layer, or the model's ends, reduced to coefficients."""
+
+    params: ParamGroups
+    matmuls: tuple[Matmul, ...]
+    attention_flops_per_token_seq: float
+    io_bytes: Bytes
+    saved: dict[str, Bytes] = field(default_factory=dict)  # by recompute policy
+    working_bytes: Bytes = Bytes()  # largest op input+output: gradient buffers during backward
+
+    @property
+    def matmul_flops_per_token(self) -> float:
+        return sum(m.flops_per_token for m in self.matmuls)
+
+
+def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> PartSummary:
+    """`quantized`: QLoRA stores frozen base linears in NF4. `layer_input`: the tensor a
+    checkpointed layer keeps (its input) under full and selective recomputation."""
+    return PartSummary(
+        params=_param_groups(ops, quantized),
+        matmuls=tuple(Matmul(op.name, op.flops_per_token, op.gemm[0], op.gemm[1], op.tokens_factor,
+                             op.trainable, op.tp_split) for op in ops if op.kind in ("matmul", "experts")),
+        attention_flops_per_token_seq=sum(op.flops_per_token_seq for op in ops),
+        io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") for op in ops), Bytes()),
+        saved={policy: _saved_bytes(ops, policy, layer_input) for policy in RECOMPUTE_POLICIES},
+        working_bytes=max((_shard(2 * op.out_bytes_per_token * op.tokens_factor, "tp" if op.tp_split else "sp")
+                           for op in ops), key=lambda b: b.tp + b.sp + b.none, default=Bytes()),
+    )
+
+
+def summarize(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSummary]:
+    """(layer, embedding side, head side) of a model graph."""
+    quantized = graph.workload.method == "qlora"
+    r, h = graph.numerics.residual_bytes, graph.spec.hidden_size
+    layer_input = Saved("layer_in", r * h, "sp")
+    layer = summarize_ops(graph.block_ops(), quantized, layer_input)
+    ends = graph.end_ops()
+    head_names = {"final_norm", "lm_head"}
+    embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
+    head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
+    return layer, embedding, head
+
+
+def _saved_bytes(ops: list[Op], policy: str, layer_input: Saved | None) -> Bytes:
+    """Tensors kept for backward, each counted once (by key).
+
+    none: everything autograd saves. full: only the checkpointed layer's input. selective: the
+    layer input, the outputs of matmuls and attention, and tensors marked `selective` (attention's
+    log-sum-exp); norms, activations and rotary are recomputed in backward."""
+    checkpointed = layer_input is not None
+    if policy == "full" and checkpointed:
+        return _shard(layer_input.bytes_per_token, layer_input.split)
+    kept: dict[str, Saved] = {}
+    if policy == "selective" and checkpointed:
+        kept[layer_input.key] = layer_input
+        for op in ops:
+            if op.keep_output_selective:
+                kept.setdefault(f"{op.name}.out", Saved(f"{op.name}.out", op.out_bytes_per_token * op.tokens_factor,
+                                                        "tp" if op.tp_split else "sp"))
+            for tensor in op.saved:
+                if tensor.selective:
+                    kept.setdefault(tensor.key, tensor)
+    else:
+        for op in ops:
+            for tensor in op.saved:
+                if not (tensor.for_weight_grad and not op.trainable):
+                    kept.setdefault(tensor.key, tensor)
+    total = Bytes()
+    for tensor in kept.values():
+        part = _shard(tensor.bytes_per_token, tensor.split)
+        total = total + (Bytes(seq=part.tp + part.sp + part.none) if tensor.times_seq else part)
+    return total
+
+
+def _shard(value: float, split: str) -> Bytes:
+    if split == "tp":
+        return Bytes(tp=value)
+    if split == "sp":
+        return Bytes(sp=value)
+    return Bytes(none=value)
+
+
+def _param_groups(ops: list[Op], quantized: bool) -> ParamGroups:
+    groups = ParamGroups()
+    for op in ops:
+        if not op.params:
+            continue
+        if op.trainable:
+            part = ParamGroups(trainable_tp=op.params if op.tp_split else 0,
+                               trainable_rep=0 if op.tp_split else op.params,
+                               largest_tensor=_largest_tensor(op))
+        elif quantized and op.quantizable:
+            part = ParamGroups(quantized_tp=op.params)
+        else:
+            part = ParamGroups(frozen_tp=op.params if op.tp_split else 0, frozen_rep=0 if op.tp_split else op.params)
+        groups = groups + part
+    return groups
+
+
+def _largest_tensor(op: Op) -> float:
+    if op.kind == "experts":
+        return op.params / 3  # MixtralExperts: gate_up_proj holds 2/3, down_proj 1/3
+    if op.kind == "matmul" and op.gemm != (0, 0):
+        return op.gemm[0] * op.gemm[1]
+    return op.params

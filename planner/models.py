@@ -1,0 +1,215 @@
+"""Models: the catalog (presets/models/*.json, each a Hugging Face config.json with its source)
+and the reader that turns any supported config.json into a ModelSpec.
+
+One mechanism serves both: a catalog entry is a config.json plus a name and a source.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from planner.errors import InvalidRequest, unknown_name
+from planner.specs import ModelSpec
+
+PRESET_DIR = Path(__file__).parent / "presets" / "models"
+
+# Model types whose config.json we read, and the transformers class that instantiates them.
+SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "gpt_neox", "mpt")
+
+
+@cache
+def catalog() -> dict[str, dict[str, Any]]:
+    """name -> preset document {name, source, published_params, config}."""
+    docs = {}
+    for path in sorted(PRESET_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        docs[doc["name"]] = doc
+    return docs
+
+
+def load_model(ref: str) -> ModelSpec:
+    """A catalog name, a path to a config.json, or a folder holding one."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidRequest("--model is empty; give a catalog name (see `planner models`) or a config.json path")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise InvalidRequest(f"folder {ref!r} holds no config.json; point --model at a Hugging Face model folder")
+    if path.is_file():
+        return spec_from_file(path)
+    docs = catalog()
+    key = ref.lower()
+    if key in docs:
+        doc = docs[key]
+        return spec_from_hf_config(doc["config"], name=doc["name"], source=doc["source"])
+    if ref.endswith(".json") or "/" in ref:
+        raise InvalidRequest(f"model file {ref!r} does not exist; give an existing config.json or a catalog name")
+    raise unknown_name("model", ref, docs, hint="(see `planner models`, or pass a config.json path)")
+
+
+def spec_from_file(path: Path) -> ModelSpec:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{path} must hold a JSON object (a Hugging Face config.json)")
+    name = config.get("_name_or_path") or path.parent.name or path.stem
+    return spec_from_hf_config(config, name=str(name), source=str(path))
+
+
+def spec_from_hf_config(config: dict[str, Any], name: str, source: str = "") -> ModelSpec:
+    model_type = config.get("model_type")
+    if model_type not in _READERS:
+        raise InvalidRequest(f"unsupported model_type {model_type!r} in {source or name}; "
+                             f"supported: {', '.join(SUPPORTED_TYPES)}")
+    fields = _READERS[model_type](_Config(config, source or name))
+    spec = ModelSpec(name=name, family=model_type, source=source, **fields)
+    _check_shape(spec)
+    return spec
+
+
+class _Config:
+    """Typed access to a config.json with one-line errors naming the key to fix."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data, self.where = data, where
+
+    def int(self, *keys: str, default: int | None = None) -> int:
+        for key in keys:
+            if self.data.get(key) is not None:
+                value = self.data[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise InvalidRequest(f"{self.where}: {key} must be a positive integer, got {value!r}")
+                return value
+        if default is None:
+            raise InvalidRequest(f"{self.where}: missing {' or '.join(keys)} in config.json")
+        return default
+
+    def float(self, key: str, default: float) -> float:
+        value = self.data.get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise InvalidRequest(f"{self.where}: {key} must be a non-negative number, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{self.where}: {key} must be true or false, got {value!r}")
+        return value
+
+
+def _llama_like(c: _Config) -> dict[str, Any]:
+    """LlamaConfig / MistralConfig / Qwen2Config / MixtralConfig fields (transformers defaults)."""
+    hidden = c.int("hidden_size")
+    heads = c.int("num_attention_heads")
+    attention_bias = c.bool("attention_bias", False)  # Llama: on q, k, v and o together
+    fields: dict[str, Any] = dict(
+        hidden_size=hidden, num_layers=c.int("num_hidden_layers"), num_heads=heads,
+        num_kv_heads=c.int("num_key_value_heads", default=heads),
+        head_dim=c.int("head_dim", default=max(hidden // heads, 1)),
+        intermediate_size=c.int("intermediate_size"), vocab_size=c.int("vocab_size"),
+        max_position_embeddings=c.int("max_position_embeddings", default=4096),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), activation=str(c.data.get("hidden_act", "silu")),
+        qkv_bias=attention_bias, out_bias=attention_bias, mlp_bias=c.bool("mlp_bias", False),
+        dropout=c.float("attention_dropout", 0.0),
+    )
+    return fields
+
+
+def _qwen2(c: _Config) -> dict[str, Any]:
+    fields = _llama_like(c)
+    fields.update(qkv_bias=True, out_bias=False, mlp_bias=False)  # Qwen2Attention: bias on q, k, v only
+    return fields
+
+
+def _mixtral(c: _Config) -> dict[str, Any]:
+    fields = _llama_like(c)
+    fields.update(num_experts=c.int("num_local_experts", default=8),
+                  experts_per_token=c.int("num_experts_per_tok", default=2))
+    return fields
+
+
+def _baichuan(c: _Config) -> dict[str, Any]:
+    """Baichuan / Baichuan2 (remote code): W_pack (fused qkv, no bias), RMSNorm, SwiGLU.
+    The 13B models use ALiBi, the 7B models RoPE (Baichuan 2 report, arXiv 2309.10305, §2.3)."""
+    hidden = c.int("hidden_size")
+    heads = c.int("num_attention_heads")
+    return dict(
+        hidden_size=hidden, num_layers=c.int("num_hidden_layers"), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, intermediate_size=c.int("intermediate_size"), vocab_size=c.int("vocab_size"),
+        max_position_embeddings=c.int("max_position_embeddings", "model_max_length", default=4096),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), fused_qkv=True,
+        positions="alibi" if "max_position_embeddings" not in c.data else "rotary",
+    )
+
+
+def _gpt2(c: _Config) -> dict[str, Any]:
+    """GPT2Config: c_attn (fused qkv) and c_proj with biases, LayerNorm with bias, learned positions."""
+    hidden = c.int("n_embd", "hidden_size")
+    heads = c.int("n_head", "num_attention_heads")
+    return dict(
+        hidden_size=hidden, num_layers=c.int("n_layer", "num_hidden_layers"), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, intermediate_size=c.int("n_inner", default=4 * hidden),
+        vocab_size=c.int("vocab_size"), max_position_embeddings=c.int("n_positions", default=1024),
+        tie_word_embeddings=c.bool("tie_word_embeddings", True), gated_mlp=False,
+        activation=str(c.data.get("activation_function", "gelu_new")), norm="layernorm", norm_bias=True,
+        qkv_bias=True, out_bias=True, mlp_bias=True, positions="learned", fused_qkv=True,
+        dropout=max(c.float("resid_pdrop", 0.1), c.float("attn_pdrop", 0.1)),
+    )
+
+
+def _gpt_neox(c: _Config) -> dict[str, Any]:
+    hidden = c.int("hidden_size")
+    heads = c.int("num_attention_heads")
+    bias = c.bool("attention_bias", True)
+    return dict(
+        hidden_size=hidden, num_layers=c.int("num_hidden_layers"), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, intermediate_size=c.int("intermediate_size"), vocab_size=c.int("vocab_size"),
+        max_position_embeddings=c.int("max_position_embeddings", default=2048),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), gated_mlp=False,
+        activation=str(c.data.get("hidden_act", "gelu")), norm="layernorm", norm_bias=True,
+        qkv_bias=bias, out_bias=bias, mlp_bias=True, fused_qkv=True,
+        dropout=max(c.float("attention_dropout", 0.0), c.float("hidden_dropout", 0.0)),
+    )
+
+
+def _mpt(c: _Config) -> dict[str, Any]:
+    """MptConfig: d_model, expansion_ratio; no_bias drops every bias incl. LayerNorm's."""
+    hidden = c.int("d_model")
+    heads = c.int("n_heads")
+    no_bias = c.bool("no_bias", True)
+    attn = c.data.get("attn_config") or {}
+    learned = bool(c.data.get("learned_pos_emb", False)) and not attn.get("alibi", True)
+    expansion = c.float("expansion_ratio", 4)
+    return dict(
+        hidden_size=hidden, num_layers=c.int("n_layers"), num_heads=heads, num_kv_heads=heads,
+        head_dim=hidden // heads, intermediate_size=int(expansion * hidden), vocab_size=c.int("vocab_size"),
+        max_position_embeddings=c.int("max_seq_len", default=2048), tie_word_embeddings=True, gated_mlp=False,
+        activation="gelu", norm="layernorm", norm_bias=not no_bias, qkv_bias=not no_bias,
+        out_bias=not no_bias, mlp_bias=not no_bias, positions="learned" if learned else "alibi", fused_qkv=True,
+    )
+
+
+_READERS = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _qwen2, "mixtral": _mixtral,
+            "baichuan": _baichuan, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "mpt": _mpt}
+
+
+def _check_shape(spec: ModelSpec) -> None:
+    where = spec.source or spec.name
+    if spec.num_heads % spec.num_kv_heads:
+        raise InvalidRequest(f"{where}: num_key_value_heads ({spec.num_kv_heads}) must divide "
+                             f"num_attention_heads ({spec.num_heads})")
+    if spec.experts_per_token > spec.num_experts:
+        raise InvalidRequest(f"{where}: num_experts_per_tok ({spec.experts_per_token}) exceeds "
+                             f"num_local_experts ({spec.num_experts})")

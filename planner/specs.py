@@ -1,0 +1,185 @@
+"""The three descriptions that stay apart (STYLE.md lesson 1): what is trained (ModelSpec),
+where (Hardware, Cluster) and with which workload (Workload). The parallel plan lives in plan.py.
+
+All quantities are SI: bytes, seconds, FLOP/s. Conversions happen only at the edges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from planner.errors import InvalidRequest
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer's shape, as transformers would instantiate it."""
+
+    name: str
+    family: str  # the Hugging Face model_type it was read from (llama, mistral, gpt2, ...)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # per expert for MoE
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    gated_mlp: bool = True  # SwiGLU-style gate/up/down (Llama) vs fc1/act/fc2 (GPT-2)
+    activation: str = "silu"
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_bias: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False  # bias of the attention output projection
+    mlp_bias: bool = False
+    positions: str = "rotary"  # rotary | learned | alibi
+    num_experts: int = 1  # MoE: routed experts per layer (1 = dense)
+    experts_per_token: int = 1
+    dropout: float = 0.0  # residual/attention dropout active in training (GPT-2 style)
+    fused_qkv: bool = False  # one qkv projection (gpt2 c_attn, gpt_neox, baichuan W_pack)
+    final_norm: bool = True
+    source: str = ""
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**_strict_fields(cls, data, "model spec"))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator (or CPU socket for the executor's CPU runs) and its node."""
+
+    name: str
+    description: str
+    source: str
+    memory_bytes: int
+    peak_flops: dict[str, float]  # dense FLOP/s by dtype: fp32, tf32, bf16, fp16, fp8
+    hbm_bandwidth_bytes_per_s: float
+    intra_node_bandwidth_bytes_per_s: float  # per device, one direction (NVLink, xGMI)
+    inter_node_bandwidth_bytes_per_s: float  # per device, one direction (NIC)
+    devices_per_node: int
+    pcie_bandwidth_bytes_per_s: float  # device <-> host, one direction
+    host_memory_bytes_per_node: int
+    host_memory_bandwidth_bytes_per_s: float
+    vendor: str = "nvidia"
+
+    def peak(self, dtype: str) -> float:
+        if dtype not in self.peak_flops:
+            known = ", ".join(sorted(self.peak_flops))
+            raise InvalidRequest(f"{self.name} has no {dtype} peak (it has {known}); choose another --precision")
+        return self.peak_flops[dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hardware:
+        return cls(**_strict_fields(cls, data, "hardware"))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    hardware: Hardware
+    num_devices: int
+    devices_per_node: int
+
+    @property
+    def num_nodes(self) -> int:
+        return math.ceil(self.num_devices / self.devices_per_node)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hardware": self.hardware.name, "num_devices": self.num_devices,
+                "devices_per_node": self.devices_per_node}
+
+
+@dataclass(frozen=True)
+class Workload:
+    seq_len: int
+    global_batch: int
+    method: str = "full"
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    optimizer_impl: str = "foreach"  # PyTorch AdamW default on GPU (foreach=True)
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) | eager (materialised scores)
+
+    def __post_init__(self) -> None:
+        _require_positive("--seq-len", self.seq_len)
+        _require_positive("--global-batch", self.global_batch)
+        _require_choice("--method", self.method, METHODS)
+        _require_choice("--precision", self.precision, PRECISIONS)
+        _require_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _require_choice("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS)
+        _require_choice("attention", self.attention, ("sdpa", "eager"))
+        if self.method != "full":
+            _require_positive("--lora-rank", self.lora_rank)
+            if not self.lora_targets:
+                raise InvalidRequest("--lora-targets is empty; give e.g. q,k,v,o")
+            for target in self.lora_targets:
+                _require_choice("--lora-targets entry", target, LORA_TARGETS)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.global_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Workload:
+        values = _strict_fields(cls, data, "workload")
+        if "lora_targets" in values:
+            values["lora_targets"] = tuple(values["lora_targets"])
+        return cls(**values)
+
+
+def _require_positive(option: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidRequest(f"{option} must be a positive whole number, got {value!r}")
+
+
+def _require_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidRequest(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _strict_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """Reject unknown keys and report missing required ones (Calculon-style strict JSON)."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidRequest(f"{what}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise InvalidRequest(f"{what}: missing key(s) {', '.join(missing)}")
+    return dict(data)
