@@ -74,7 +74,6 @@ class Op:
     trainable: bool = True
     quantizable: bool = False  # a base linear weight: NF4 under QLoRA
     lora_of: str = ""  # name of the base linear a LoRA adapter belongs to
-    keep_output_selective: bool = False  # selective recompute keeps this op's output
 
 
 @dataclass
@@ -231,7 +230,7 @@ class _BlockBuilder:
                  Saved("experts.prod", c * i, for_weight_grad=True), Saved("experts.down_out", c * h))
         self.add(Op("experts", "experts", params=s.num_experts * 3 * h * i, gemm=(h, 3 * i), tokens_factor=k,
                     flops_per_token=k * 2 * 3 * h * i, io_bytes_per_token=k * 8 * c * i,
-                    out_bytes_per_token=c * h, saved=saved, quantizable=True, keep_output_selective=True))
+                    out_bytes_per_token=c * h, saved=saved, quantizable=True))
 
 
 def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
@@ -261,7 +260,7 @@ def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias:
               gemm=(in_features, out_features), flops_per_token=2 * in_features * out_features,
               out_bytes_per_token=c * out_features,
               saved=(Saved(key, c * in_features, split, for_weight_grad=True),),
-              quantizable=True, keep_output_selective=True)
+              quantizable=True)
 
 
 def lora_op(n: Numerics, rank: int, base: str, in_features: int, out_features: int, input_key: str,
@@ -276,7 +275,7 @@ def lora_op(n: Numerics, rank: int, base: str, in_features: int, out_features: i
               io_bytes_per_token=3 * c * out_features, out_bytes_per_token=c * out_features,
               saved=(Saved(key, c * in_features, split, for_weight_grad=True),
                      Saved(f"{base}.lora_a_out", c * rank, "none", for_weight_grad=True)),
-              lora_of=base, keep_output_selective=True)
+              lora_of=base)
 
 
 def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
@@ -293,7 +292,7 @@ def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)
     return Op("attention", "attention", flops_per_token_seq=4 * q, io_bytes_per_token=c * (2 * q + 2 * kv),
-              out_bytes_per_token=c * q, saved=tuple(saved), keep_output_selective=True)
+              out_bytes_per_token=c * q, saved=tuple(saved))
 
 
 def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:

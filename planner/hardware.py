@@ -32,8 +32,10 @@ def presets() -> dict[str, Hardware]:
     return found
 
 
-def load_hardware(ref: str) -> Hardware:
+def load_hardware(ref: str | Hardware) -> Hardware:
     """A preset name or a path to a hardware JSON file (same keys as the presets)."""
+    if isinstance(ref, Hardware):
+        return ref
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidRequest("--gpu is empty; give a preset name (see `planner hardware`) or a hardware JSON path")
     known = presets()

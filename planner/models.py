@@ -30,8 +30,10 @@ def catalog() -> dict[str, dict[str, Any]]:
     return docs
 
 
-def load_model(ref: str) -> ModelSpec:
-    """A catalog name, a path to a config.json, or a folder holding one."""
+def load_model(ref: str | ModelSpec) -> ModelSpec:
+    """A catalog name, a path to a config.json, a folder holding one (or a ModelSpec as is)."""
+    if isinstance(ref, ModelSpec):
+        return ref
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidRequest("--model is empty; give a catalog name (see `planner models`) or a config.json path")
     path = Path(ref).expanduser()

@@ -48,6 +48,7 @@ class Matmul:
     tokens_factor: float
     trainable: bool
     tp_split: bool
+    recomputed_selective: bool  # re-run in backward under selective recomputation
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,12 @@ class PartSummary:
 def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> PartSummary:
     """`quantized`: QLoRA stores frozen base linears in NF4. `layer_input`: the tensor a
     checkpointed layer keeps (its input) under full and selective recomputation."""
+    kept = selective_kept_matmuls(ops)
     return PartSummary(
         params=_param_groups(ops, quantized),
         matmuls=tuple(Matmul(op.name, op.flops_per_token, op.gemm[0], op.gemm[1], op.tokens_factor,
-                             op.trainable, op.tp_split) for op in ops if op.kind in ("matmul", "experts")),
+                             op.trainable, op.tp_split, recomputed_selective=op.name not in kept and not op.lora_of)
+                      for op in ops if op.kind in ("matmul", "experts")),
         attention_flops_per_token_seq=sum(op.flops_per_token_seq for op in ops),
         io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") for op in ops), Bytes()),
         saved={policy: _saved_bytes(ops, policy, layer_input) for policy in RECOMPUTE_POLICIES},
@@ -123,24 +126,33 @@ def summarize(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSummary]
     return layer, embedding, head
 
 
+def selective_kept_matmuls(ops: list[Op]) -> set[str]:
+    """Selective recomputation follows torchtitan's per-op policy (torchtitan
+    parallelize_llama.py, _save_list): save the outputs of SDPA and of every other matmul
+    (the 1st, 3rd, ... of the layer), recompute the rest. LoRA adapters keep what they save."""
+    base = [op.name for op in ops if op.kind in ("matmul", "experts", "router") and not op.lora_of]
+    return set(base[0::2])
+
+
 def _saved_bytes(ops: list[Op], policy: str, layer_input: Saved | None) -> Bytes:
     """Tensors kept for backward, each counted once (by key).
 
     none: everything autograd saves. full: only the checkpointed layer's input. selective: the
-    layer input, the outputs of matmuls and attention, and tensors marked `selective` (attention's
-    log-sum-exp); norms, activations and rotary are recomputed in backward."""
+    layer input, the outputs of SDPA (with its log-sum-exp) and of every other matmul, and what
+    LoRA adapters save; norms, activations, rotary and the other matmuls are recomputed."""
     checkpointed = layer_input is not None
     if policy == "full" and checkpointed:
         return _shard(layer_input.bytes_per_token, layer_input.split)
     kept: dict[str, Saved] = {}
     if policy == "selective" and checkpointed:
         kept[layer_input.key] = layer_input
+        keep = selective_kept_matmuls(ops) | {op.name for op in ops if op.kind == "attention"}
         for op in ops:
-            if op.keep_output_selective:
+            if op.name in keep:
                 kept.setdefault(f"{op.name}.out", Saved(f"{op.name}.out", op.out_bytes_per_token * op.tokens_factor,
                                                         "tp" if op.tp_split else "sp"))
             for tensor in op.saved:
-                if tensor.selective:
+                if tensor.selective or op.lora_of:
                     kept.setdefault(tensor.key, tensor)
     else:
         for op in ops:

@@ -1,0 +1,232 @@
+"""Published measured runs (validation/cases.json) turned into planner requests.
+
+Each case's notes were read; the rules below encode what they say (see the comments). A case
+the planner cannot represent is kept with `excluded` saying why, so reports count it honestly
+instead of dropping it silently. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.errors import InvalidRequest
+from planner.models import spec_from_hf_config
+from planner.plan import ParallelConfig
+from planner.specs import ModelSpec, Workload
+
+SHIPPED_CASES = Path(__file__).parent / "data" / "public_cases.json"
+GIB = 2**30
+
+
+@dataclass
+class Case:
+    id: str
+    source: str
+    model: str
+    spec: ModelSpec | None = None
+    hardware: str | None = None
+    devices: int = 0
+    devices_per_node: int | None = None
+    workload: Workload | None = None
+    config: ParallelConfig | None = None
+    tokens_per_s_per_device: float | None = None
+    memory_bytes: float | None = None
+    memory_kind: str = "reserved"  # reserved | allocated (what the source's number counts)
+    memory_upper_bound_bytes: float | None = None
+    tflops_per_device: float | None = None  # as published (may count recomputation)
+    claimed_tokens_per_s_per_device: float | None = None  # what the source claims, plausible or not
+    excluded: str | None = None
+    assumptions: list[str] = field(default_factory=list)
+    framework: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.excluded is None and self.spec is not None and self.config is not None
+
+
+def load_cases(path: str | Path | None = None) -> list[Case]:
+    target = Path(path) if path else SHIPPED_CASES
+    try:
+        data = json.loads(Path(target).read_text())
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read cases {target}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"cases file {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    rows = data["cases"] if isinstance(data, dict) and "cases" in data else data
+    if not isinstance(rows, list):
+        raise InvalidRequest(f"{target}: expected a list of cases or an object with 'cases'")
+    return [adapt(row) for row in rows]
+
+
+def adapt(row: dict[str, Any]) -> Case:
+    case = Case(id=str(row.get("id")), source=f"{row.get('source', '')} — {row.get('source_detail', '')}",
+                model=str(row.get("model")), framework=str(row.get("framework") or ""))
+    try:
+        _fill(case, row)
+    except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
+        case.excluded = case.excluded or f"could not read the case: {exc}"
+    return case
+
+
+def _fill(case: Case, row: dict[str, Any]) -> None:
+    measured, derived = row.get("measured") or {}, row.get("derived") or {}
+    hardware, per_gcd = _hardware(row["hardware"])
+    case.hardware = hardware
+    case.devices = int(row["n_gpus"] or 0) * (2 if per_gcd else 1)
+    tps = measured.get("tokens_per_s_per_gpu") or derived.get("tokens_per_s_per_gpu")
+    case.tokens_per_s_per_device = tps / 2 if (tps and per_gcd) else tps
+    case.tflops_per_device = measured.get("tflops_per_gpu")
+    if case.tokens_per_s_per_device is None and case.tflops_per_device and "Megatron" in row["framework"]:
+        case.tokens_per_s_per_device = _megatron_tokens_per_s(row)
+        case.assumptions.append("tokens/s derived from achieved TFLOP/s with Narayanan et al. 2021 Eq. 3")
+    if measured.get("peak_memory_gib_per_gpu"):
+        case.memory_bytes = measured["peak_memory_gib_per_gpu"] * GIB
+        notes = (row.get("notes") or "")
+        case.memory_kind = "allocated" if "Peak Memory Active" in notes else "reserved"
+    if derived.get("memory_upper_bound_gb"):
+        case.memory_upper_bound_bytes = derived["memory_upper_bound_gb"] * 1e9
+    reported_total = derived.get("reported_tokens_per_s_total")
+    case.claimed_tokens_per_s_per_device = case.tokens_per_s_per_device or (
+        reported_total / case.devices if reported_total and case.devices else None)
+    if (row.get("model_shape") or {}).get("hidden"):
+        case.spec = _model(row)
+    case.excluded = _unmodelled(row)
+    if case.excluded:
+        return
+    case.workload, method_note = _workload(row)
+    if method_note:
+        case.assumptions.append(method_note)
+    case.config = _config(row, case)
+
+
+def _hardware(text: str) -> tuple[str, bool]:
+    """(preset, counts MI250 packages): the case's GPU string to a preset."""
+    t = text.lower()
+    rules = [("mi250", "mi250-gcd-64gb"), ("h100 sxm 96gb", "h100-sxm-96gb-500w"), ("h200", "h200-141gb"),
+             ("h100", "h100-sxm-80gb"), ("a100 40gb", "a100-40gb"), ("a100", "a100-80gb"),
+             ("rtx 4090", "rtx4090-24gb"), ("rtx a6000", "rtx-a6000-48gb"), ("rtx 3090", "rtx3090-24gb"),
+             ("48 gb gpu", "rtx-a6000-48gb")]
+    for needle, preset in rules:
+        if needle in t:
+            return preset, preset == "mi250-gcd-64gb"
+    raise ValueError(f"no hardware preset for {text!r}")
+
+
+def _unmodelled(row: dict[str, Any]) -> str | None:
+    """Why a case cannot be represented (kept in the report, excluded from error statistics)."""
+    par, notes, peft = row["parallelism"], (row.get("notes") or ""), str(row.get("peft") or "")
+    shape = row.get("model_shape") or {}
+    if not shape or "hidden" not in shape:
+        return "architecture not modelled (encoder-decoder, multimodal or unknown shape)"
+    if "implied_fraction_of_peak_6N" in (row.get("derived") or {}):
+        return "physically impossible throughput claim (above the hardware's peak FLOP/s)"
+    if (par.get("cp") or 1) > 1:
+        return "context parallelism is not modelled"
+    if row.get("seq_len") is None and "default 8192" not in notes:
+        return "sequence length not published"
+    if row.get("global_batch") is None and row.get("micro_batch") is None:
+        return "batch size not published"
+    if "NormBias" in peft:
+        return "norm/bias tuning (LLaMA2-Accessory) is not a modelled method"
+    for flag, words in (("chunked CE=True", "chunked cross-entropy"), ("activation offloading=True", "activation offloading"),
+                        ("optimizer_in_bwd", "optimizer step fused into backward"), ("packed=False", "unpacked sequences")):
+        if flag in notes or flag in str(row.get("optimizer")):
+            return f"{words} is not modelled"
+    return None
+
+
+def _model(row: dict[str, Any]) -> ModelSpec:
+    """A config.json for the published shape, in the family its name says."""
+    shape, name = row["model_shape"], row["model"]
+    seq = row.get("seq_len") or 8192
+    if name.startswith("MPT"):
+        config = {"model_type": "mpt", "d_model": shape["hidden"], "n_heads": shape["heads"],
+                  "n_layers": shape["layers"], "expansion_ratio": shape["ffn"] / shape["hidden"],
+                  "vocab_size": shape["vocab"], "max_seq_len": seq, "learned_pos_emb": True,
+                  "attn_config": {"alibi": False}}
+    elif name.startswith("GPT-"):
+        # Megatron GPT: learned positions, GELU MLP, dropout 0.1 (Narayanan et al. 2021 §5)
+        config = {"model_type": "gpt2", "n_embd": shape["hidden"], "n_layer": shape["layers"],
+                  "n_head": shape["heads"], "n_inner": shape["ffn"], "vocab_size": shape["vocab"],
+                  "n_positions": seq, "activation_function": "gelu", "tie_word_embeddings": True}
+    else:
+        config = {"model_type": "llama", "hidden_size": shape["hidden"], "intermediate_size": shape["ffn"],
+                  "num_attention_heads": shape["heads"], "num_hidden_layers": shape["layers"],
+                  "num_key_value_heads": shape.get("kv_heads") or shape["heads"], "vocab_size": shape["vocab"],
+                  "max_position_embeddings": max(seq, 8192),
+                  "tie_word_embeddings": bool(shape.get("tied_embeddings", False))}
+    return spec_from_hf_config(config, name=name, source=f"validation case {row['id']}")
+
+
+def _workload(row: dict[str, Any]) -> tuple[Workload, str | None]:
+    peft, precision_text = str(row.get("peft") or "none").lower(), str(row.get("precision") or "bf16").lower()
+    optimizer_text = str(row.get("optimizer") or "").lower()
+    method, rank, targets, note = "full", 16, ("q", "k", "v", "o", "gate", "up", "down"), None
+    if peft.startswith("lora") or peft.startswith("qlora"):
+        method = "qlora" if peft.startswith("qlora") else "lora"
+        found = re.search(r"\br(\d+)", peft)
+        rank = int(found.group(1)) if found else 8
+        if re.search(r"on q,\s*v\b", peft):
+            targets = ("q", "v")
+        elif re.search(r"on q,k,v\b", peft) and "mlp" not in peft:
+            targets = ("q", "k", "v")
+        elif "q,v,o + mlp" in peft:
+            targets = ("q", "v", "o", "gate", "up", "down")
+    if "fp8" in precision_text or "float8" in precision_text:
+        precision = "fp8"
+    elif "fp16" in precision_text and "bf16" not in precision_text:
+        precision = "fp16"
+    else:
+        precision = "bf16"
+    optimizer = "adamw8bit" if "8bit" in optimizer_text or "adamw8bit" in optimizer_text else "adamw"
+    impl = "fused" if "fused" in optimizer_text else "foreach"
+    seq = row.get("seq_len") or 8192
+    if row.get("seq_len") is None:
+        note = "sequence length 8192 (torchtitan default named in the notes)"
+    global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
+    return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
+                    optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets), note
+
+
+def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
+    par = row["parallelism"]
+    dp, tp, pp = par.get("dp") or 1, par.get("tp") or 1, par.get("pp") or 1
+    if dp * tp * pp != case.devices:
+        dp = case.devices // (tp * pp)
+        case.assumptions.append(f"dp set to {dp} so that dp x tp x pp equals the {case.devices} devices")
+    gb = case.workload.global_batch
+    mbs = row.get("micro_batch")
+    if mbs is None:
+        # torchtitan's default n_microbatches is the pipeline degree
+        mbs = max(gb // (dp * pp), 1)
+        case.assumptions.append(f"micro-batch {mbs}: torchtitan's default of pp micro-batches per step")
+    fsdp = str(par.get("fsdp") or "")
+    if par.get("zero_stage") is not None:
+        zero = int(par["zero_stage"])
+    elif "SHARD_GRAD_OP" in fsdp:
+        zero = 2
+    elif fsdp or "distribute_param true" in str(par.get("notes")):
+        zero = 3 if dp > 1 or "over 1" not in fsdp else 0
+    else:
+        zero = 0
+    recompute_text = str(row.get("activation_recompute") or "none").lower()
+    recompute = "full" if recompute_text.startswith("full") else "selective" if "selective" in recompute_text else "none"
+    if recompute_text in ("none", "null", "moai default"):
+        recompute = "none"
+    offload = "params" if "cpu offload" in str(row.get("optimizer")).lower() and zero == 3 else "none"
+    return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=max(gb // (dp * mbs), 1),
+                          recompute=recompute, zero=zero, offload=offload,
+                          sequence_parallel=bool(par.get("sp")) and tp > 1, vpp=par.get("vpp") or 1)
+
+
+def _megatron_tokens_per_s(row: dict[str, Any]) -> float:
+    """Narayanan et al. 2021 Eq. 3: 96·B·s·l·h²·(1 + s/6h + V/16lh) FLOPs per iteration, with
+    recomputation; per token divide by B·s."""
+    shape = row["model_shape"]
+    l, h, v, s = shape["layers"], shape["hidden"], shape["vocab"], row["seq_len"]
+    per_token = 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    return row["measured"]["tflops_per_gpu"] * 1e12 / per_token

@@ -1,0 +1,101 @@
+"""Predicted vs measured on published runs: per case error, median and 90th percentile, and a
+plausibility check of each claim against the hardware's peak FLOP/s and memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calibration.cases import Case
+from planner.api import Request, predict
+from planner.errors import PlannerError
+from planner.graph import count_params
+from planner.hardware import load_hardware
+
+
+@dataclass
+class Row:
+    case: Case
+    predicted_tokens_per_s: float | None = None
+    predicted_memory_bytes: float | None = None
+    fits: bool | None = None
+    error: str | None = None  # why no prediction was made
+
+    @property
+    def throughput_error(self) -> float | None:
+        if self.predicted_tokens_per_s is None or not self.case.tokens_per_s_per_device:
+            return None
+        return self.predicted_tokens_per_s / self.case.tokens_per_s_per_device - 1
+
+    @property
+    def memory_error(self) -> float | None:
+        if self.predicted_memory_bytes is None or not self.case.memory_bytes:
+            return None
+        return self.predicted_memory_bytes / self.case.memory_bytes - 1
+
+
+def request_for(case: Case, calibration: str | None = None) -> Request:
+    w = case.workload
+    return Request(model=case.spec, gpu=case.hardware, gpus=case.devices, gpus_per_node=case.devices_per_node,
+                   seq_len=w.seq_len, global_batch=w.global_batch, method=w.method, lora_rank=w.lora_rank,
+                   lora_targets=w.lora_targets, precision=w.precision, optimizer=w.optimizer,
+                   optimizer_impl=w.optimizer_impl, calibration=calibration)
+
+
+def predict_case(case: Case, calibration: str | None = None) -> Row:
+    row = Row(case)
+    if not case.usable:
+        row.error = case.excluded
+        return row
+    try:
+        p = predict(request_for(case, calibration), case.config)
+    except PlannerError as exc:
+        row.error = f"planner refused it: {exc}"
+        return row
+    row.predicted_tokens_per_s = p["time"]["tokens_per_s_per_device"]
+    key = "allocated_peak_bytes" if case.memory_kind == "allocated" else "peak_bytes"
+    row.predicted_memory_bytes = p["memory"][key]
+    row.fits = p["fits"]
+    return row
+
+
+def validate(cases: list[Case], calibration: str | None = None) -> dict[str, Any]:
+    rows = [predict_case(c, calibration) for c in cases]
+    return {"rows": rows, "throughput": error_stats([r.throughput_error for r in rows]),
+            "memory": error_stats([r.memory_error for r in rows]),
+            "by_source": _by_group(rows, lambda r: r.case.source.split(" ")[0]),
+            "by_hardware": _by_group(rows, lambda r: r.case.hardware or "?")}
+
+
+def error_stats(errors: list[float | None]) -> dict[str, Any]:
+    values = np.abs([e for e in errors if e is not None])
+    if not len(values):
+        return {"n": 0, "median_abs": None, "p90_abs": None}
+    return {"n": int(len(values)), "median_abs": float(np.median(values)), "p90_abs": float(np.percentile(values, 90))}
+
+
+def _by_group(rows: list[Row], key) -> dict[str, Any]:
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return {name: {"throughput": error_stats([r.throughput_error for r in members]),
+                   "memory": error_stats([r.memory_error for r in members])} for name, members in groups.items()}
+
+
+def plausibility(case: Case) -> dict[str, Any] | None:
+    """A claim needs at least 6·N FLOPs per token (no attention, no recomputation): flag it when
+    that exceeds the devices' peak, or when the memory claimed exceeds the device."""
+    if case.spec is None or case.hardware is None:
+        return None
+    hardware = load_hardware(case.hardware)
+    peak = hardware.peak_flops.get("bf16") or max(hardware.peak_flops.values())
+    flags = {}
+    if case.claimed_tokens_per_s_per_device:
+        required = 6 * count_params(case.spec) * case.claimed_tokens_per_s_per_device
+        flags["fraction_of_peak_6N"] = required / peak
+    if case.memory_bytes:
+        flags["fraction_of_memory"] = case.memory_bytes / hardware.memory_bytes
+    flags["plausible"] = all(v <= 1.0 for k, v in flags.items() if k.startswith("fraction"))
+    return flags

@@ -1,0 +1,1 @@
+"""One module per `planner` subcommand: add_arguments(parser, name) and run(args) -> exit code."""

@@ -1,0 +1,68 @@
+"""planner suggest: every valid candidate, pruned by memory, ranked by predicted step time."""
+
+from __future__ import annotations
+
+import argparse
+
+from planner.commands.common import add_config, add_model_hardware, add_workload, pins_from, positive_int, print_json, request_from
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    add_model_hardware(parser)
+    add_workload(parser)
+    add_config(parser, required=False)
+    parser.add_argument("--top", type=positive_int, default=5, help="how many candidates to show (default 5)")
+    parser.add_argument("--save-plan", metavar="PATH", help="write the best candidate's Plan JSON for `planner train`")
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner import api
+    from planner.plan import save_plan
+
+    request = request_from(args)
+    result = api.suggest(request, pins_from(args), top=args.top)
+    if args.save_plan:
+        plan = api.make_plan(request, result["candidates"][0], runner_ups=result["candidates"][1:])
+        save_plan(args.save_plan, plan)
+    if args.json:
+        print_json(result)
+    else:
+        print(render(result, args.save_plan))
+    return 0
+
+
+def render(result: dict, saved: str | None) -> str:
+    from planner.format import count, duration, gib, table
+
+    req = result["request"]
+    w = req["workload"]
+    method = w["method"] if w["method"] == "full" else f"{w['method']} r{w['lora_rank']}"
+    lines = [f"{req['model']} ({count(req['params'])} params) on {req['gpus']} x {req['hardware']} "
+             f"({req['gpus_per_node']} per node): seq {w['seq_len']}, global batch {w['global_batch']}, "
+             f"{method}, {w['precision']}, {w['optimizer']} ({w['optimizer_impl']})",
+             f"searched {result['searched']:,} candidates ({result['evaluated']:,} valid and costed), "
+             f"{result['feasible']:,} fit, in {result['seconds']:.2f} s", ""]
+    best = result["candidates"][0]
+    mem, time = best["memory"], best["time"]
+    lines += [f"Best: {result['summary']}",
+              f"  step {duration(time['step_s'])}, {time['tokens_per_s']:,.0f} tokens/s "
+              f"({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}, "
+              f"{gib(mem['peak_bytes'])} of {gib(mem['capacity_bytes'])} GiB per device", ""]
+    rows = []
+    for rank, c in enumerate(result["candidates"], start=1):
+        cfg = c["config"]
+        rows.append([rank, cfg["dp"], cfg["tp"], cfg["pp"], cfg["micro_batch_size"], cfg["num_micro_batches"],
+                     cfg["recompute"], cfg["zero"], cfg["offload"], "y" if cfg["sequence_parallel"] else "-",
+                     cfg["vpp"], gib(c["memory"]["peak_bytes"]), f"{c['time']['step_s']:.3f}",
+                     f"{c['time']['tokens_per_s_per_device']:,.0f}", f"{c['time']['mfu']:.1%}"])
+    lines.append(table(["#", "dp", "tp", "pp", "mbs", "micro", "recompute", "zero", "offload", "sp", "vpp",
+                        "GiB/dev", "step s", "tok/s/dev", "MFU"], rows, align="rrrrrrlrllrrrrr"))
+    if result["explanation"]:
+        lines += ["", "Why the runner-ups lost:"] + [f"  {line}" for line in result["explanation"]]
+    lines += ["", "Memory of the best (GiB per device, " + mem["peak_phase"] + " peak): "
+              + ", ".join(f"{k} {gib(v)}" for k, v in mem["breakdown"].items()),
+              "Time of the best per step: " + ", ".join(f"{k} {duration(v)}" for k, v in time["breakdown"].items() if v > 0),
+              "Rejected: " + ", ".join(f"{k} {v:,}" for k, v in result["rejected"].items())]
+    if saved:
+        lines.append(f"Plan written to {saved}: train with `planner train --plan {saved} ...`")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""planner validate / planner check: the planner against published measured runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from planner.commands.common import print_json
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--cases", help="a cases JSON (validation/cases.json format); default: the shipped copy")
+    if name == "validate":
+        parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
+        parser.add_argument("--all", action="store_true", help="also list excluded cases and why")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from calibration.cases import load_cases
+
+    cases = load_cases(args.cases)
+    if args.command == "check":
+        return _check(cases, args)
+    from calibration.validate import validate
+
+    result = validate(cases, args.calibration)
+    if args.json:
+        print_json(_as_json(result))
+    else:
+        print(_render(result, args.all))
+    return 0
+
+
+def _as_json(result: dict) -> dict:
+    rows = []
+    for r in result["rows"]:
+        c = r.case
+        rows.append({"id": c.id, "model": c.model, "hardware": c.hardware, "devices": c.devices,
+                     "config": c.config.to_dict() if c.config else None, "excluded": r.error,
+                     "measured_tokens_per_s_per_device": c.tokens_per_s_per_device,
+                     "predicted_tokens_per_s_per_device": r.predicted_tokens_per_s,
+                     "throughput_error": r.throughput_error, "measured_memory_bytes": c.memory_bytes,
+                     "memory_kind": c.memory_kind, "predicted_memory_bytes": r.predicted_memory_bytes,
+                     "memory_error": r.memory_error, "assumptions": c.assumptions, "source": c.source})
+    return {"throughput": result["throughput"], "memory": result["memory"], "by_source": result["by_source"],
+            "by_hardware": result["by_hardware"], "cases": rows}
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.0%}"
+
+
+def _render(result: dict, show_all: bool) -> str:
+    from planner.format import table
+
+    rows, excluded = [], []
+    for r in result["rows"]:
+        c = r.case
+        if r.error:
+            excluded.append(f"  {c.id} {c.model}: {r.error}")
+            continue
+        rows.append([c.id, c.model[:22], c.hardware, c.devices,
+                     f"{c.tokens_per_s_per_device:,.0f}" if c.tokens_per_s_per_device else "-",
+                     f"{r.predicted_tokens_per_s:,.0f}", _pct(r.throughput_error),
+                     f"{c.memory_bytes / 2**30:.1f}" if c.memory_bytes else "-",
+                     f"{r.predicted_memory_bytes / 2**30:.1f}", _pct(r.memory_error)])
+    lines = [table(["case", "model", "hardware", "devices", "tok/s/dev meas", "pred", "err",
+                    "GiB meas", "pred", "err"], rows, align="lllrrrrrrr")]
+    for name in ("throughput", "memory"):
+        s = result[name]
+        if s["n"]:
+            lines.append(f"{name}: n={s['n']}, median |error| {s['median_abs']:.1%}, 90th percentile {s['p90_abs']:.1%}")
+    lines.append(f"{len(excluded)} cases excluded (not representable or not plausible)"
+                 + (":" if show_all else "; --all lists them"))
+    if show_all:
+        lines += excluded
+    return "\n".join(lines)
+
+
+def _check(cases, args) -> int:
+    from calibration.validate import plausibility
+    from planner.format import table
+
+    rows, out = [], []
+    for c in cases:
+        flags = plausibility(c)
+        if not flags:
+            continue
+        out.append({"id": c.id, "model": c.model, "hardware": c.hardware, **flags})
+        rows.append([c.id, c.model[:24], c.hardware, f"{flags.get('fraction_of_peak_6N', 0):.0%}"
+                     if "fraction_of_peak_6N" in flags else "-",
+                     f"{flags['fraction_of_memory']:.0%}" if "fraction_of_memory" in flags else "-",
+                     "ok" if flags["plausible"] else "IMPOSSIBLE"])
+    if args.json:
+        print_json(out)
+    else:
+        print(table(["case", "model", "hardware", "6N FLOP/s vs peak", "memory vs device", "verdict"], rows,
+                    align="lllrrl"))
+        bad = [r for r in out if not r["plausible"]]
+        print(f"{len(bad)} of {len(out)} claims exceed the hardware (6N FLOPs per token is a lower bound)")
+    return 0

@@ -1,0 +1,47 @@
+"""Collectives as alpha-beta costs over the slowest link of the group's ring.
+
+Ring algorithms (Thakur et al. 2005; NCCL): all-reduce moves 2(n-1)/n of the buffer through each
+link in 2(n-1) steps; all-gather and reduce-scatter (n-1)/n in n-1 steps; a point-to-point send
+the whole buffer in one step. Time = volume / (bandwidth × efficiency) + steps × latency.
+
+Ranks are laid out TP innermost, then DP, then PP (Megatron's order), so a TP group stays in a
+node while tp <= devices per node, a DP group while tp·dp does, and pipeline neighbours while
+the whole tp·dp·pp grid does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.profile import Profile
+from planner.specs import Cluster
+
+COLLECTIVES = {"all_reduce": (2.0, 2.0), "all_gather": (1.0, 1.0), "reduce_scatter": (1.0, 1.0)}
+
+
+def link_bandwidth(cluster: Cluster, profile: Profile, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes/s, latency s) for a group spanning `span` consecutive ranks."""
+    hw = cluster.hardware
+    intra, inter = profile.link("intra"), profile.link("inter")
+    inside = span <= cluster.devices_per_node
+    bandwidth = np.where(inside, hw.intra_node_bandwidth_bytes_per_s * intra.efficiency,
+                         hw.inter_node_bandwidth_bytes_per_s * inter.efficiency)
+    latency = np.where(inside, intra.latency_s, inter.latency_s)
+    return bandwidth, latency
+
+
+def collective_seconds(kind: str, nbytes: np.ndarray, group: np.ndarray, bandwidth: np.ndarray,
+                       latency: np.ndarray) -> np.ndarray:
+    volume_factor, step_factor = COLLECTIVES[kind]
+    n = np.maximum(group, 1)
+    seconds = volume_factor * (n - 1) / n * nbytes / bandwidth + step_factor * (n - 1) * latency
+    return np.where(group > 1, seconds, 0.0)
+
+
+def p2p_seconds(nbytes: np.ndarray, bandwidth: np.ndarray, latency: np.ndarray) -> np.ndarray:
+    return nbytes / bandwidth + latency
+
+
+def pcie_seconds(cluster: Cluster, profile: Profile, nbytes: np.ndarray) -> np.ndarray:
+    link = profile.link("pcie")
+    return nbytes / (cluster.hardware.pcie_bandwidth_bytes_per_s * link.efficiency) + link.latency_s

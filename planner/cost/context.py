@@ -1,0 +1,103 @@
+"""What the cost functions need about one request, built once and shared by every candidate:
+the graph summaries for both numerics regimes, hardware and calibration parameters, and the
+per-stage layout of a pipeline (which stage holds which layers, how many micro-batches it keeps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from planner.cost.candidates import Candidates
+from planner.cost.summary import PartSummary, summarize
+from planner.graph import Numerics, build_graph, numerics_for
+from planner.profile import ComputeParams, Profile
+from planner.specs import Cluster, ModelSpec, Workload
+
+MATMUL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp32": "fp32"}
+ATTENTION_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16", "fp32": "fp32"}
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The graph summaries for one numerics regime (autocast over fp32 params, or params already
+    in the compute dtype under FSDP2 / a frozen bf16 base)."""
+
+    numerics: Numerics
+    layer: PartSummary
+    embedding: PartSummary
+    head: PartSummary
+
+
+class Context:
+    def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile) -> None:
+        self.spec, self.workload, self.cluster, self.profile = spec, workload, cluster, profile
+        self.hardware = cluster.hardware
+        self.regimes: dict[bool, Regime] = {}
+        for params_sharded in (False, True):
+            numerics = numerics_for(workload, params_sharded)
+            graph = build_graph(spec, workload, numerics)
+            self.regimes[params_sharded] = Regime(numerics, *summarize(graph))
+
+    def regime(self, params_sharded: bool) -> Regime:
+        return self.regimes[params_sharded]
+
+    @cached_property
+    def matmul_params(self) -> ComputeParams:
+        return self.profile.compute(self.hardware.name, self.hardware.vendor, MATMUL_DTYPE[self.workload.precision])
+
+    @cached_property
+    def attention_params(self) -> ComputeParams:
+        return self.profile.compute(self.hardware.name, self.hardware.vendor,
+                                    ATTENTION_DTYPE[self.workload.precision])
+
+    @cached_property
+    def matmul_peak_flops(self) -> float:
+        return self.hardware.peak(MATMUL_DTYPE[self.workload.precision])
+
+    @cached_property
+    def attention_peak_flops(self) -> float:
+        return self.hardware.peak(ATTENTION_DTYPE[self.workload.precision])
+
+
+@dataclass
+class StageLayout:
+    """Per candidate, the three stage roles whose maximum decides memory and time: the first stage
+    (embedding, most micro-batches in flight), a middle stage, and the last (head and loss).
+
+    Layers are split as evenly as possible; the remainder goes to stages 1, 2, ... so that the
+    first stage, which keeps the most activations, is never the one with an extra layer."""
+
+    layers: dict[str, np.ndarray]  # role -> layers on that stage
+    in_flight: dict[str, np.ndarray]  # role -> layer-micro-batches of activations kept
+    chunks_in_flight: dict[str, np.ndarray]  # role -> micro-batches (chunks) in flight
+    exists: dict[str, np.ndarray]  # role -> bool (a middle stage needs pp >= 3)
+    has_embedding: dict[str, np.ndarray]
+    has_head: dict[str, np.ndarray]
+
+
+ROLES = ("first", "middle", "last")
+
+
+def stage_layout(num_layers: int, c: Candidates) -> StageLayout:
+    p, m, v = c.pp, c.num_micro_batches, c.vpp
+    base, rest = num_layers // p, num_layers % p
+    index = {"first": np.zeros_like(p), "middle": np.minimum(1, p - 1), "last": p - 1}
+    layers, in_flight, chunks = {}, {}, {}
+    for role, i in index.items():
+        layers[role] = base + ((i >= 1) & (i <= rest))
+        # 1F1B keeps min(m, p - i) micro-batches on stage i. Megatron's interleaved schedule warms up
+        # 2(p - i - 1) + (v - 1)p chunks (schedules.py), i.e. L(1 + (p-1)/(pv)) layer-micro-batches on
+        # the first stage (Korthikanti et al. 2022, §4.2.3).
+        plain = np.minimum(m, p - i)
+        interleaved = np.minimum(m * v, 2 * (p - i - 1) + (v - 1) * p + 1)
+        chunks[role] = np.where(v > 1, interleaved, plain)
+        per_chunk = np.where(v > 1, num_layers / (p * v), layers[role])
+        in_flight[role] = chunks[role] * per_chunk
+    exists = {"first": np.ones(len(p), bool), "middle": p >= 3, "last": p >= 2}
+    has_embedding = {"first": np.ones(len(p), bool), "middle": np.zeros(len(p), bool), "last": p == 1}
+    has_head = {"first": p == 1, "middle": np.zeros(len(p), bool), "last": np.ones(len(p), bool)}
+    # with one stage, "first" is the whole model and also carries the head
+    return StageLayout(layers, in_flight, chunks, exists, has_embedding, has_head)

@@ -1,0 +1,225 @@
+"""Evaluate candidates: memory and step time with their breakdowns (never a bare float).
+
+Step time of 1F1B over p stages with m micro-batches, the slowest stage setting the pace:
+  m·(forward + backward + recompute + exposed TP comm)   [compute, recompute, tp_comm]
+  + fill/drain of the other stages                       [pp_bubble]
+  + exposed pipeline sends                               [pp_comm]
+  + exposed data-parallel / ZeRO collectives             [dp_comm]
+  + the optimizer step and host offload traffic          [optimizer, offload]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planner.cost import comm
+from planner.cost.candidates import Candidates
+from planner.cost.compute import PartTimes, model_flops_per_token, part_times
+from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
+from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, stage_params
+from planner.cost.schedule import pipeline_seconds
+from planner.plan import ParallelConfig
+
+FP32 = 4
+TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm", "optimizer", "offload")
+# Bytes an optimizer step reads and writes per parameter (torch.optim implementations):
+# AdamW reads p, g, m, v and writes p, m, v (28 B in fp32); foreach / for-loop also write and read
+# the sqrt(v) temporary (+8 B); 8-bit AdamW keeps 1-byte moments; SGD without momentum reads p, g, writes p.
+OPTIMIZER_STEP_BYTES = {("adamw", "fused"): 28.0, ("adamw", "foreach"): 36.0, ("adamw", "forloop"): 36.0,
+                        ("adamw8bit", "*"): 16.0, ("sgd", "*"): 12.0}
+
+
+@dataclass
+class Estimates:
+    candidates: Candidates
+    memory: dict[str, np.ndarray]
+    time: dict[str, np.ndarray]
+    step_s: np.ndarray
+    tokens_per_s: np.ndarray
+    mfu: np.ndarray
+    fits: np.ndarray
+    host_fits: np.ndarray
+
+    def prediction(self, ctx: Context, i: int) -> dict[str, Any]:
+        """The INTERFACE.md prediction object for candidate i."""
+        config = self.candidates.config(i)
+        devices = ctx.cluster.num_devices
+        reason = None
+        if not self.fits[i]:
+            reason = (f"needs {self.memory['reserved'][i] / 2**30:.1f} GiB per device, "
+                      f"{ctx.hardware.name} has {ctx.hardware.memory_bytes / 2**30:.1f} GiB")
+        elif not self.host_fits[i]:
+            reason = (f"offload needs {self.memory['host'][i] * ctx.cluster.devices_per_node / 2**30:.0f} GiB of host "
+                      f"memory per node, the node has {ctx.hardware.host_memory_bytes_per_node / 2**30:.0f} GiB")
+        return {
+            "fits": bool(self.fits[i] and self.host_fits[i]),
+            "reason": reason,
+            "config": {**config.to_dict(), "optimizer_impl": ctx.workload.optimizer_impl},
+            "memory": {
+                "peak_bytes": int(self.memory["reserved"][i]),
+                "allocated_peak_bytes": int(self.memory["allocated"][i]),
+                "capacity_bytes": int(ctx.hardware.memory_bytes),
+                "peak_phase": "optimizer-step" if self.memory["in_step"][i] else "forward-backward",
+                "host_bytes_per_device": int(self.memory["host"][i]),
+                "breakdown": {k: int(self.memory[k][i]) for k in (*CATEGORIES, "overhead")},
+            },
+            "time": {
+                "step_s": float(self.step_s[i]),
+                "tokens_per_s": float(self.tokens_per_s[i]),
+                "tokens_per_s_per_device": float(self.tokens_per_s[i] / devices),
+                "mfu": float(self.mfu[i]),
+                "breakdown": {k: float(self.time[k][i]) for k in TIME_CATEGORIES},
+            },
+        }
+
+
+def evaluate(ctx: Context, c: Candidates) -> Estimates:
+    """Cost every candidate; the two numerics regimes (autocast / parameters in the compute dtype)
+    are evaluated separately and merged."""
+    sharded = c.zero >= 2
+    parts = []
+    for flag in (False, True):
+        index = np.nonzero(sharded == flag)[0]
+        if len(index):
+            parts.append((index, _evaluate_regime(ctx, ctx.regime(flag), c.take(index))))
+    n = len(c)
+    merged_memory = {k: np.zeros(n, dtype=parts[0][1][0][k].dtype) for k in parts[0][1][0]}
+    merged_time = {k: np.zeros(n) for k in TIME_CATEGORIES}
+    for index, (memory, time) in parts:
+        for k in merged_memory:
+            merged_memory[k][index] = memory[k]
+        for k in merged_time:
+            merged_time[k][index] = time[k]
+    step = sum(merged_time[k] for k in TIME_CATEGORIES)
+    tokens_per_s = ctx.workload.tokens_per_step / step
+    flops = model_flops_per_token(ctx, ctx.regime(False))
+    mfu = flops * tokens_per_s / (ctx.cluster.num_devices * ctx.matmul_peak_flops)
+    fits = merged_memory["reserved"] <= ctx.hardware.memory_bytes
+    host_fits = merged_memory["host"] * ctx.cluster.devices_per_node <= ctx.hardware.host_memory_bytes_per_node
+    return Estimates(c, merged_memory, merged_time, step, tokens_per_s, mfu, fits, host_fits)
+
+
+def _evaluate_regime(ctx: Context, regime: Regime, c: Candidates):
+    layout = stage_layout(ctx.spec.num_layers, c)
+    memory = memory_breakdown(ctx, regime, c, layout)
+    return memory, step_time(ctx, regime, c, layout)
+
+
+def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) -> dict[str, np.ndarray]:
+    layer = part_times(ctx, regime.layer, c)
+    emb = part_times(ctx, regime.embedding, c)
+    head = part_times(ctx, regime.head, c, loss_vocab=ctx.spec.vocab_size)
+    tp_layer = _tp_seconds(ctx, regime, c)
+    m = c.num_micro_batches
+
+    def stage(role: str) -> dict[str, np.ndarray]:
+        n = layout.layers[role]
+        e, h = layout.has_embedding[role], layout.has_head[role]
+        work = {"compute": n * (layer.forward + layer.backward) + e * (emb.forward + emb.backward)
+                + h * (head.forward + head.backward),
+                "recompute": n * layer.recompute,
+                "tp_comm": (n + e + h) * tp_layer * np.where(c.recompute == 2, 1.5, 1.0)}
+        work["total"] = work["compute"] + work["recompute"] + work["tp_comm"]
+        return work
+
+    stages = {role: stage(role) for role in ROLES}
+    slowest = stages["first"]
+    for role in ("middle", "last"):
+        wins = layout.exists[role] & (stages[role]["total"] > slowest["total"])
+        slowest = {k: np.where(wins, stages[role][k], slowest[k]) for k in slowest}
+    per_layer_total = layer.forward + layer.backward + layer.recompute + tp_layer
+    stage_sum = (ctx.spec.num_layers * per_layer_total + emb.forward + emb.backward + head.forward
+                 + head.backward + 2 * tp_layer)
+    steady, bubble = pipeline_seconds(stage_sum, slowest["total"], m, c.vpp)
+    times = {k: m * slowest[k] for k in ("compute", "recompute", "tp_comm")}
+    times["pp_bubble"] = np.where(c.pp > 1, bubble, 0.0)
+    times["pp_comm"] = _pp_seconds(ctx, regime, c)
+    times["dp_comm"] = _dp_seconds(ctx, regime, c, layout, slowest)
+    times["optimizer"], times["offload"] = _optimizer_seconds(ctx, regime, c, layout, slowest)
+    return times
+
+
+def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
+    """Megatron TP: per layer two all-reduces of the activations forward and two backward
+    (Shoeybi et al. 2019 §3); sequence parallelism swaps each for an all-gather + reduce-scatter
+    of the same volume (Korthikanti et al. 2022 §4.2.2). Exposed unless overlapped."""
+    nbytes = regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp)
+    one = comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
+    return 4 * one * (1 - ctx.profile.overlap("tp"))
+
+
+def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
+    """Activation sends between stages: forward and backward per micro-batch; the fill and drain
+    ones sit on the critical path, steady-state ones are partly hidden."""
+    nbytes = (regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
+              / np.where(c.sequence_parallel, c.tp, 1))
+    span = c.tp * c.dp * c.pp
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, span)
+    one = comm.p2p_seconds(nbytes, bandwidth, latency)
+    hidden = ctx.profile.overlap("pp")
+    exposed = 2 * (c.pp - 1) * one + 2 * c.num_micro_batches * one * (1 - hidden)
+    return np.where(c.pp > 1, exposed, 0.0)
+
+
+def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, slowest) -> np.ndarray:
+    """ZeRO 0/1: one all-reduce of the gradients per step (DDP no_sync while accumulating), hidden
+    behind the last backward. ZeRO 2/3 (FSDP2): per micro-batch a reduce-scatter of fp32 gradients
+    and one (2) or two (3) all-gathers of compute-dtype parameters, hidden behind compute."""
+    worst = _largest_stage_params(ctx, regime, c, layout)
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.dp)
+    grad_bytes = FP32 * worst["trainable"]
+    param_bytes = regime.numerics.compute_bytes * (worst["trainable"] + worst["frozen"]) + worst["quantized"] * 0.5
+    all_reduce = comm.collective_seconds("all_reduce", grad_bytes, c.dp, bandwidth, latency)
+    scatter = comm.collective_seconds("reduce_scatter", grad_bytes, c.dp, bandwidth, latency)
+    gather = comm.collective_seconds("all_gather", param_bytes, c.dp, bandwidth, latency)
+    m = c.num_micro_batches
+    per_micro_compute = slowest["total"]
+    backward_share = per_micro_compute * 2 / 3
+    zero01 = np.maximum(0.0, all_reduce - ctx.profile.overlap("dp") * backward_share)
+    per_micro = scatter + np.where(c.zero == 3, 2, 1) * gather
+    zero23 = m * np.maximum(0.0, per_micro - ctx.profile.overlap("zero") * per_micro_compute)
+    return np.where(c.zero >= 2, zero23, zero01)
+
+
+def _largest_stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) -> dict[str, np.ndarray]:
+    best = None
+    for role in ROLES:
+        p = stage_params(ctx, regime, c, layout, role)
+        total = np.where(layout.exists[role], p["trainable"] + p["frozen"] + p["quantized"], -1)
+        if best is None:
+            best, best_total = p, total
+            continue
+        wins = total > best_total
+        best = {k: np.where(wins, p[k], best[k]) for k in best}
+        best_total = np.maximum(total, best_total)
+    return best
+
+
+def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, slowest):
+    """Optimizer step: memory-bound over the local (sharded) parameters. Offload moves gradients
+    to the host and parameters back over PCIe and runs the step on the host CPU."""
+    w = ctx.workload
+    worst = _largest_stage_params(ctx, regime, c, layout)
+    local = worst["trainable"] / np.where(c.zero >= 1, c.dp, 1)
+    per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
+    memory_eff = ctx.matmul_params.memory_efficiency
+    on_device = local * per_param / (ctx.hardware.hbm_bandwidth_bytes_per_s * memory_eff)
+    host_bw = ctx.hardware.host_memory_bandwidth_bytes_per_s / ctx.cluster.devices_per_node
+    on_host = local * per_param / (host_bw * memory_eff)
+    cb = regime.numerics.compute_bytes
+    pcie_step = comm.pcie_seconds(ctx.cluster, ctx.profile, local * (FP32 + cb))
+    shard = (worst["trainable"] + worst["frozen"]) / np.where(c.zero >= 2, c.dp, 1)
+    pcie_params = c.num_micro_batches * comm.pcie_seconds(ctx.cluster, ctx.profile, shard * (2 * FP32 + FP32))
+    hidden = ctx.profile.overlap("offload")
+    offload = np.select([c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS],
+                        [pcie_step * (1 - hidden), (pcie_step + pcie_params) * (1 - hidden)], 0.0)
+    optimizer = np.where(c.offload == 0, on_device, on_host)
+    return optimizer, offload
+
+
+def evaluate_config(ctx: Context, config: ParallelConfig) -> tuple[Estimates, int]:
+    return evaluate(ctx, Candidates.from_configs([config])), 0

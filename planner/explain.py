@@ -1,0 +1,82 @@
+"""Words for people: the seed-style summary line of a configuration, why runner-ups lost, and
+what would make an infeasible request fit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+TIME_WORDS = {"compute": "compute", "recompute": "recomputation", "tp_comm": "tensor-parallel communication",
+              "pp_bubble": "pipeline bubble", "pp_comm": "pipeline sends", "dp_comm": "data-parallel/ZeRO communication",
+              "optimizer": "optimizer step", "offload": "host offload traffic"}
+CONFIG_KEYS = ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "recompute", "zero", "offload",
+               "sequence_parallel", "vpp")
+
+
+def seed_summary(config: dict[str, Any]) -> str:
+    """MoAI Advanced Parallelism's line, e.g. `num_stages : 8, num_micro_batches : 64,
+    batch_per_device : 1, No TP, recomputation : full, distribute_param : true`."""
+    tp = "No TP" if config["tp"] == 1 else f"TP : {config['tp']}" + (" (sequence parallel)" if config["sequence_parallel"] else "")
+    parts = [f"num_stages : {config['pp']}", f"num_micro_batches : {config['num_micro_batches']}",
+             f"batch_per_device : {config['micro_batch_size']}", tp, f"recomputation : {config['recompute']}",
+             f"distribute_param : {str(config['zero'] >= 2).lower()}", f"zero : {config['zero']}",
+             f"data_parallel : {config['dp']}"]
+    if config["vpp"] > 1:
+        parts.append(f"virtual_stages : {config['vpp']}")
+    if config["offload"] != "none":
+        parts.append(f"offload : {config['offload']}")
+    return ", ".join(parts)
+
+
+def config_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    names = {"micro_batch_size": "mbs", "num_micro_batches": "micro-batches", "sequence_parallel": "sp"}
+    return ", ".join(f"{names.get(k, k)} {b[k]}" for k in CONFIG_KEYS if a[k] != b[k] and k != "num_micro_batches") or "same layout"
+
+
+def explain_runner_ups(predictions: list[dict[str, Any]]) -> list[str]:
+    """For each runner-up: how much slower than the winner, and where the time goes."""
+    if not predictions:
+        return []
+    best = predictions[0]
+    lines = []
+    for rank, other in enumerate(predictions[1:], start=2):
+        slower = other["time"]["step_s"] / best["time"]["step_s"] - 1
+        deltas = {k: other["time"]["breakdown"][k] - best["time"]["breakdown"][k] for k in TIME_WORDS}
+        worst = max(deltas, key=deltas.get)
+        memory_gib = other["memory"]["peak_bytes"] / 2**30
+        lines.append(f"#{rank} ({config_difference(best['config'], other['config'])}): {slower:+.1%} step time, "
+                     f"mostly {TIME_WORDS[worst]} (+{deltas[worst]:.3f} s); {memory_gib:.1f} GiB per device")
+    return lines
+
+
+def what_would_fit(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> str:
+    """Try the usual ways out, cheapest first, and say which work, with the numbers."""
+    ideas = []
+    devices = resolved.cluster.num_devices
+    for factor in (2, 4, 8, 16, 32, 64):
+        more = replace(request, gpus=devices * factor, flavor=None, gpu=resolved.hardware.name,
+                       global_batch=max(request.global_batch or 0, devices * factor))
+        if fits(more, pins):
+            ideas.append(f"{devices * factor} devices instead of {devices}")
+            break
+    for method in ("lora", "qlora"):
+        if request.method == "full" or (request.method == "lora" and method == "qlora"):
+            if method == "qlora" and (pins.tp or 1) > 1:
+                continue
+            if fits(replace(request, method=method), replace(pins, tp=None) if method == "qlora" else pins):
+                ideas.append(f"--method {method}")
+                break
+    seq = request.seq_len
+    while seq > 128:
+        seq //= 2
+        if fits(replace(request, seq_len=seq), pins):
+            ideas.append(f"--seq-len {seq}")
+            break
+    if pins.offload == "none" or pins.zero not in (None, 3) or pins.recompute not in (None, "full"):
+        free = replace(pins, offload=None, zero=None, recompute=None)
+        if fits(request, free):
+            ideas.append("letting the search choose --zero, --recompute and --offload")
+    if not ideas:
+        return "Nothing simple makes it fit: try a larger device or many more devices."
+    return "It would fit with " + "; or ".join(ideas) + "."

@@ -1,0 +1,123 @@
+"""Calibration profiles: every free parameter of the cost model, as data.
+
+`calibration/` fits and writes profiles; the planner only reads them. A profile is JSON:
+
+  compute.<hardware>.<dtype>: matmul_efficiency_max, matmul_half_flops (GEMM size at which half
+      the maximum is reached), attention_efficiency, memory_efficiency (fraction of HBM bandwidth
+      that memory-bound ops reach). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
+      default.dtype -> default.*
+  links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
+  overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
+  memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
+      allocated - 1), cpu memory for the executor's runs
+  attention: causal_fraction (share of the score matrix a causal kernel computes),
+      backward_factor (backward / forward FLOPs of flash attention)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from planner.errors import InvalidRequest
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "profiles" / "default.json"
+
+COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency")
+TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "compute", "links", "overlap",
+            "memory", "attention"}
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    matmul_efficiency_max: float
+    matmul_half_flops: float
+    attention_efficiency: float
+    memory_efficiency: float
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    efficiency: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class MemoryParams:
+    fixed_bytes: float
+    fragmentation: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: str
+    data: dict[str, Any]
+
+    def compute(self, hardware: str, vendor: str, dtype: str) -> ComputeParams:
+        table = self.data["compute"]
+        merged: dict[str, float] = {}
+        for key in (("default", "*"), ("default", dtype), (vendor, "*"), (vendor, dtype),
+                    (hardware, "*"), (hardware, dtype)):
+            merged.update(table.get(key[0], {}).get(key[1], {}))
+        return ComputeParams(**{k: float(merged[k]) for k in COMPUTE_KEYS})
+
+    def link(self, tier: str) -> LinkParams:
+        entry = self.data["links"][tier]
+        return LinkParams(efficiency=float(entry["efficiency"]), latency_s=float(entry["latency_s"]))
+
+    def overlap(self, kind: str) -> float:
+        return float(self.data["overlap"][kind])
+
+    def memory(self, hardware: str, vendor: str) -> MemoryParams:
+        table = self.data["memory"]
+        entry = table.get(hardware) or table.get(vendor) or table["default"]
+        return MemoryParams(fixed_bytes=float(entry["fixed_bytes"]), fragmentation=float(entry["fragmentation"]))
+
+    def attention(self, key: str) -> float:
+        return float(self.data["attention"][key])
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "version": self.data.get("version"),
+                "fitted_on": self.data.get("fitted_on", {}).get("summary") if isinstance(
+                    self.data.get("fitted_on"), dict) else self.data.get("fitted_on")}
+
+
+@cache
+def load_profile(path: str | None = None) -> Profile:
+    target = Path(path).expanduser() if path else DEFAULT_PROFILE
+    try:
+        data = json.loads(target.read_text())
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read calibration profile {target}: {exc.strerror}; "
+                             "check --calibration") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"calibration profile {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    _check(data, target)
+    return Profile(name=str(data.get("name", target.stem)), path=str(target), data=data)
+
+
+def _check(data: Any, where: Path) -> None:
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"calibration profile {where} must be a JSON object")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise InvalidRequest(f"calibration profile {where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for key in ("compute", "links", "overlap", "memory", "attention"):
+        if not isinstance(data.get(key), dict):
+            raise InvalidRequest(f"calibration profile {where}: missing section {key!r}")
+    default = {**data["compute"].get("default", {}).get("*", {})}
+    missing = [k for k in COMPUTE_KEYS if k not in default]
+    if missing:
+        raise InvalidRequest(f"calibration profile {where}: compute.default.* lacks {', '.join(missing)}")
+    for tier in ("intra", "inter", "pcie"):
+        if tier not in data["links"]:
+            raise InvalidRequest(f"calibration profile {where}: links lacks tier {tier!r}")
+    for kind in ("tp", "dp", "zero", "pp", "offload"):
+        if kind not in data["overlap"]:
+            raise InvalidRequest(f"calibration profile {where}: overlap lacks {kind!r}")
+    if "default" not in data["memory"]:
+        raise InvalidRequest(f"calibration profile {where}: memory lacks 'default'")
