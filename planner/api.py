@@ -44,6 +44,10 @@ class Request:
     optimizer: str = "adamw"
     optimizer_impl: str = "foreach"
     attention: str = "sdpa"
+    master_dtype: str = "fp32"
+    loss_chunks: int = 1
+    activation_offload: bool = False
+    optimizer_in_backward: bool = False
     calibration: str | None = None
 
 
@@ -73,7 +77,10 @@ def resolve(request: Request) -> Resolved:
     workload = Workload(seq_len=request.seq_len, global_batch=global_batch, method=request.method,
                         precision=request.precision, optimizer=request.optimizer,
                         optimizer_impl=request.optimizer_impl, lora_rank=request.lora_rank,
-                        lora_targets=tuple(request.lora_targets), attention=request.attention)
+                        lora_targets=tuple(request.lora_targets), attention=request.attention,
+                        master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
+                        activation_offload=request.activation_offload,
+                        optimizer_in_backward=request.optimizer_in_backward)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
     return Resolved(spec, hardware, cluster, workload, Context(spec, workload, cluster, profile))

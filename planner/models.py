@@ -72,7 +72,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str, source: str = "") -> 
         raise InvalidRequest(f"unsupported model_type {model_type!r} in {source or name}; "
                              f"supported: {', '.join(SUPPORTED_TYPES)}")
     fields = _READERS[model_type](_Config(config, source or name))
-    spec = ModelSpec(name=name, family=model_type, source=source, **fields)
+    spec = ModelSpec(name=name, family=model_type, source=source, hf_config=dict(config), **fields)
     _check_shape(spec)
     return spec
 

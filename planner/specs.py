@@ -7,7 +7,7 @@ All quantities are SI: bytes, seconds, FLOP/s. Conversions happen only at the ed
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from planner.errors import InvalidRequest
@@ -48,6 +48,8 @@ class ModelSpec:
     fused_qkv: bool = False  # one qkv projection (gpt2 c_attn, gpt_neox, baichuan W_pack)
     final_norm: bool = True
     source: str = ""
+    # the config.json it was read from (what the executor instantiates); not part of equality
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def q_dim(self) -> int:
@@ -127,6 +129,10 @@ class Workload:
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) | eager (materialised scores)
+    master_dtype: str = "fp32"  # fp32 master weights and moments, or bf16 for all of them (torchtune's default)
+    loss_chunks: int = 1  # cross-entropy over this many sequence chunks (torchtune CEWithChunkedOutputLoss)
+    activation_offload: bool = False  # saved activations kept in host memory (torch save_on_cpu)
+    optimizer_in_backward: bool = False  # step each parameter as its gradient is ready; no held gradients
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)
@@ -136,6 +142,10 @@ class Workload:
         _require_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS)
         _require_choice("attention", self.attention, ("sdpa", "eager"))
+        _require_choice("--master-dtype", self.master_dtype, ("fp32", "bf16"))
+        _require_positive("--loss-chunks", self.loss_chunks)
+        if self.master_dtype == "bf16" and self.precision == "fp32":
+            raise InvalidRequest("--master-dtype bf16 needs a 16-bit --precision (bf16 or fp16)")
         if self.method != "full":
             _require_positive("--lora-rank", self.lora_rank)
             if not self.lora_targets:

@@ -60,6 +60,13 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
                         help="PyTorch AdamW implementation (default foreach, the GPU default)")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                         help="sdpa (flash / memory-efficient kernels) or eager (materialised scores)")
+    parser.add_argument("--master-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 master weights and AdamW moments (default), or bf16 for all (torchtune's default)")
+    parser.add_argument("--loss-chunks", type=positive_int, default=1,
+                        help="cross-entropy in this many chunks (torchtune's chunked loss uses 8)")
+    parser.add_argument("--activation-offload", action="store_true", help="keep saved activations in host memory")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="step each parameter as soon as its gradient is ready (needs one micro-batch)")
     parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout, nothing else")
 
@@ -84,6 +91,8 @@ def request_from(args: argparse.Namespace):
                    flavor=args.flavor, seq_len=args.seq_len, global_batch=args.global_batch, method=args.method,
                    lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets), precision=args.precision,
                    optimizer=args.optimizer, optimizer_impl=args.optimizer_impl, attention=args.attention,
+                   master_dtype=args.master_dtype, loss_chunks=args.loss_chunks,
+                   activation_offload=args.activation_offload, optimizer_in_backward=args.optimizer_in_backward,
                    calibration=args.calibration)
 
 
