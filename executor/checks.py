@@ -78,6 +78,14 @@ def _optimizer_reason(workload: Workload, config: ParallelConfig, on_cuda: bool)
     return None
 
 
+def plan_notes(config: ParallelConfig, on_cuda: bool) -> list[str]:
+    """What the executor does differently from the letter of the Plan, and why that is the same."""
+    notes = []
+    if config.offload != "none" and not on_cuda:
+        notes.append(f"offload {config.offload}: on a CPU run device memory is host memory; nothing is moved")
+    return notes
+
+
 def check_supported(spec: ModelSpec, workload: Workload, config: ParallelConfig, on_cuda: bool) -> None:
     reason = unsupported_reason(spec, workload, config, on_cuda)
     if reason:

@@ -103,6 +103,10 @@ class CpuMemoryProbe:
         from torch.nn.modules.module import register_module_forward_pre_hook
 
         tracker = MemTracker()
+        for root in self.roots:  # frozen weights (LoRA) take no gradient hook: mark them as hooked
+            for param in root.parameters():
+                if not param.requires_grad:
+                    tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
         tracker.track_external(*self.roots, *self.optimizers)
         root_ids = {id(m) for m in self.roots}
         handle = register_module_forward_pre_hook(
@@ -117,6 +121,11 @@ class CpuMemoryProbe:
             handle.remove()
         peaks = tracker.get_tracker_snapshot("peak")
         return max((int(cats.get("Total", 0)) for cats in peaks.values()), default=None)
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
 
 
 def environment(device: torch.device, world_size: int) -> dict[str, Any]:

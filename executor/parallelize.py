@@ -139,8 +139,10 @@ def apply_fsdp(roots: list[nn.Module], layers: list[nn.Module], dp_mesh: DeviceM
     """ZeRO-2: fully_shard(reshard_after_forward=False); ZeRO-3: True. Per layer, then each root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    # on a CPU run the device memory is the host memory: parameters are already "offloaded"
+    offload = config.offload == "params" and dp_mesh.device_type != "cpu"
     options = dict(mesh=dp_mesh, reshard_after_forward=config.zero == 3, mp_policy=mixed_precision_policy(workload),
-                   offload_policy=CPUOffloadPolicy() if config.offload == "params" else OffloadPolicy())
+                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **options)
     for root in roots:

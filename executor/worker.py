@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from executor.checks import check_device, check_supported, check_world
+from executor.checks import check_device, check_supported, check_world, plan_notes
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
 from planner.errors import InvalidRequest, PlannerError
@@ -75,6 +75,9 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
     from executor.train import Trainer
 
     spec, hardware, cluster, workload, config = typed_plan(document)
+    notes = plan_notes(config, device.type == "cuda")
+    if notes and dist.get_rank() == 0:
+        print("\n".join(f"note: {n}" for n in notes))
     topo = build_topology(config, device)
     prepared = prepare(spec, workload, config, topo, device, options)
     trainer = Trainer(spec, workload, config, topo, device, options, prepared, recorder)
@@ -82,7 +85,7 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
     if options.save_final:
         save_final(options.output_dir / "final", prepared, spec, workload, topo)
     return {"data": trainer.data_report.to_dict(), "parameters": prepared.parameters,
-            "memory_probe_error": trainer.probe.error}
+            "memory_probe_error": trainer.probe.error, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:
