@@ -48,6 +48,7 @@ class Request:
     loss_chunks: int = 1
     activation_offload: bool = False
     optimizer_in_backward: bool = False
+    compile: bool = False
     calibration: str | None = None
 
 
@@ -80,7 +81,7 @@ def resolve(request: Request) -> Resolved:
                         lora_targets=tuple(request.lora_targets), attention=request.attention,
                         master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
                         activation_offload=request.activation_offload,
-                        optimizer_in_backward=request.optimizer_in_backward)
+                        optimizer_in_backward=request.optimizer_in_backward, compile=request.compile)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
     return Resolved(spec, hardware, cluster, workload, Context(spec, workload, cluster, profile))

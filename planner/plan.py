@@ -71,8 +71,10 @@ def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp:
     return None
 
 
-def option_reason(spec: ModelSpec, config: ParallelConfig) -> str | None:
+def option_reason(spec: ModelSpec, config: ParallelConfig, workload: Workload | None = None) -> str | None:
     """Why the remaining options cannot go together, or None."""
+    if workload is not None and workload.optimizer_in_backward and config.num_micro_batches > 1:
+        return "optimizer in backward needs one micro-batch per step"
     if config.recompute not in RECOMPUTE:
         return f"recompute must be one of {', '.join(RECOMPUTE)}"
     if config.offload not in OFFLOAD:
@@ -105,7 +107,7 @@ def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: 
                              f"but there are {cluster.num_devices} devices; make the product equal --gpus")
     reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size)
     if reason is None:
-        reason = option_reason(spec, config)
+        reason = option_reason(spec, config, workload)
     if reason is not None:
         raise InvalidRequest(_explain(reason, spec, workload, config))
 

@@ -121,6 +121,7 @@ def _expand(spec, workload, triples, grid, dedupe_zero1: bool) -> tuple[Candidat
         ("vpp needs pp > 1", (v > 1) & (pp == 1)),
         ("layers not divisible by pp x vpp", (v > 1) & (spec.num_layers % (pp * v) != 0)),
         ("interleaved schedule needs micro-batches divisible by pp", (v > 1) & (m % pp != 0)),
+        ("optimizer in backward needs one micro-batch per step", (m > 1) & workload.optimizer_in_backward),
     ]
     for reason, mask in checks:
         fresh = mask & (reasons == "")

@@ -44,6 +44,13 @@ class Context:
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]
 
+    def with_profile(self, profile: Profile) -> Context:
+        """The same request under other calibration parameters (the graph summaries are shared)."""
+        other = Context.__new__(Context)
+        other.spec, other.workload, other.cluster, other.profile = self.spec, self.workload, self.cluster, profile
+        other.hardware, other.regimes = self.hardware, self.regimes
+        return other
+
     @cached_property
     def matmul_params(self) -> ComputeParams:
         return self.profile.compute(self.hardware.name, self.hardware.vendor, MATMUL_DTYPE[self.workload.precision])
