@@ -50,12 +50,16 @@ class Parameter:
 
 def time_parameters(hardware_names: list[str]) -> list[Parameter]:
     """Compute efficiency per hardware (its maximum), shared shape and link/overlap parameters."""
-    params = [Parameter(("compute", name, "*", "matmul_efficiency_max"), 0.6, 0.05, 1.0, 0.5)
-              for name in sorted(hardware_names)]
+    # a hardware's own efficiencies get a wide prior (sigma 2 in log): one run of new hardware moves
+    # them most of the way; shared parameters a narrower one
+    params = []
+    for name in sorted(hardware_names):
+        params += [Parameter(("compute", name, "*", "matmul_efficiency_max"), 0.6, 0.05, 1.0, 2.0),
+                   Parameter(("compute", name, "*", "attention_efficiency"), 0.45, 0.05, 1.0, 2.0)]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
-        Parameter(("compute", "default", "*", "attention_efficiency"), 0.45, 0.05, 1.0, 0.5),
         Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
+        Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
         Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
         Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
@@ -177,11 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="cases JSON (default: the shipped copy of the public cases)")
     parser.add_argument("--base", default=str(DEFAULT_PROFILE), help="profile to start from")
     parser.add_argument("--out", required=True, help="where to write the fitted profile")
+    parser.add_argument("--cross-validate", action="store_true",
+                        help="also run leave-one-source-out cross-validation and store its errors and intervals")
     args = parser.parse_args(argv)
     from planner.profile import load_profile
 
-    data = fit_profile(load_cases(args.cases), load_profile(args.base))
+    cases, base = load_cases(args.cases), load_profile(args.base)
+    data = fit_profile(cases, base)
     data["version"] = _dt.date.today().isoformat()
+    if args.cross_validate:
+        from calibration.crossval import leave_one_source_out, summarize
+
+        summary = summarize(leave_one_source_out(cases, base))
+        data["uncertainty"] = summary.pop("uncertainty")
+        data["validation"] = {"method": "leave-one-source-out", **summary}
     Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -50,6 +50,7 @@ class Request:
     optimizer_in_backward: bool = False
     compile: bool = False
     calibration: str | None = None
+    memory_margin: float | None = None  # None: from the calibration profile's residuals
 
 
 @dataclass
@@ -84,7 +85,10 @@ def resolve(request: Request) -> Resolved:
                         optimizer_in_backward=request.optimizer_in_backward, compile=request.compile)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
-    return Resolved(spec, hardware, cluster, workload, Context(spec, workload, cluster, profile))
+    if request.memory_margin is not None and not 0 <= request.memory_margin < 1:
+        raise InvalidRequest(f"--memory-margin must be a fraction in [0, 1), got {request.memory_margin}")
+    context = Context(spec, workload, cluster, profile, request.memory_margin)
+    return Resolved(spec, hardware, cluster, workload, context)
 
 
 def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:

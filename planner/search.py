@@ -95,7 +95,8 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
     host = estimates.fits & ~estimates.host_fits
     rejected["out of host memory (offload)"] += int(host.sum())
     ok = np.nonzero(estimates.fits & estimates.host_fits)[0]
-    order = ok[np.argsort(estimates.step_s[ok], kind="stable")]
+    # prefer candidates that fit with the safety margin, then the fastest
+    order = ok[np.lexsort((estimates.step_s[ok], ~estimates.fits_with_margin[ok]))]
     rejected = Counter({k: v for k, v in rejected.items() if v})
     return SearchResult(searched, len(candidates), estimates, order, rejected)
 

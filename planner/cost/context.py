@@ -32,8 +32,10 @@ class Regime:
 
 
 class Context:
-    def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile) -> None:
+    def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile,
+                 memory_margin: float | None = None) -> None:
         self.spec, self.workload, self.cluster, self.profile = spec, workload, cluster, profile
+        self.memory_margin_override = memory_margin
         self.hardware = cluster.hardware
         self.regimes: dict[bool, Regime] = {}
         for params_sharded in (False, True):
@@ -49,7 +51,16 @@ class Context:
         other = Context.__new__(Context)
         other.spec, other.workload, other.cluster, other.profile = self.spec, self.workload, self.cluster, profile
         other.hardware, other.regimes = self.hardware, self.regimes
+        other.memory_margin_override = self.memory_margin_override
         return other
+
+    @property
+    def memory_margin(self) -> float:
+        """Fraction of headroom a candidate must leave to fit with margin (configurable; default
+        from the profile's cross-validated memory residuals)."""
+        if self.memory_margin_override is not None:
+            return self.memory_margin_override
+        return self.profile.memory_margin(self.hardware.vendor)
 
     @cached_property
     def matmul_params(self) -> ComputeParams:
