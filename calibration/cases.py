@@ -7,13 +7,12 @@ instead of dropping it silently. Pure Python: no torch.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
 from planner.specs import ModelSpec, Workload
@@ -50,12 +49,7 @@ class Case:
 
 def load_cases(path: str | Path | None = None) -> list[Case]:
     target = Path(path) if path else SHIPPED_CASES
-    try:
-        data = json.loads(Path(target).read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read cases {target}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"cases file {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(target, "cases file")
     rows = data["cases"] if isinstance(data, dict) and "cases" in data else data
     if not isinstance(rows, list):
         raise InvalidRequest(f"{target}: expected a list of cases or an object with 'cases'")

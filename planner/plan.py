@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
 
 RECOMPUTE = ("none", "selective", "full")
@@ -159,12 +159,7 @@ def save_plan(path: str, document: dict[str, Any]) -> None:
 
 def load_plan(path: str) -> dict[str, Any]:
     """Read and check a Plan file; returns the document with typed parts under `_typed`."""
-    try:
-        document = json.loads(Path(path).expanduser().read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read plan {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"plan {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    document = read_json(path, "plan")
     if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
         raise InvalidRequest(f"{path} is not a plan (format {PLAN_FORMAT!r}); write one with "
                              "`planner suggest ... --save-plan PATH`")

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "profiles" / "default.json"
 
@@ -111,13 +110,7 @@ class Profile:
 @cache
 def load_profile(path: str | None = None) -> Profile:
     target = Path(path).expanduser() if path else DEFAULT_PROFILE
-    try:
-        data = json.loads(target.read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read calibration profile {target}: {exc.strerror}; "
-                             "check --calibration") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"calibration profile {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(target, "calibration profile")
     _check(data, target)
     return Profile(name=str(data.get("name", target.stem)), path=str(target), data=data)
 

@@ -44,7 +44,7 @@ def render(result: dict) -> str:
                      gib(best["memory"]["peak_bytes"]) if best else "-",
                      f"{best['time']['tokens_per_s_per_device']:,.0f}" if best else "-",
                      row["largest_micro_batch"] or "-", row["longest_seq_len"] or "-",
-                     row["fewest_devices"] or f"> 16384", _how(best["config"]) if best else "-"])
+                     row["fewest_devices"] or "> 16384", _how(best["config"]) if best else "-"])
     head = (f"{result['model']} on {result['gpus']} x {result['hardware']}, seq {result['seq_len']}, "
             f"global batch {result['global_batch']}")
     body = table(["method", "fits", "GiB/dev", "tok/s/dev", "max micro-batch", "max seq (mbs 1)", "fewest devices",

@@ -17,7 +17,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.candidates import Candidates
-from planner.cost.compute import PartTimes, model_flops_per_token, part_times
+from planner.cost.compute import model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, stage_params
 from planner.cost.schedule import pipeline_seconds
