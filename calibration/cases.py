@@ -46,6 +46,22 @@ class Case:
     def usable(self) -> bool:
         return self.excluded is None and self.spec is not None and self.config is not None
 
+    @property
+    def hardware_name(self) -> str:
+        return getattr(self.hardware, "name", self.hardware) or "?"
+
+
+def case_from_run(run) -> Case:
+    """A stored run (calibration/run.py) as a Case, so fitting and validation treat measured runs
+    of every origin alike."""
+    measured = run.measured
+    memory_kind = "reserved" if measured.peak_reserved_bytes else "allocated"
+    return Case(id=run.run_id, source=run.source or run.origin, model=run.model_name, spec=run.spec,
+                hardware=run.hardware, devices=run.num_devices or 0, devices_per_node=run.devices_per_node,
+                workload=run.workload, config=run.config, tokens_per_s_per_device=measured.tokens_per_s_per_device,
+                memory_bytes=measured.peak_reserved_bytes or measured.peak_allocated_bytes, memory_kind=memory_kind,
+                excluded=None if run.usable else (run.excluded or f"status {run.status}"), framework=run.origin)
+
 
 def load_cases(path: str | Path | None = None) -> list[Case]:
     target = Path(path) if path else SHIPPED_CASES

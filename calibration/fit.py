@@ -71,6 +71,11 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
     return params
 
 
+# Typical relative error of one measured run against a good model (timing noise, framework details):
+# data residuals are divided by it, so that priors (in the same units) weigh against the data
+# as a Gaussian prior would.
+MEASUREMENT_SIGMA = {"throughput": 0.1, "memory": 0.05}
+
 MEMORY_PARAMETERS = [Parameter(("memory", "default", "fixed_bytes"), 1.0e9, 1e8, 8e9, 1.0),
                      Parameter(("memory", "default", "fragmentation"), 0.05, 0.0, 0.5, 0.1, log=False)]
 
@@ -136,7 +141,7 @@ def _residual_fn(prepared, base_data, params, target: str):
             measured = np.array([p.case.memory_bytes or np.nan for p in prepared])
             reserved_kind = np.array([p.case.memory_kind == "reserved" for p in prepared])
             fit = np.where(reserved_kind, np.log(reserved / measured), np.nan)
-        fit = fit[np.isfinite(fit)]
+        fit = fit[np.isfinite(fit)] / MEASUREMENT_SIGMA[target]
         return np.concatenate([fit, (x - x0) / sigma])
 
     return residuals, x0
@@ -166,7 +171,7 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
     with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
     with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
     data = copy.deepcopy(base.data)
-    time_params = time_parameters(sorted({p.case.hardware for p in with_tps}))
+    time_params = time_parameters(sorted({p.case.hardware_name for p in with_tps}))
     data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
     data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
     data["fitted_on"] = {"summary": f"{len(with_tps)} throughput and {len(with_mem)} memory measurements "
@@ -202,3 +207,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def load_measurements(store: str | None = None, cases: str | None = None, origin: str | None = None,
+                      hardware: str | None = None) -> list[Case]:
+    """Measured runs to fit or validate on: from the run store when one is named (or exists at the
+    default path and holds usable runs), else from a cases file (default: the shipped public cases)."""
+    from calibration.cases import case_from_run
+    from calibration.store import default_store_path, iter_runs
+
+    found: list[Case] = []
+    use_store = store is not None or (cases is None and Path(default_store_path()).exists())
+    if use_store:
+        found = [case_from_run(run) for run in iter_runs(store, origin=origin, hardware=hardware)]
+        if store is None and not any(c.usable for c in found):
+            found = []
+    if not found and store is None:
+        found = [c for c in load_cases(cases) if hardware is None or c.hardware_name == hardware]
+    return found

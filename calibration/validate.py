@@ -68,7 +68,7 @@ def validate(cases: list[Case], calibration: str | None = None) -> dict[str, Any
     return {"rows": rows, "throughput": error_stats([r.throughput_error for r in rows]),
             "memory": error_stats([r.memory_error for r in rows]),
             "by_source": _by_group(rows, lambda r: r.case.source.split(" ")[0]),
-            "by_hardware": _by_group(rows, lambda r: r.case.hardware or "?")}
+            "by_hardware": _by_group(rows, lambda r: r.case.hardware_name)}
 
 
 def error_stats(errors: list[float | None]) -> dict[str, Any]:
