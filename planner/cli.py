@@ -21,6 +21,8 @@ COMMANDS = {
     "hardware": ("planner.commands.listing", "list hardware presets and MoAI flavors"),
     "validate": ("planner.commands.validate", "predicted vs measured on published runs, with errors"),
     "check": ("planner.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
+    "capacity": ("planner.commands.capacity", "time, GPU-hours and cost to train N tokens at each cluster size"),
+    "export": ("planner.commands.export", "turn a Plan into a torchrun line, DeepSpeed/Accelerate/torchtitan config or Slurm script"),
 }
 
 
