@@ -56,16 +56,24 @@ def device_counts(devices_per_node: int, max_gpus: int) -> list[int]:
 
 
 def _fastest(request: Request, pins: Pins) -> tuple[dict[str, Any] | None, str | None]:
-    """The fastest fitting candidate's prediction, or (None, the commonest reason nothing fits)."""
+    """The fastest fitting candidate's prediction, or (None, why nothing fits)."""
     try:
         r = resolve(request)
     except InvalidRequest as exc:
         return None, str(exc)
     result = search(r.context, pins)
-    if not result.feasible:
-        reason = result.rejected.most_common(1)[0][0] if result.rejected else "no valid configuration"
-        return None, reason
-    return result.estimates.prediction(r.context, int(result.order[0])), None
+    if result.feasible:
+        return result.estimates.prediction(r.context, int(result.order[0])), None
+    if result.evaluated:
+        estimates = result.estimates
+        if estimates.fits.any():  # some fit the device, but only by offloading more than the host holds
+            host_bytes = float(estimates.memory["host"][estimates.fits].min()) * r.cluster.devices_per_node
+            return None, (f"out of host memory: offloading needs {host_bytes / 2**30:,.0f} GiB per node, the node has "
+                          f"{r.hardware.host_memory_bytes_per_node / 2**30:,.0f} GiB")
+        least_bytes = float(estimates.memory["reserved"].min())
+        return None, (f"out of memory: the leanest configuration needs {least_bytes / 2**30:.1f} GiB per device, "
+                      f"{r.hardware.name} has {r.hardware.memory_bytes / 2**30:.1f} GiB")
+    return None, result.rejected.most_common(1)[0][0] if result.rejected else "no valid configuration"
 
 
 def _option(request: Request, pins: Pins, tokens: int, price: float | None, flavor: str | None) -> dict[str, Any]:
@@ -94,8 +102,11 @@ def _requests(request: Request, max_gpus: int, flavor_family: str | None) -> lis
             raise InvalidRequest(f"--flavor-family must be one of {', '.join(FLAVOR_FAMILIES)}; got {flavor_family!r}")
         if request.gpu not in (None, FLAVOR_DEVICE):
             raise InvalidRequest(f"--flavor-family moai sets the hardware to {FLAVOR_DEVICE}; drop --gpu {request.gpu}")
+        per_node = request.gpus_per_node or load_hardware(FLAVOR_DEVICE).devices_per_node
         flavors = [f for f in MOAI_FLAVORS if flavor_devices(f) <= max_gpus]
-        return [(replace(request, gpu=None, gpus=None, flavor=f), f) for f in flavors]
+        # a 1.5xLarge (12 GCDs) spans one and a half 8-GCD nodes: count it as three 4-GCD nodes
+        return [(replace(request, gpu=None, gpus=None, flavor=f, gpus_per_node=math.gcd(flavor_devices(f), per_node)), f)
+                for f in flavors]
     hardware = load_hardware(request.gpu or DEFAULT_GPU)
     per_node = request.gpus_per_node or hardware.devices_per_node
     return [(replace(request, gpus=n, gpus_per_node=min(per_node, n), flavor=None), None)

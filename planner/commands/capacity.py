@@ -50,15 +50,15 @@ def render(result: dict) -> str:
     for o in result["options"]:
         first = ["*" if o is result["recommendation"] else ""] + ([o["flavor"]] if flavors else []) + [o["gpus"]]
         if not o["fits"]:
-            rows.append(first + ["does not fit: " + str(o["reason"])] + [""] * 5)
+            rows.append(first + ["-"] * 6 + ["does not fit: " + str(o["reason"])])
             continue
         rows.append(first + [f"{o['tokens_per_s']:,.0f}", f"{o['mfu']:.1%}", gib(o["peak_bytes"]),
                              duration(o["hours"] * 3600), f"{o['gpu_hours']:,.0f}",
-                             "-" if o["cost"] is None else f"{o['cost']:,.0f}"])
+                             "-" if o["cost"] is None else f"{o['cost']:,.0f}", "dominated" if o["dominated"] else ""])
     head = (f"{result['model']} on {result['hardware']}: {count(result['tokens'])} tokens, seq {result['seq_len']}, "
             f"global batch {result['global_batch']} ({result['tokens_per_step']:,} tokens/step), {result['method']}")
-    headers = ["", *(["flavor"] if flavors else []), "devices", "tokens/s", "MFU", "GiB/dev", "time", "GPU-h", "cost USD"]
-    lines = [head, table(headers, rows, align="l" * (1 + flavors) + "r" * 7)]
+    headers = ["", *(["flavor"] if flavors else []), "devices", "tokens/s", "MFU", "GiB/dev", "time", "GPU-h", "cost USD", "note"]
+    lines = [head, table(headers, rows, align="l" * (1 + flavors) + "r" * 7 + "l")]
     lines.append(f"price: {price:g} USD per device-hour: {result['price_source']}" if price is not None
                  else "price: none known for this hardware; pass --price-per-gpu-hour for costs")
     best = result["recommendation"]
