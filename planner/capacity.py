@@ -137,7 +137,7 @@ def recommend(options: list[dict[str, Any]], deadline_hours: float | None,
         return (cheapest_first[0] if ok else None), rule
     if budget is not None:
         return (fastest_first[0] if ok else None), f"fastest within {budget:,.0f} USD"
-    return (cheapest_first[0] if ok else None), "least cost (give --deadline-hours or --budget to trade cost for time)"
+    return (cheapest_first[0] if ok else None), "least cost (set a deadline or a budget to trade cost for time)"
 
 
 def _price(hardware_name: str, price_per_gpu_hour: float | None, budget: float | None) -> tuple[float | None, str | None]:
