@@ -102,13 +102,12 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
 
 
 def memory_chart(rows: list[dict[str, Any]], capacity_gib: float) -> alt.LayerChart:
+    title = f"GiB per device (red line: the device's {capacity_gib:.1f} GiB)"
     bars = alt.Chart(pd.DataFrame(rows)).mark_bar().encode(
-        x=alt.X("sum(GiB):Q", title="GiB per device"), y=alt.Y("candidate:N", title=None, sort=None),
+        x=alt.X("sum(GiB):Q", title=title), y=alt.Y("candidate:N", title=None, sort=None),
         color=alt.Color("category:N", title=None), tooltip=["candidate", "category", alt.Tooltip("GiB:Q", format=".1f")])
-    capacity = alt.Chart(pd.DataFrame({"capacity": [capacity_gib], "label": [f"capacity {capacity_gib:.1f} GiB"]}))
-    line = capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity:Q", tooltip=["label"])
-    label = capacity.mark_text(color="red", align="right", baseline="top", dx=-4, y=0).encode(x="capacity:Q", text="label")
-    return bars + line + label
+    capacity = alt.Chart(pd.DataFrame({"capacity GiB": [capacity_gib]}))
+    return bars + capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity GiB:Q", tooltip=["capacity GiB"])
 
 
 def show_scaling(fields: dict[str, Any], config_text: str | None, hardware: str) -> None:
