@@ -94,7 +94,8 @@ def describe(plan: _Plan) -> str:
 def _word(value: str) -> str:
     """A shell word: one holding `$VAR` stays expandable (double quotes), anything else is quoted."""
     if "$" in value:
-        assert not any(ch in value for ch in '"`\\'), value  # only our own variable references get here
+        if any(ch in value for ch in '"`\\'):
+            raise InvalidRequest(f"{value!r} mixes a $variable with quotes or backslashes; give a plain path")
         return f'"{value}"'
     return shlex.quote(value)
 

@@ -2,6 +2,7 @@
 views behind it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from planner import views
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tests.conftest import ROOT  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 APP = str(ROOT / "app.py")
 

@@ -216,3 +216,12 @@ def test_cli_errors_are_one_line(cli, tmp_path):
     assert proc.returncode == 2 and "not a plan" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = cli("export", str(tmp_path / "missing.json"), "--format", "slurm")
     assert proc.returncode == 2 and "cannot read plan" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paths_with_spaces_survive_the_shell(tp_plan):
+    options = LaunchOptions(plan_path="my plans/p.json", data="/data/my corpus", output="runs/$USER")
+    line = export_plan(tp_plan, "torchrun", options).text.splitlines()[-1]
+    args = torchrun_args(line).training_script_args
+    assert args[:6] == ["--plan", "my plans/p.json", "--data", "/data/my corpus", "--output", "runs/$USER"]
+    with pytest.raises(InvalidRequest, match="plain path"):
+        export_plan(tp_plan, "torchrun", LaunchOptions(data='$HOME/"x'))

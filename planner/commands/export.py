@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from planner.commands.common import positive_int, positive_number
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner.errors import InvalidRequest
     from planner.export import LaunchOptions, export_plan
     from planner.plan import load_plan
 
@@ -32,9 +34,6 @@ def run(args: argparse.Namespace) -> int:
                             time_limit_s=None if args.time_limit_hours is None else args.time_limit_hours * 3600)
     result = export_plan(document, args.format, options)
     if args.output_file:
-        from planner.errors import InvalidRequest
-        from pathlib import Path
-
         target = Path(args.output_file).expanduser()
         if not target.parent.exists():
             raise InvalidRequest(f"cannot write {args.output_file}: folder {target.parent} does not exist")
