@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -71,6 +72,9 @@ def resolve(request: Request) -> Resolved:
         if request.gpus is not None and request.gpus != devices:
             raise InvalidRequest(f"--flavor {request.flavor} has {devices} devices; drop --gpus {request.gpus}")
         hardware, gpus = load_hardware(FLAVOR_DEVICE), devices
+        if request.gpus_per_node is None and devices % hardware.devices_per_node:
+            # a 1.5xLarge is 12 GCDs: one and a half 8-GCD nodes; count it as nodes of gcd(12, 8) = 4
+            request = replace(request, gpus_per_node=math.gcd(devices, hardware.devices_per_node))
     else:
         hardware = load_hardware(request.gpu or DEFAULT_GPU)
         gpus = request.gpus if request.gpus is not None else hardware.devices_per_node

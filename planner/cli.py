@@ -23,6 +23,8 @@ COMMANDS = {
     "check": ("planner.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
     "calibrate": ("planner.commands.calibrate", "fit the calibration profile to measured runs"),
     "runs": ("planner.commands.runs", "the store of measured runs: import, list, export"),
+    "capacity": ("planner.commands.capacity", "time, GPU-hours and cost to train N tokens at each cluster size"),
+    "export": ("planner.commands.export", "turn a Plan into a torchrun line, DeepSpeed/Accelerate/torchtitan config or Slurm script"),
 }
 
 

@@ -58,7 +58,7 @@ def flavor_devices(flavor: str) -> int:
     if not match:
         raise unknown_name("flavor", text, MOAI_FLAVORS, hint="(MoAI flavors are N x 64 GB MI250 GCDs)")
     size, gigabytes = match.group(1).lower(), match.group(2)
-    by_size = {f.split(".", 1)[0].lower(): int(f.rsplit(".", 1)[1][:-2]) for f in MOAI_FLAVORS}
+    by_size = {f.rsplit(".", 1)[0].lower(): int(f.rsplit(".", 1)[1][:-2]) for f in MOAI_FLAVORS}
     if size not in by_size:
         raise unknown_name("flavor", text, MOAI_FLAVORS)
     expected_gb = by_size[size]
