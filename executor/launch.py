@@ -24,14 +24,14 @@ RDZV_PORT = 29500
 
 
 def worker_command(options: RunOptions, nproc: int, nnodes: int = 1) -> list[str]:
-    """torchrun (as `python -m torch.distributed.run`) running executor.worker on every process."""
+    """torchrun (as `python -m torch.distributed.run`) running executor.train on every process."""
     if nnodes == 1:
         rendezvous = ["--standalone", "--nnodes=1"]
     else:
         rendezvous = [f"--nnodes={nnodes}", "--node-rank=${NODE_RANK}", "--rdzv-backend=c10d",
                       f"--rdzv-endpoint=${{MASTER_ADDR}}:{RDZV_PORT}", "--rdzv-id=planner-train"]
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
-            "-m", "executor.worker", *options.to_argv()]
+            "-m", "executor.train", *options.to_argv()]
 
 
 def print_launch(options: RunOptions) -> str:
@@ -123,6 +123,7 @@ def _attempt(plan: dict, options: RunOptions, resume: bool) -> tuple[str, int]:
     with open(log_path, "w") as log:  # torchrun's failure reports and the workers' warnings
         rc = subprocess.call(worker_command(run_options, nproc), env=env, stderr=log)
     summary = _summary_or_compose(plan, run_options, rc)
+    _record_in_store(summary, options)
     status = summary["status"]
     if status == "finished":
         return status, 0
@@ -160,6 +161,23 @@ def _summary_or_compose(plan: dict, options: RunOptions, rc: int) -> dict:
                         environment(device, config.devices), {"options": options.to_dict()})
     write_json(path, record)
     return record
+
+
+def _record_in_store(summary: dict, options: RunOptions) -> None:
+    """Every finished or failed run becomes a measured run for calibration. A store that cannot
+    take it costs nothing: DIR/summary.json is the record and `planner runs import` reads it."""
+    if not options.record_in_store:
+        return
+    try:
+        from calibration.store import record_run, store_path
+    except ImportError:
+        return
+    try:
+        record_run(summary, options.store)
+        print(f"planner train: run {summary['run_id']} recorded in {store_path(options.store)}")
+    except Exception as exc:  # noqa: BLE001 - the record is safe on disk; say why the store refused it
+        print(f"planner train: note: not recorded in the store ({exc}); "
+              f"`planner runs import {options.output_dir / 'summary.json'}` later", file=sys.stderr)
 
 
 def _archive_attempt(output: Path, number: int) -> None:

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from executor.data import IGNORE_INDEX
 
 
-def items_per_rank(labels_global: torch.Tensor, dp: int) -> float:
-    """`num_items_in_batch` for one rank: trained tokens of the global batch over dp."""
+def items_per_rank(labels_global: torch.Tensor, dp: int, device: torch.device) -> torch.Tensor:
+    """`num_items_in_batch` for one rank: trained tokens of the global batch over dp. A 0-dim
+    tensor, so that a compiled loss does not recompile for every new count."""
     shifted = labels_global[:, 1:]
-    return max(int((shifted != IGNORE_INDEX).sum()), 1) / dp
+    count = max(int((shifted != IGNORE_INDEX).sum()), 1) / dp
+    return torch.tensor(count, dtype=torch.float32, device=device)
 
 
 def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                           num_items_in_batch: float, chunks: int, **_: object) -> torch.Tensor:
+                           num_items_in_batch: torch.Tensor, chunks: int, **_: object) -> torch.Tensor:
     """Cross-entropy over `chunks` pieces of the sequence, each upcast to fp32 on its own, as
     torchtune's CEWithChunkedOutputLoss: the fp32 copy of the logits never exists whole.
     logits (B, S, V) in the compute dtype, labels (B, S) unshifted."""
@@ -34,7 +36,7 @@ def chunked_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_siz
     return total / num_items_in_batch
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: float,
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: torch.Tensor,
                    chunks: int = 1) -> torch.Tensor:
     """The same loss as transformers' ForCausalLMLoss (chunks=1) for the pipeline's last stage."""
     if chunks > 1:

@@ -47,7 +47,7 @@ def hf_config(spec: ModelSpec, workload: Workload):
 
 
 def build_model(spec: ModelSpec, workload: Workload, device: torch.device, seed: int,
-                init_from: str | None = None) -> nn.Module:
+                init_from: str | None = None, compile_loss: bool = False) -> nn.Module:
     """The causal LM on `device`, its trainable parameters as the method says."""
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +64,8 @@ def build_model(spec: ModelSpec, workload: Workload, device: torch.device, seed:
     model.train()
     if workload.loss_chunks > 1:
         model.loss_function = functools.partial(chunked_causal_lm_loss, chunks=workload.loss_chunks)
+    if compile_loss:  # one fused kernel chain for upcast + log-softmax + nll (the planner's --compile)
+        model.loss_function = torch.compile(model.loss_function)
     if workload.method == "qlora":
         quantize_base_linears(model, compute_dtype(workload), device)
     if workload.method != "full":

@@ -25,9 +25,10 @@ class RunOptions:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_bad_fraction: float = 0.1
-    compile: bool | None = None  # None: on CUDA yes (unless EXECUTOR_COMPILE=0), on CPU no
     memory_every: int = 50  # CPU: MemTracker on the 3rd step and every this many steps after
     save_final: bool = True
+    store: str | None = None  # the measured-run store (calibration/store.py); None: its default path
+    record_in_store: bool = True
     progress: bool = True
 
     @property
@@ -46,7 +47,7 @@ class RunOptions:
 
     @classmethod
     def parse(cls, argv: list[str]) -> RunOptions:
-        parser = argparse.ArgumentParser(prog="executor.worker")
+        parser = argparse.ArgumentParser(prog="executor.train")
         for f in fields(cls):
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
                                 type=_parser_for(f.type), required=f.name in ("plan", "data", "steps", "output"))

@@ -35,19 +35,19 @@ class Prepared:
     parameters: dict = field(default_factory=dict)
 
 
-def should_compile(options: RunOptions, device: torch.device) -> bool:
-    if options.compile is not None:
-        return options.compile
-    return device.type == "cuda" and os.environ.get("EXECUTOR_COMPILE", "1") != "0"
+def should_compile(workload: Workload) -> bool:
+    """The Plan's workload says (`planner suggest --compile`); EXECUTOR_COMPILE=0 turns it off for
+    debugging, noted in the run record."""
+    return bool(getattr(workload, "compile", False)) and os.environ.get("EXECUTOR_COMPILE", "1") != "0"
 
 
 def prepare(spec: ModelSpec, workload: Workload, config: ParallelConfig, topo: Topology, device: torch.device,
             options: RunOptions) -> Prepared:
-    model = build_model(spec, workload, device, options.seed, options.init_from)
+    compile_layers = should_compile(workload)
+    model = build_model(spec, workload, device, options.seed, options.init_from, compile_loss=compile_layers)
     counts = {"total": sum(p.numel() for p in model.parameters()),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     peft_model = model if workload.method != "full" else None
-    compile_layers = should_compile(options, device)
     if config.pp > 1:
         prepared = _prepare_pipeline(model, spec, workload, config, topo, device, compile_layers, options)
     else:
@@ -100,6 +100,9 @@ def _prepare_pipeline(model, spec, workload, config, topo, device, compile_layer
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return causal_lm_loss(logits, labels, vocab, holder["items"], workload.loss_chunks)
+
+    if compile_layers:
+        loss_fn = torch.compile(loss_fn)
 
     schedule = build_schedule(wrapped, config.pp * config.vpp, device, topo.pp_group, config.num_micro_batches,
                               loss_fn)

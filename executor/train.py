@@ -70,7 +70,7 @@ class Trainer:
             stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
         return stack
 
-    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, items: float) -> torch.Tensor:
+    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         mbs, total = self.config.micro_batch_size, torch.zeros((), device=self.device)
         model = self.p.forward_module
         for m in range(self.config.num_micro_batches):
@@ -84,7 +84,7 @@ class Trainer:
             total += loss.detach().float()
         return total
 
-    def _pipeline(self, ids: torch.Tensor, labels: torch.Tensor, items: float) -> torch.Tensor:
+    def _pipeline(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         self.p.loss_holder["items"] = items
         losses: list[torch.Tensor] = []
         args = (ids,) if self.p.has_first_stage else ()
@@ -98,7 +98,7 @@ class Trainer:
         if step == 1 and _inject_oom(self.config):
             raise torch.OutOfMemoryError("injected by EXECUTOR_INJECT_OOM")
         ids, labels = self.data.batch(step)
-        items = items_per_rank(labels, self.config.dp)
+        items = items_per_rank(labels, self.config.dp, self.device)
         local_ids, local_labels = self._local(ids, labels)
         run = self._pipeline if self.config.pp > 1 else self._micro_batches
         local = run(local_ids, local_labels, items)
@@ -113,7 +113,7 @@ class Trainer:
         model.eval()
         for step in range(batches):
             ids, labels = self.eval_data.batch(step)
-            items = items_per_rank(labels, self.config.dp)
+            items = items_per_rank(labels, self.config.dp, self.device)
             local_ids, local_labels = self._local(ids, labels)
             local = torch.zeros((), device=self.device)
             for m in range(self.config.num_micro_batches):
@@ -220,3 +220,9 @@ def _progress(options: RunOptions, start: int, is_rank0: bool):
     # stdout: the launcher keeps torchrun's stderr (its failure reports, worker warnings) in a log file
     return tqdm(total=options.steps, initial=start, disable=not (is_rank0 and options.progress), unit="step",
                 dynamic_ncols=True, desc="train", file=sys.stdout)
+
+
+if __name__ == "__main__":  # `python -m executor.train`: one training process, as torchrun and `planner export` start it
+    from executor.worker import main
+
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""One training process (started by torchrun, or alone): `python -m executor.worker --plan ...`.
+"""One training process (started by torchrun, or alone): `python -m executor.train --plan ...`.
 
 It sets up the process group (gloo on CPU, NCCL on GPUs), checks the Plan against the world it
 finds, trains, and writes the run record. A failure is recorded too: rank 0 writes summary.json
@@ -71,7 +71,7 @@ def check_environment(document: dict, on_cuda: bool) -> None:
 def train(document: dict, options: RunOptions, device: torch.device, recorder: Recorder) -> dict:
     from executor.mesh import build_topology
     from executor.save import save_final
-    from executor.setup import prepare
+    from executor.setup import prepare, should_compile
     from executor.train import Trainer
 
     spec, hardware, cluster, workload, config = typed_plan(document)
@@ -85,7 +85,7 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
     if options.save_final:
         save_final(options.output_dir / "final", prepared, spec, workload, topo)
     return {"data": trainer.data_report.to_dict(), "parameters": prepared.parameters,
-            "memory_probe_error": trainer.probe.error, "notes": notes}
+            "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-bad-fraction", type=float, default=0.1,
                         help="stop when more than this share of the rows is malformed (default 0.1)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the decoder layers (auto: on CUDA unless EXECUTOR_COMPILE=0)")
     parser.add_argument("--memory-every", type=int, default=50,
                         help="CPU: measure tensor memory (MemTracker) on step 3 and every this many steps")
     parser.add_argument("--no-save", action="store_true", help="do not write the final model")
+    parser.add_argument("--store", help="the measured-run store to record the run in (default: $PLANNER_STORE or "
+                        "~/.local/share/llm-planner/runs.sqlite)")
+    parser.add_argument("--no-store", action="store_true", help="keep the run record only in DIR/summary.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--fallback", action="store_true", help="after an out-of-memory failure, try the plan's runner-ups")
     parser.add_argument("--print-launch", action="store_true",
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
                          init_from=args.init_from, tokenizer=args.tokenizer, seed=args.seed, lr=args.lr,
                          warmup_steps=max(args.warmup_steps, 0), weight_decay=args.weight_decay,
                          max_bad_fraction=args.max_bad_fraction,
-                         compile={"auto": None, "on": True, "off": False}[args.compile],
-                         memory_every=args.memory_every, save_final=not args.no_save, progress=not args.no_progress)
+                         memory_every=args.memory_every, save_final=not args.no_save, progress=not args.no_progress,
+                         store=args.store, record_in_store=not args.no_store)
     if args.print_launch:
         print(print_launch(options))
         return 0

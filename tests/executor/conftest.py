@@ -36,13 +36,23 @@ def make_plan(path: Path, gpus: int, workload: dict | None = None, **config) -> 
 
 def train(plan: Path, output: Path, steps: int = 20, *extra: str, data: Path = ALPACA,
           check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLANNER_STORE": str(Path(output).parent / "runs.sqlite")}
     proc = subprocess.run([sys.executable, "-m", "planner.cli", "train", "--plan", str(plan), "--data", str(data),
                            "--steps", str(steps), "--output", str(output), "--lr", "1e-3", "--no-progress", *extra],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"planner train failed ({proc.returncode}): {proc.stderr[-2000:]}\n{proc.stdout[-2000:]}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-minute torchrun matrices are marked slow: they run with `-m slow` (or any -m), not by default."""
+    if config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords and Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(skip)
 
 
 def losses(output: Path) -> dict[int, float]:

@@ -40,6 +40,10 @@ def test_suggest_then_train_end_to_end(tmp_path):
     assert 0.5 * predicted < measured["peak_allocated_bytes"] < 2 * predicted
     assert summary["environment"]["world_size"] == 2 and summary["environment"]["torch"]
     _final_model_reproduces_loss(tmp_path / "run" / "final")
+    from calibration.store import iter_runs
+
+    stored = list(iter_runs(tmp_path / "runs.sqlite"))
+    assert [r.run_id for r in stored] == [summary["run_id"]] and stored[0].status == "finished"
 
 
 def _final_model_reproduces_loss(folder: Path) -> None:
@@ -85,16 +89,19 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
-def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
-    """FSDP2 on 2 processes (sharded DCP checkpoints): kill -9 the whole run after step 10, with a
-    complete checkpoint at step 8 and decoys of half-written ones; --resume continues from 8 and
-    steps 9..20 have the uninterrupted run's losses."""
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, single_process_losses):
+    """FSDP2 on 2 processes (sharded DCP checkpoints): the uninterrupted run matches the single
+    process; then kill -9 the whole run after step 10, with a complete checkpoint at step 8 and
+    decoys of half-written ones; --resume continues from 8 and steps 9..20 have the uninterrupted
+    run's losses."""
     plan = make_plan(tmp_path / "plan.json", 2, zero=3, micro_batch_size=2)
     train(plan, tmp_path / "reference", 20, "--checkpoint-every", "4", "--no-save")
     reference = losses(tmp_path / "reference")
+    assert reference[20] < reference[1] - 1.0
+    assert abs(reference[20] - single_process_losses[20]) < 1e-2
 
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLANNER_STORE": str(tmp_path / "runs.sqlite")}
     cmd = [sys.executable, "-m", "planner.cli", "train", "--plan", str(plan), "--data", str(ALPACA), "--steps", "20",
            "--output", str(run), "--lr", "1e-3", "--no-progress", "--no-save", "--checkpoint-every", "4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
