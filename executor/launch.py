@@ -68,14 +68,17 @@ def preflight(document: dict, options: RunOptions) -> None:
     if cluster.num_nodes > 1:
         raise InvalidRequest(f"the plan spans {cluster.num_nodes} nodes; print the launch line with "
                              "--print-launch and start it on every node")
-    os.environ.setdefault("WORLD_SIZE", str(document["config"]["dp"] * document["config"]["tp"]
-                                            * document["config"]["pp"]))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+    processes = str(document["config"]["dp"] * document["config"]["tp"] * document["config"]["pp"])
+    saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.environ.update(WORLD_SIZE=processes, LOCAL_WORLD_SIZE=processes)  # what torchrun will set
     try:
         check_environment(document, uses_cuda(document))
     finally:
-        os.environ.pop("WORLD_SIZE", None)
-        os.environ.pop("LOCAL_WORLD_SIZE", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     load_examples(options.data, load_tokenizer(options.tokenizer, spec.vocab_size), options.max_bad_fraction)
     if options.init_from and not Path(options.init_from).expanduser().is_dir():
         raise InvalidRequest(f"--init-from {options.init_from} is not a folder")

@@ -76,6 +76,8 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
 
     spec, hardware, cluster, workload, config = typed_plan(document)
     notes = plan_notes(config, device.type == "cuda")
+    if getattr(workload, "compile", False) and not should_compile(workload):
+        notes.append("the plan says compile, but EXECUTOR_COMPILE=0 turned it off: timings are eager")
     if notes and dist.get_rank() == 0:
         print("\n".join(f"note: {n}" for n in notes))
     topo = build_topology(config, device)
