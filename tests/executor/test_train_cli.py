@@ -175,3 +175,18 @@ def test_oom_is_recorded_and_fallback_runs_the_runner_up(tmp_path):
     assert final["status"] == "finished" and final["plan"]["config"] != first
     archived = json.loads((tmp_path / "fallback" / "attempts" / "1" / "summary.json").read_text())
     assert archived["status"] == "oom"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload,expect_adapter", [({"method": "qlora", "lora_rank": 8}, True),
+                                                     ({"optimizer": "adamw8bit"}, False)])
+def test_bitsandbytes_methods_train_on_cpu(tmp_path, workload, expect_adapter):
+    pytest.importorskip("bitsandbytes")
+    plan = make_plan(tmp_path / "plan.json", 1, workload, micro_batch_size=4)
+    train(plan, tmp_path / "run", 6)
+    got = losses(tmp_path / "run")
+    assert got[6] < got[1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    predicted = summary["plan"]["prediction"]["memory"]["allocated_peak_bytes"]
+    assert 0.8 * predicted < summary["measured"]["peak_allocated_bytes"] < 1.25 * predicted
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists() == expect_adapter
