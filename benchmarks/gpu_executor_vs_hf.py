@@ -33,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 WORDS = ("the model learns to plan memory and time for training large language models on many devices "
          "while pipeline stages exchange activations and optimizer states shard across data parallel ranks").split()
+# time limits (s) of the executor run with compilation, the HF Trainer run, and each sweep run
 GPU = {"model": "llama3.2-1b", "gpu": "h100-sxm-80gb", "seq_len": 2048, "global_batch": 16, "steps": 30,
-       "precision": "bf16", "impl": "fused", "sweep_steps": 4, "lr": 1e-5}
+       "precision": "bf16", "impl": "fused", "sweep_steps": 4, "lr": 1e-5, "limits_s": (210, 150, 60)}
 DRY = {"model": "llama-tiny", "gpu": "cpu", "seq_len": 128, "global_batch": 4, "steps": 4,
-       "precision": "fp32", "impl": "foreach", "sweep_steps": 3, "lr": 1e-3}
+       "precision": "fp32", "impl": "foreach", "sweep_steps": 3, "lr": 1e-3, "limits_s": (300, 300, 300)}
 SWEEP = [(1, "none"), (2, "none"), (4, "none"), (4, "full"), (4, "selective")]
 DRY_SWEEP = [(1, "none"), (2, "selective")]
 
@@ -99,13 +100,14 @@ def write_data(path: Path, tokens: int, seed: int = 0) -> None:
     path.write_text(json.dumps(rows))
 
 
-def run_executor(plan: Path, data: Path, out: Path, steps: int, lr: float) -> dict:
+def run_executor(plan: Path, data: Path, out: Path, steps: int, lr: float, timeout_s: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "planner.cli", "train", "--plan", str(plan), "--data", str(data), "--steps", str(steps),
            "--output", str(out), "--lr", str(lr), "--no-save", "--no-store", "--no-progress"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (out / "stdout.txt").write_text(proc.stdout + proc.stderr) if out.exists() else None
+    proc = _run(cmd, env, timeout_s)
+    if out.exists():
+        (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
     record = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else \
         {"status": "failed", "error": proc.stderr[-500:], "measured": {}}
     record.setdefault("details", {})["wall_s"] = time.perf_counter() - started
@@ -177,12 +179,21 @@ def hf_main(plan_path: Path, data: Path, out: Path, steps: int, lr: float) -> No
     write_json(out / "summary.json", record)
 
 
-def run_hf(plan: Path, data: Path, out: Path, steps: int, lr: float) -> dict:
+def _run(cmd: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """A child with a time limit, so that one hung run cannot eat the whole budget."""
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        return subprocess.CompletedProcess(cmd, 124, text(exc.stdout), text(exc.stderr) + f"\ntimed out after {timeout_s:.0f} s")
+
+
+def run_hf(plan: Path, data: Path, out: Path, steps: int, lr: float, timeout_s: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf", str(plan), "--data", str(data), "--out", str(out),
            "--steps", str(steps), "--lr", str(lr)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = _run(cmd, env, timeout_s)
     (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
@@ -241,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     flops, peak = flops_per_token(setup)
     mbs = largest_fitting_micro_batch(setup)
     rows, records = [], {}
-    plan_c = plan_for(setup, mbs, "none", True and not args.dry_run, out / "plan-executor.json")
-    records["executor"] = run_executor(out / "plan-executor.json", data, out / "executor", setup["steps"], setup["lr"])
+    plan_c = plan_for(setup, mbs, "none", not args.dry_run, out / "plan-executor.json")
+    limit_executor, limit_hf, limit_sweep = setup["limits_s"]
+    records["executor"] = run_executor(out / "plan-executor.json", data, out / "executor", setup["steps"], setup["lr"],
+                                       limit_executor)
     plan_for(setup, mbs, "none", False, out / "plan-hf.json")
-    records["hf-trainer"] = run_hf(out / "plan-hf.json", data, out / "hf", setup["steps"], setup["lr"])
+    records["hf-trainer"] = run_hf(out / "plan-hf.json", data, out / "hf", setup["steps"], setup["lr"], limit_hf)
     rows += [row(f"executor mbs{mbs} compile={plan_c['workload']['compile']}", records["executor"], flops, peak),
              row(f"hf-trainer mbs{mbs}", records["hf-trainer"], flops, peak)]
     for sweep_mbs, recompute in ([] if args.skip_sweep else sweep):
@@ -252,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if setup["global_batch"] % sweep_mbs:
             continue
         plan_for(setup, sweep_mbs, recompute, False, out / f"plan-{name}.json")
-        records[name] = run_executor(out / f"plan-{name}.json", data, out / name, setup["sweep_steps"], setup["lr"])
+        records[name] = run_executor(out / f"plan-{name}.json", data, out / name, setup["sweep_steps"], setup["lr"],
+                                     limit_sweep)
         rows.append(row(name, records[name], flops, peak))
     for name, record in records.items():
         if "format" in record:

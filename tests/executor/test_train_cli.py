@@ -21,12 +21,13 @@ def test_suggest_then_train_end_to_end(tmp_path):
     subprocess.run([sys.executable, "-m", "planner.cli", "suggest", "--model", "llama-tiny", "--gpu", "cpu",
                     "--gpus", "2", "--seq-len", "64", "--global-batch", "8", "--precision", "fp32",
                     "--save-plan", str(plan)], check=True, capture_output=True, cwd=ROOT)
-    proc = train(plan, tmp_path / "run", 12, data=SHAREGPT)
+    proc = train(plan, tmp_path / "run", 12, "--eval-every", "6", "--eval-data", str(ALPACA), data=SHAREGPT)
     assert "Predicted vs measured" in proc.stdout and "tokens/s" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {"step", "loss", "tokens_per_s", "step_s", "peak_memory_bytes"} <= set(rows[0])
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert [r["step"] for r in rows if "eval_loss" in r] == [6, 12] and rows[-1]["eval_loss"] > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["format"] == "llm-planner/run@1" and summary["status"] == "finished"
     assert summary["origin"] == "executor" and summary["error"] is None
