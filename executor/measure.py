@@ -8,15 +8,12 @@ import os
 import platform
 import socket
 import statistics
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-RUN_FORMAT = "llm-planner/run@1"
 WARMUP_STEPS = 2  # excluded from the steady-state medians (allocator warm-up, compilation)
 
 
@@ -137,13 +134,12 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
 
 
 def run_record(status: str, error: str | None, plan: dict[str, Any], measured: dict[str, Any],
-               env: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    record = {"format": RUN_FORMAT, "run_id": uuid.uuid4().hex,
-              "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "origin": "executor",
-              "status": status, "error": error, "plan": plan, "measured": measured, "environment": env}
-    if extra:
-        record.update(extra)
-    return record
+               env: dict[str, Any], details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run@1 record (calibration/run.py `new_record`, which the store reads back); executor
+    facts (options, data report, notes) go under `details`, which the store keeps as they are."""
+    from calibration.run import new_record
+
+    return {**new_record(plan, measured, status=status, error=error, environment=env), "details": details or {}}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

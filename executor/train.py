@@ -150,18 +150,10 @@ class Trainer:
         for step in range(start, self.options.steps):
             self.p.optimizers.set_lr(self._lr(step))
             started = time.perf_counter()
-            allocated = None
             if self._probe_memory(step, start):
-                box: dict = {}
-                allocated = self.probe.track(lambda: box.setdefault("loss", self.train_step(step)))
-                if "loss" not in box:  # the tracker failed before the step finished: run it untracked
-                    for optimizer in self.p.optimizers.all:
-                        optimizer.zero_grad(set_to_none=True)
-                    self.options = replace(self.options, memory_every=0)
-                    box["loss"] = self.train_step(step)
-                loss = box["loss"]
+                loss, allocated = self._tracked_step(step)
             else:
-                loss = self.train_step(step)
+                loss, allocated = self.train_step(step), None
             seconds = time.perf_counter() - started
             self._record(step + 1, loss, seconds, tokens, allocated)
             bar.update(1)
@@ -171,6 +163,17 @@ class Trainer:
                 checkpoint.save(self.options.output_dir, step + 1, self.p.state_module, self.p.optimizers,
                                 self._checkpoint_meta(plan_config))
         bar.close()
+
+    def _tracked_step(self, step: int) -> tuple[float, int | None]:
+        """A training step under MemTracker: (loss, tensor bytes at the peak)."""
+        box: dict = {}
+        allocated = self.probe.track(lambda: box.setdefault("loss", self.train_step(step)))
+        if "loss" not in box:  # the tracker failed before the step finished: run it untracked, track no more
+            for optimizer in self.p.optimizers.all:
+                optimizer.zero_grad(set_to_none=True)
+            self.options = replace(self.options, memory_every=0)
+            box["loss"] = self.train_step(step)
+        return box["loss"], allocated
 
     def _probe_memory(self, step: int, start: int) -> bool:
         # on GPUs the allocator counts; a pipeline interleaves micro-batches, which MemTracker cannot follow

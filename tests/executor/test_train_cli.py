@@ -40,6 +40,8 @@ def test_suggest_then_train_end_to_end(tmp_path):
     predicted = summary["plan"]["prediction"]["memory"]["allocated_peak_bytes"]
     assert 0.5 * predicted < measured["peak_allocated_bytes"] < 2 * predicted
     assert summary["environment"]["world_size"] == 2 and summary["environment"]["torch"]
+    assert summary["details"]["data"] == {"rows": 14, "bad_rows": 0, "first_errors": []}
+    assert summary["details"]["compile"] is False and summary["details"]["parameters"]["total"] == 3_164_416
     _final_model_reproduces_loss(tmp_path / "run" / "final")
     from calibration.store import iter_runs
 
