@@ -26,7 +26,7 @@ from calibration.validate import request_for
 from planner.api import resolve
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
-from planner.cost.estimate import evaluate
+from planner.cost.estimate import evaluate, tokens_per_second
 from planner.errors import PlannerError
 from planner.plan import check_config
 from planner.profile import DEFAULT_PROFILE, Profile
@@ -40,6 +40,9 @@ class Parameter:
     upper: float
     prior_sigma: float  # of log(value) for scales, of the value otherwise
     log: bool = True
+    # hierarchical: value = (the parameter at this path) x exp(internal), prior centred on 0, so a
+    # hardware with no runs takes the shared value and one with few runs is shrunk towards it
+    relative_to: tuple[str, ...] | None = None
 
     def to_internal(self, value: float) -> float:
         return float(np.log(value)) if self.log else value
@@ -50,12 +53,15 @@ class Parameter:
 
 def time_parameters(hardware_names: list[str]) -> list[Parameter]:
     """Compute efficiency per hardware (its maximum), shared shape and link/overlap parameters."""
-    # a hardware's own efficiencies get a wide prior (sigma 2 in log): one run of new hardware moves
-    # them most of the way; shared parameters a narrower one
-    params = []
+    # Each hardware's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): hardware
+    # differ by tens of percent; with the data's 10 % noise one run of new hardware moves its delta
+    # 90 % of the way, and hardware never measured takes the shared value.
+    shared = {key: ("compute", "default", "*", key) for key in ("matmul_efficiency_max", "attention_efficiency")}
+    params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
+              Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5)]
     for name in sorted(hardware_names):
-        params += [Parameter(("compute", name, "*", "matmul_efficiency_max"), 0.6, 0.05, 1.0, 2.0),
-                   Parameter(("compute", name, "*", "attention_efficiency"), 0.45, 0.05, 1.0, 2.0)]
+        params += [Parameter(("compute", name, "*", key), 1.0, 0.05, 1.0, 0.3, relative_to=shared[key])
+                   for key in ("matmul_efficiency_max", "attention_efficiency")]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
@@ -103,12 +109,18 @@ def prepare(cases: list[Case], base: Profile) -> list[Prepared]:
 
 
 def with_values(data: dict[str, Any], params: list[Parameter], values: np.ndarray) -> dict[str, Any]:
+    """The profile data with the parameters set (shared ones first, then those relative to them)."""
     out = copy.deepcopy(data)
-    for param, value in zip(params, values):
+    ordered = sorted(zip(params, values, strict=True), key=lambda pv: pv[0].relative_to is not None)
+    for param, value in ordered:
         node = out
         for key in param.path[:-1]:
             node = node.setdefault(key, {})
-        node[param.path[-1]] = param.to_value(value)
+        if param.relative_to is None:
+            node[param.path[-1]] = param.to_value(value)
+        else:
+            shared = _get(out, param.relative_to, param.initial)
+            node[param.path[-1]] = float(np.clip(shared * np.exp(value), param.lower, param.upper))
     return out
 
 
@@ -128,31 +140,58 @@ def predictions(prepared: list[Prepared], data: dict[str, Any]) -> tuple[np.ndar
     return np.array(tps), np.array(reserved), np.array(allocated)
 
 
+def throughputs(prepared: list[Prepared], data: dict[str, Any]) -> np.ndarray:
+    """Tokens/s per device only: the throughput fit's inner loop."""
+    profile = _profile(data)
+    return np.array([tokens_per_second(item.context.with_profile(profile), item.candidates)[0] / item.case.devices
+                     for item in prepared])
+
+
+def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
+    if param.relative_to is not None:
+        return 0.0
+    return param.to_internal(_get(data, param.path, param.initial))
+
+
 def _residual_fn(prepared, base_data, params, target: str):
-    x0 = np.array([p.to_internal(_get(base_data, p.path, p.initial)) for p in params])
+    x0 = np.array([_prior_centre(p, base_data) for p in params])
     sigma = np.array([p.prior_sigma for p in params])
+    if target == "throughput":
+        measured = np.array([p.case.tokens_per_s_per_device or np.nan for p in prepared])
+    else:
+        measured = np.array([p.case.memory_bytes if p.case.memory_kind == "reserved" else np.nan
+                             for p in prepared], dtype=float)
+    rows = np.isfinite(measured) & (measured > 0)
+    kept = [p for p, keep in zip(prepared, rows, strict=True) if keep]
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        tps, reserved, allocated = predictions(prepared, with_values(base_data, params, x))
-        if target == "throughput":
-            measured = np.array([p.case.tokens_per_s_per_device or np.nan for p in prepared])
-            fit = np.log(tps / measured)
-        else:
-            measured = np.array([p.case.memory_bytes or np.nan for p in prepared])
-            reserved_kind = np.array([p.case.memory_kind == "reserved" for p in prepared])
-            fit = np.where(reserved_kind, np.log(reserved / measured), np.nan)
-        fit = fit[np.isfinite(fit)] / MEASUREMENT_SIGMA[target]
+        data = with_values(base_data, params, x)
+        predicted = throughputs(kept, data) if target == "throughput" else predictions(kept, data)[1]
+        fit = np.log(predicted / measured[rows]) / MEASUREMENT_SIGMA[target]
         return np.concatenate([fit, (x - x0) / sigma])
 
-    return residuals, x0
+    return residuals, x0, _jacobian_sparsity(kept, params)
+
+
+def _jacobian_sparsity(prepared, params) -> np.ndarray:
+    """A hardware's own parameters move only its runs' residuals; least_squares then perturbs
+    several of them at once when estimating the Jacobian."""
+    names = [p.case.hardware_name for p in prepared]
+    data_rows = np.ones((len(prepared), len(params)), dtype=bool)
+    for j, param in enumerate(params):
+        if param.path[0] == "compute" and param.path[1] not in ("default", "nvidia", "amd", "cpu"):
+            data_rows[:, j] = [name == param.path[1] for name in names]
+    return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
 
 
 def fit_parameters(prepared, base_data, params, target: str) -> np.ndarray:
-    residuals, x0 = _residual_fn(prepared, base_data, params, target)
-    lower = np.array([p.to_internal(p.lower) if not (p.log and p.lower <= 0) else -50 for p in params])
-    upper = np.array([p.to_internal(p.upper) for p in params])
+    residuals, x0, sparsity = _residual_fn(prepared, base_data, params, target)
+    lower = np.array([-3.0 if p.relative_to else p.to_internal(p.lower) if not (p.log and p.lower <= 0) else -50
+                      for p in params])
+    upper = np.array([3.0 if p.relative_to else p.to_internal(p.upper) for p in params])
     start = np.clip(x0, lower + 1e-9, upper - 1e-9)
-    result = least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200)
+    result = least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200,
+                           jac_sparsity=sparsity, tr_solver="lsmr")
     return result.x
 
 

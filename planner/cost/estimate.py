@@ -234,3 +234,16 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, layout: Stag
     optimizer = np.where(c.offload == 0, on_device, on_host)
     return optimizer, offload
 
+
+
+def tokens_per_second(ctx: Context, c: Candidates) -> np.ndarray:
+    """Throughput of the whole job only (no memory): what calibration fits evaluate many times."""
+    step = np.zeros(len(c))
+    sharded = c.zero >= 2
+    for flag in (False, True):
+        index = np.nonzero(sharded == flag)[0]
+        if len(index):
+            part = c.take(index)
+            times = step_time(ctx, ctx.regime(flag), part, stage_layout(ctx.spec.num_layers, part))
+            step[index] = sum(times[k] for k in TIME_CATEGORIES)
+    return ctx.workload.tokens_per_step / step
