@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for data, runs and results")
     parser.add_argument("--dry-run", action="store_true", help="CPU, llama-tiny, a few steps: the same code paths")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-main", action="store_true", help="only the memory sweep (c)")
     parser.add_argument("--hf", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -252,14 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     flops, peak = flops_per_token(setup)
     mbs = largest_fitting_micro_batch(setup)
     rows, records = [], {}
-    plan_c = plan_for(setup, mbs, "none", not args.dry_run, out / "plan-executor.json")
     limit_executor, limit_hf, limit_sweep = setup["limits_s"]
-    records["executor"] = run_executor(out / "plan-executor.json", data, out / "executor", setup["steps"], setup["lr"],
-                                       limit_executor)
-    plan_for(setup, mbs, "none", False, out / "plan-hf.json")
-    records["hf-trainer"] = run_hf(out / "plan-hf.json", data, out / "hf", setup["steps"], setup["lr"], limit_hf)
-    rows += [row(f"executor mbs{mbs} compile={plan_c['workload']['compile']}", records["executor"], flops, peak),
-             row(f"hf-trainer mbs{mbs}", records["hf-trainer"], flops, peak)]
+    if not args.skip_main:
+        plan_c = plan_for(setup, mbs, "none", not args.dry_run, out / "plan-executor.json")
+        records["executor"] = run_executor(out / "plan-executor.json", data, out / "executor", setup["steps"],
+                                           setup["lr"], limit_executor)
+        plan_for(setup, mbs, "none", False, out / "plan-hf.json")
+        records["hf-trainer"] = run_hf(out / "plan-hf.json", data, out / "hf", setup["steps"], setup["lr"], limit_hf)
+        rows += [row(f"executor mbs{mbs} compile={plan_c['workload']['compile']}", records["executor"], flops, peak),
+                 row(f"hf-trainer mbs{mbs}", records["hf-trainer"], flops, peak)]
     for sweep_mbs, recompute in ([] if args.skip_sweep else sweep):
         name = f"sweep-mbs{sweep_mbs}-{recompute}"
         if setup["global_batch"] % sweep_mbs:
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, record in records.items():
         if "format" in record:
             (out / "runs" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    ours, theirs = rows[0]["tokens_per_s"], rows[1]["tokens_per_s"]
+    ours, theirs = (rows[0]["tokens_per_s"], rows[1]["tokens_per_s"]) if not args.skip_main else (None, None)
     result = {"setup": setup, "micro_batch_size": mbs, "model_flops_per_token": flops, "peak_flops": peak,
               "speedup_vs_hf": ours / theirs if ours and theirs else None, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
