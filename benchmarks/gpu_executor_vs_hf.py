@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, llama-tiny, a few steps: the same code paths")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-main", action="store_true", help="only the memory sweep (c)")
+    parser.add_argument("--micro-batch", type=int, help="micro-batch for (a) and (b) (default: the largest the "
+                        "planner says fits with 10%% to spare; the HF Trainer may need a smaller one)")
     parser.add_argument("--hf", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data.json"
     write_data(data, setup["seq_len"] * setup["global_batch"] * (setup["steps"] + 2))
     flops, peak = flops_per_token(setup)
-    mbs = largest_fitting_micro_batch(setup)
+    mbs = args.micro_batch or largest_fitting_micro_batch(setup)
     rows, records = [], {}
     limit_executor, limit_hf, limit_sweep = setup["limits_s"]
     if not args.skip_main:
