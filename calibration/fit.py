@@ -225,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="cases JSON (default: the shipped copy of the public cases)")
     parser.add_argument("--base", default=str(DEFAULT_PROFILE), help="profile to start from")
     parser.add_argument("--out", required=True, help="where to write the fitted profile")
+    parser.add_argument("--runs", nargs="*", default=[], help="run record files or folders to fit on as well")
     parser.add_argument("--cross-validate", action="store_true",
                         help="also run leave-one-source-out cross-validation and store its errors and intervals")
     args = parser.parse_args(argv)
     from planner.profile import load_profile
 
-    cases, base = load_cases(args.cases), load_profile(args.base)
+    cases, base = load_cases(args.cases) + load_run_records(args.runs), load_profile(args.base)
     data = fit_profile(cases, base)
     data["version"] = _dt.date.today().isoformat()
     if args.cross_validate:
@@ -246,6 +247,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def load_run_records(paths: list[str]) -> list[Case]:
+    """Run records (format llm-planner/run@1) from JSON files or folders of them, as Cases."""
+    from calibration.cases import case_from_run
+    from calibration.run import RUN_FORMAT, from_record
+    from planner.errors import read_json
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.json")) if path.is_dir() else [path]
+    records = [(f, read_json(f, "run record")) for f in files]
+    # one source per folder: leave-one-source-out holds a folder of runs out together
+    return [case_from_run(from_record(r, default_source=f"run records {f.parent.name}")) for f, r in records
+            if isinstance(r, dict) and r.get("format") == RUN_FORMAT]
 
 
 def load_measurements(store: str | None = None, cases: str | None = None, origin: str | None = None,

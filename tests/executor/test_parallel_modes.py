@@ -25,7 +25,7 @@ MODES = {
     "fsdp2-selective-checkpointing": (2, {"zero": 3, "micro_batch_size": 2, "recompute": "selective"}, {}),
     "pp-fsdp2-checkpointing": (4, {"dp": 2, "pp": 2, "zero": 3, "micro_batch_size": 1, "recompute": "full"}, {}),
 }
-FAST = ()  # all with -m slow; the default run covers ZeRO-1 (end to end) and FSDP2 (kill -9 and resume)
+FAST = ("ddp", "tp", "pp-1f1b", "fsdp2xtp", "fsdp2-selective-checkpointing")  # the rest with -m slow
 
 
 def _mode_params():
