@@ -11,7 +11,7 @@ from torch import nn
 
 from executor.loss import causal_lm_loss
 from executor.mesh import Topology
-from executor.model import build_model, decoder_layers, unwrap
+from executor.model import build_model, decoder_layers
 from executor.optim import Optimizers, build_optimizers
 from executor.options import RunOptions
 from executor.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,

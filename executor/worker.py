@@ -7,12 +7,10 @@ record when no rank could (e.g. an OOM on rank 3 while rank 0 waits in a collect
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -19,7 +19,7 @@ from executor.pipeline import layers_per_stage
 from executor.tokenizer import ByteTokenizer
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig, typed_plan
-from tests.executor.conftest import ALPACA, SHAREGPT, make_plan
+from tests.executor.conftest import SHAREGPT, make_plan
 
 TOK = ByteTokenizer()
 
