@@ -54,6 +54,7 @@ def _config(args: argparse.Namespace, resolved):
 
 
 def render(p: dict, resolved) -> str:
+    from planner.commands.suggest import spread
     from planner.explain import seed_summary
     from planner.format import duration, gib
 
@@ -61,10 +62,11 @@ def render(p: dict, resolved) -> str:
     verdict = "fits" if p["fits"] else f"does NOT fit: {p['reason']}"
     lines = [f"{resolved.spec.name} on {resolved.cluster.num_devices} x {resolved.hardware.name}: {verdict}",
              seed_summary(p["config"]),
-             f"memory per device: {gib(mem['peak_bytes'])} GiB reserved ({gib(mem['allocated_peak_bytes'])} GiB "
-             f"tensors) of {gib(mem['capacity_bytes'])} GiB; peak during {mem['peak_phase']}",
+             f"memory per device: {gib(mem['peak_bytes'])}{spread(mem['peak_bytes_range'], 2**30)} GiB reserved "
+             f"({gib(mem['allocated_peak_bytes'])} GiB tensors) of {gib(mem['capacity_bytes'])} GiB; peak during "
+             f"{mem['peak_phase']}",
              "  " + ", ".join(f"{k} {gib(v)}" for k, v in mem["breakdown"].items()),
-             f"step {duration(time['step_s'])}: {time['tokens_per_s']:,.0f} tokens/s "
+             f"step {duration(time['step_s'])}: {time['tokens_per_s']:,.0f}{spread(time['tokens_per_s_range'], 1)} tokens/s "
              f"({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}",
              "  " + ", ".join(f"{k} {duration(v)}" for k, v in time["breakdown"].items() if v > 0)]
     if mem["host_bytes_per_device"]:

@@ -31,6 +31,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def spread(bounds: list | None, unit: float) -> str:
+    """' (low-high)' for a cross-validated interval, in the unit shown; '' without one."""
+    if not bounds:
+        return ""
+    low, high = (b / unit for b in bounds)
+    digits = ",.0f" if high >= 100 else ".1f"
+    return f" ({low:{digits}}-{high:{digits}})"
+
+
 def render(result: dict, saved: str | None) -> str:
     from planner.format import count, duration, gib, table
 
@@ -45,9 +54,10 @@ def render(result: dict, saved: str | None) -> str:
     best = result["candidates"][0]
     mem, time = best["memory"], best["time"]
     lines += [f"Best: {result['summary']}",
-              f"  step {duration(time['step_s'])}, {time['tokens_per_s']:,.0f} tokens/s "
-              f"({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}, "
-              f"{gib(mem['peak_bytes'])} of {gib(mem['capacity_bytes'])} GiB per device", ""]
+              f"  step {duration(time['step_s'])}, {time['tokens_per_s']:,.0f}{spread(time['tokens_per_s_range'], 1)} "
+              f"tokens/s ({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}, "
+              f"{gib(mem['peak_bytes'])}{spread(mem['peak_bytes_range'], 2**30)} of {gib(mem['capacity_bytes'])} GiB "
+              f"per device", ""]
     rows = []
     for rank, c in enumerate(result["candidates"], start=1):
         cfg = c["config"]
