@@ -245,9 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def load_run_records(paths: list[str]) -> list[Case]:
     """Run records (format llm-planner/run@1) from JSON files or folders of them, as Cases."""
@@ -280,3 +277,7 @@ def load_measurements(store: str | None = None, cases: str | None = None, origin
     if not found and store is None:
         found = [c for c in load_cases(cases) if hardware is None or c.hardware_name == hardware]
     return found
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
