@@ -66,6 +66,7 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
+        Parameter(("compute", "default", "*", "layer_overhead_s"), 5e-4, 1e-6, 1e-2, 1.0),
         Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
         Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),

@@ -5,7 +5,7 @@
   compute.<hardware>.<dtype>: matmul_efficiency_max, matmul_half_flops (GEMM size at which half
       the maximum is reached), attention_efficiency, memory_efficiency (fraction of HBM bandwidth
       that memory-bound ops reach), compiled_io_factor (share of that traffic left under
-      torch.compile). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
+      torch.compile), layer_overhead_s (launching a layer's kernels, per micro-batch). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
       default.dtype -> default.*
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
   overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
@@ -27,7 +27,7 @@ from planner.errors import InvalidRequest, read_json
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "profiles" / "default.json"
 
 COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency",
-                "compiled_io_factor")
+                "compiled_io_factor", "layer_overhead_s")
 TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "uncertainty", "compute", "links",
             "overlap", "memory", "attention"}
 
@@ -38,7 +38,8 @@ class ComputeParams:
     matmul_half_flops: float
     attention_efficiency: float
     memory_efficiency: float
-    compiled_io_factor: float  # memory-bound traffic left after torch.compile's fusion
+    compiled_io_factor: float  # memory-bound traffic (and kernel launches) left after torch.compile's fusion
+    layer_overhead_s: float  # host time to launch one layer's forward kernels, per micro-batch
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ def link_bandwidth(cluster: Cluster, profile: Profile, span: np.ndarray) -> tupl
 
 
 def collective_seconds(kind: str, nbytes: np.ndarray, group: np.ndarray, bandwidth: np.ndarray,
-                       latency: np.ndarray) -> np.ndarray:
+                       latency: np.ndarray, count: np.ndarray | float = 1) -> np.ndarray:
+    """`count`: the bytes move as that many separate collectives (FSDP units, DDP buckets), each
+    paying the ring's latency."""
     volume_factor, step_factor = COLLECTIVES[kind]
     n = np.maximum(group, 1)
-    seconds = volume_factor * (n - 1) / n * nbytes / bandwidth + step_factor * (n - 1) * latency
+    seconds = volume_factor * (n - 1) / n * nbytes / bandwidth + step_factor * (n - 1) * latency * count
     return np.where(group > 1, seconds, 0.0)
 
 

@@ -65,9 +65,11 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     if w.compile:  # inductor fuses chains of elementwise ops: fewer round trips through HBM
         io = io * mm.compiled_io_factor
     fwd_mem = io / (ctx.hardware.hbm_bandwidth_bytes_per_s * mm.memory_efficiency)
-    forward = fwd_mm + fwd_attn + fwd_mem
-    backward = bwd_mm + ctx.profile.attention("backward_factor") * fwd_attn + 2 * fwd_mem
-    recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem], 0.0)
+    # host-side cost of launching the part's kernels: about twice as many in backward; fused under compile
+    overhead = mm.layer_overhead_s * (mm.compiled_io_factor if w.compile else 1.0) * (1.0 if part.matmuls else 0.0)
+    forward = fwd_mm + fwd_attn + fwd_mem + overhead
+    backward = bwd_mm + ctx.profile.attention("backward_factor") * fwd_attn + 2 * fwd_mem + 2 * overhead
+    recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem + overhead], 0.0)
     return PartTimes(forward, backward, recompute, fwd_mem)
 
 

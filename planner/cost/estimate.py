@@ -23,6 +23,7 @@ from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, m
 from planner.cost.schedule import pipeline_seconds
 
 FP32 = 4
+DDP_BUCKET_BYTES = 25 * 2**20
 TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm", "optimizer", "offload")
 # Bytes an optimizer step reads and writes per parameter (torch.optim implementations):
 # AdamW reads p, g, m, v and writes p, m, v (28 B in fp32); foreach / for-loop also write and read
@@ -187,9 +188,13 @@ def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.dp)
     grad_bytes = FP32 * worst["trainable"]
     param_bytes = regime.numerics.compute_bytes * (worst["trainable"] + worst["frozen"]) + worst["quantized"] * 0.5
-    all_reduce = comm.collective_seconds("all_reduce", grad_bytes, c.dp, bandwidth, latency)
-    scatter = comm.collective_seconds("reduce_scatter", grad_bytes, c.dp, bandwidth, latency)
-    gather = comm.collective_seconds("all_gather", param_bytes, c.dp, bandwidth, latency)
+    # DDP all-reduces 25 MB buckets (torch DDP bucket_cap_mb); FSDP2 gathers and scatters per unit
+    # (each decoder layer and the root)
+    buckets = np.maximum(1, np.ceil(grad_bytes / DDP_BUCKET_BYTES))
+    units = np.maximum(layout.layers["first"], layout.layers["last"]) + 1
+    all_reduce = comm.collective_seconds("all_reduce", grad_bytes, c.dp, bandwidth, latency, buckets)
+    scatter = comm.collective_seconds("reduce_scatter", grad_bytes, c.dp, bandwidth, latency, units)
+    gather = comm.collective_seconds("all_gather", param_bytes, c.dp, bandwidth, latency, units)
     m = c.num_micro_batches
     per_micro_compute = slowest["total"]
     backward_share = per_micro_compute * 2 / 3
