@@ -56,17 +56,21 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
     # Each hardware's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): hardware
     # differ by tens of percent; with the data's 10 % noise one run of new hardware moves its delta
     # 90 % of the way, and hardware never measured takes the shared value.
-    shared = {key: ("compute", "default", "*", key) for key in ("matmul_efficiency_max", "attention_efficiency")}
+    # The per-layer launch overhead differs more between hardware (a CPU core vs a GPU's launch
+    # queue: milliseconds vs tens of microseconds), hence its wider prior.
+    per_hardware = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
+                    "layer_overhead_s": (1e-6, 1e-2, 1.0)}
+    shared = {key: ("compute", "default", "*", key) for key in per_hardware}
     params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
-              Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5)]
+              Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
+              Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
     for name in sorted(hardware_names):
-        params += [Parameter(("compute", name, "*", key), 1.0, 0.05, 1.0, 0.3, relative_to=shared[key])
-                   for key in ("matmul_efficiency_max", "attention_efficiency")]
+        params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
+                   for key, (lower, upper, sigma) in per_hardware.items()]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
-        Parameter(("compute", "default", "*", "layer_overhead_s"), 5e-4, 1e-6, 1e-2, 1.0),
         Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
         Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
