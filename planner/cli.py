@@ -21,6 +21,7 @@ COMMANDS = {
     "hardware": ("planner.commands.listing", "list hardware presets and MoAI flavors"),
     "validate": ("planner.commands.validate", "predicted vs measured on published runs, with errors"),
     "check": ("planner.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
+    "oracle": ("planner.commands.oracle", "the memory model against fake-tensor traces of real training steps"),
 }
 
 
