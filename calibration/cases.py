@@ -7,13 +7,12 @@ instead of dropping it silently. Pure Python: no torch.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
 from planner.specs import ModelSpec, Workload
@@ -47,15 +46,26 @@ class Case:
     def usable(self) -> bool:
         return self.excluded is None and self.spec is not None and self.config is not None
 
+    @property
+    def hardware_name(self) -> str:
+        return getattr(self.hardware, "name", self.hardware) or "?"
+
+
+def case_from_run(run) -> Case:
+    """A stored run (calibration/run.py) as a Case, so fitting and validation treat measured runs
+    of every origin alike."""
+    measured = run.measured
+    memory_kind = "reserved" if measured.peak_reserved_bytes else "allocated"
+    return Case(id=run.run_id, source=run.source or run.origin, model=run.model_name, spec=run.spec,
+                hardware=run.hardware, devices=run.num_devices or 0, devices_per_node=run.devices_per_node,
+                workload=run.workload, config=run.config, tokens_per_s_per_device=measured.tokens_per_s_per_device,
+                memory_bytes=measured.peak_reserved_bytes or measured.peak_allocated_bytes, memory_kind=memory_kind,
+                excluded=None if run.usable else (run.excluded or f"status {run.status}"), framework=run.origin)
+
 
 def load_cases(path: str | Path | None = None) -> list[Case]:
     target = Path(path) if path else SHIPPED_CASES
-    try:
-        data = json.loads(Path(target).read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read cases {target}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"cases file {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(target, "cases file")
     rows = data["cases"] if isinstance(data, dict) and "cases" in data else data
     if not isinstance(rows, list):
         raise InvalidRequest(f"{target}: expected a list of cases or an object with 'cases'")
@@ -132,11 +142,36 @@ def _unmodelled(row: dict[str, Any]) -> str | None:
         return "batch size not published"
     if "NormBias" in peft:
         return "norm/bias tuning (LLaMA2-Accessory) is not a modelled method"
-    for flag, words in (("chunked CE=True", "chunked cross-entropy"), ("activation offloading=True", "activation offloading"),
-                        ("optimizer_in_bwd", "optimizer step fused into backward"), ("packed=False", "unpacked sequences")):
-        if flag in notes or flag in str(row.get("optimizer")):
-            return f"{words} is not modelled"
+    if "packed=False" in notes:
+        return "unpacked sequences (shorter than seq_len) are not modelled"
+    if "Paged" in str(row.get("optimizer")) and "4090" in row["hardware"]:
+        return "a paged optimizer spilling its states to host memory is not modelled"
     return None
+
+
+def _compiled(row: dict[str, Any]) -> bool:
+    """Whether the run compiled the model AND its loss, which is what `compile` means here.
+    torchtune's compile flag does both (the rows say compile=True/False, or "torch.compile on");
+    torchtitan compiled only the transformer blocks until 2025, the loss too from then on."""
+    notes, framework, source = row.get("notes") or "", str(row.get("framework") or ""), str(row.get("source") or "")
+    if "torchtune" in framework:
+        return "compile=True" in notes or "torch.compile on" in notes or ", compile," in notes
+    if "torchtitan" in framework and "2025" in source:
+        text = notes + str(row["parallelism"].get("notes")) + str(row.get("precision"))
+        return "compile" in text or "float8" in text
+    return False
+
+
+def _torchtune_features(row: dict[str, Any]) -> dict[str, Any]:
+    """torchtune trains in pure bf16 (dtype: bf16; no fp32 master weights). Its README tables name
+    chunked cross-entropy, activation offloading and optimizer_in_bwd per row; the 2024-09 table
+    (c113-c120) used the Llama 3.1 configs of that commit, whose loss is CEWithChunkedOutputLoss."""
+    notes, optimizer = row.get("notes") or "", str(row.get("optimizer") or "")
+    explicit = "chunked CE" in notes
+    chunked = ("chunked CE=True" in notes or "chunked CE, " in notes) if explicit else True
+    return {"master_dtype": "bf16", "loss_chunks": 8 if chunked else 1,
+            "activation_offload": "activation offloading=True" in notes or "activation offloading on" in notes,
+            "optimizer_in_backward": "optimizer_in_bwd" in optimizer and "no optimizer_in_bwd" not in notes}
 
 
 def _model(row: dict[str, Any]) -> ModelSpec:
@@ -188,8 +223,12 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, str | None]:
     if row.get("seq_len") is None:
         note = "sequence length 8192 (torchtitan default named in the notes)"
     global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
+    extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
+    extras["compile"] = _compiled(row)
+    if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
+        note = "chunked cross-entropy (torchtune Llama 3.1 configs of that commit)"
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
-                    optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets), note
+                    optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), note
 
 
 def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
@@ -213,14 +252,26 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
         zero = 3 if dp > 1 or "over 1" not in fsdp else 0
     else:
         zero = 0
-    recompute_text = str(row.get("activation_recompute") or "none").lower()
+    recompute_text = str(row.get("activation_recompute") or "").lower()
+    if not recompute_text and "torchtune" in str(row.get("framework")):
+        # torchtune's llama3_1 single-device configs enable activation checkpointing by default
+        recompute_text = "full"
+        case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
     recompute = "full" if recompute_text.startswith("full") else "selective" if "selective" in recompute_text else "none"
     if recompute_text in ("none", "null", "moai default"):
         recompute = "none"
     offload = "params" if "cpu offload" in str(row.get("optimizer")).lower() and zero == 3 else "none"
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=max(gb // (dp * mbs), 1),
                           recompute=recompute, zero=zero, offload=offload,
-                          sequence_parallel=bool(par.get("sp")) and tp > 1, vpp=par.get("vpp") or 1)
+                          sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1)
+
+
+def _sequence_parallel(row: dict[str, Any], tp: int) -> bool:
+    """torchtitan's TP plan always shards norms along the sequence (SequenceParallel) and uses
+    loss_parallel (torchtitan parallelize_llama.py apply_tp)."""
+    if tp == 1:
+        return False
+    return bool(row["parallelism"].get("sp")) or "torchtitan" in str(row.get("framework"))
 
 
 def _megatron_tokens_per_s(row: dict[str, Any]) -> float:

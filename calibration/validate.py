@@ -41,7 +41,9 @@ def request_for(case: Case, calibration: str | None = None) -> Request:
     return Request(model=case.spec, gpu=case.hardware, gpus=case.devices, gpus_per_node=case.devices_per_node,
                    seq_len=w.seq_len, global_batch=w.global_batch, method=w.method, lora_rank=w.lora_rank,
                    lora_targets=w.lora_targets, precision=w.precision, optimizer=w.optimizer,
-                   optimizer_impl=w.optimizer_impl, calibration=calibration)
+                   optimizer_impl=w.optimizer_impl, attention=w.attention, master_dtype=w.master_dtype,
+                   loss_chunks=w.loss_chunks, activation_offload=w.activation_offload,
+                   optimizer_in_backward=w.optimizer_in_backward, compile=w.compile, calibration=calibration)
 
 
 def predict_case(case: Case, calibration: str | None = None) -> Row:
@@ -66,7 +68,7 @@ def validate(cases: list[Case], calibration: str | None = None) -> dict[str, Any
     return {"rows": rows, "throughput": error_stats([r.throughput_error for r in rows]),
             "memory": error_stats([r.memory_error for r in rows]),
             "by_source": _by_group(rows, lambda r: r.case.source.split(" ")[0]),
-            "by_hardware": _by_group(rows, lambda r: r.case.hardware or "?")}
+            "by_hardware": _by_group(rows, lambda r: r.case.hardware_name)}
 
 
 def error_stats(errors: list[float | None]) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,7 +49,9 @@ class Request:
     loss_chunks: int = 1
     activation_offload: bool = False
     optimizer_in_backward: bool = False
+    compile: bool = False
     calibration: str | None = None
+    memory_margin: float | None = None  # None: from the calibration profile's residuals
 
 
 @dataclass
@@ -69,6 +72,9 @@ def resolve(request: Request) -> Resolved:
         if request.gpus is not None and request.gpus != devices:
             raise InvalidRequest(f"--flavor {request.flavor} has {devices} devices; drop --gpus {request.gpus}")
         hardware, gpus = load_hardware(FLAVOR_DEVICE), devices
+        if request.gpus_per_node is None and devices % hardware.devices_per_node:
+            # a 1.5xLarge is 12 GCDs: one and a half 8-GCD nodes; count it as nodes of gcd(12, 8) = 4
+            request = replace(request, gpus_per_node=math.gcd(devices, hardware.devices_per_node))
     else:
         hardware = load_hardware(request.gpu or DEFAULT_GPU)
         gpus = request.gpus if request.gpus is not None else hardware.devices_per_node
@@ -80,10 +86,13 @@ def resolve(request: Request) -> Resolved:
                         lora_targets=tuple(request.lora_targets), attention=request.attention,
                         master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
                         activation_offload=request.activation_offload,
-                        optimizer_in_backward=request.optimizer_in_backward)
+                        optimizer_in_backward=request.optimizer_in_backward, compile=request.compile)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
-    return Resolved(spec, hardware, cluster, workload, Context(spec, workload, cluster, profile))
+    if request.memory_margin is not None and not 0 <= request.memory_margin < 1:
+        raise InvalidRequest(f"--memory-margin must be a fraction in [0, 1), got {request.memory_margin}")
+    context = Context(spec, workload, cluster, profile, request.memory_margin)
+    return Resolved(spec, hardware, cluster, workload, context)
 
 
 def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:

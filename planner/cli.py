@@ -21,6 +21,11 @@ COMMANDS = {
     "hardware": ("planner.commands.listing", "list hardware presets and MoAI flavors"),
     "validate": ("planner.commands.validate", "predicted vs measured on published runs, with errors"),
     "check": ("planner.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
+    "calibrate": ("planner.commands.calibrate", "fit the calibration profile to measured runs"),
+    "runs": ("planner.commands.runs", "the store of measured runs: import, list, export"),
+    "capacity": ("planner.commands.capacity", "time, GPU-hours and cost to train N tokens at each cluster size"),
+    "export": ("planner.commands.export", "turn a Plan into a torchrun line, DeepSpeed/Accelerate/torchtitan config or Slurm script"),
+    "train": ("planner.commands.train", "train with a Plan (torchrun, DDP/FSDP2/TP/PP) and record what was measured"),
     "oracle": ("planner.commands.oracle", "the memory model against fake-tensor traces of real training steps"),
 }
 

@@ -38,3 +38,18 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> 
     did_you_mean = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     extra = f" {hint}" if hint else ""
     return InvalidRequest(f"unknown {kind} {name!r}{did_you_mean}{extra}")
+
+
+def read_json(path, what: str):
+    """Parse a JSON file a person pointed us at; unreadable or malformed -> one-line InvalidRequest."""
+    import json
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    try:
+        return json.loads(target.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidRequest(f"cannot read {what} {target}: {reason}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{what} {target} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None

@@ -98,7 +98,7 @@ def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
     """`params_sharded`: parameters live as FSDP2 shards cast to the compute dtype (ZeRO 2/3)."""
     if workload.precision == "fp32":
         return Numerics(compute_bytes=4, residual_bytes=4, autocast=False)
-    if workload.method != "full" or params_sharded:
+    if workload.method != "full" or params_sharded or workload.master_dtype == "bf16":
         return Numerics(compute_bytes=2, residual_bytes=2, autocast=False)
     return Numerics(compute_bytes=2, residual_bytes=4, autocast=True)
 

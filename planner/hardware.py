@@ -9,7 +9,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from planner.errors import InvalidRequest, unknown_name
+from planner.errors import InvalidRequest, read_json, unknown_name
 from planner.specs import Cluster, Hardware
 
 PRESET_DIR = Path(__file__).parent / "presets" / "hardware"
@@ -43,13 +43,7 @@ def load_hardware(ref: str | Hardware) -> Hardware:
         return known[ref.lower()]
     path = Path(ref).expanduser()
     if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"cannot read {path}: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
-        hardware = Hardware.from_dict(data)
+        hardware = Hardware.from_dict(read_json(path, "hardware file"))
         _check_hardware(hardware, str(path))
         return hardware
     if ref.endswith(".json") or "/" in ref:
@@ -64,7 +58,7 @@ def flavor_devices(flavor: str) -> int:
     if not match:
         raise unknown_name("flavor", text, MOAI_FLAVORS, hint="(MoAI flavors are N x 64 GB MI250 GCDs)")
     size, gigabytes = match.group(1).lower(), match.group(2)
-    by_size = {f.split(".", 1)[0].lower(): int(f.rsplit(".", 1)[1][:-2]) for f in MOAI_FLAVORS}
+    by_size = {f.rsplit(".", 1)[0].lower(): int(f.rsplit(".", 1)[1][:-2]) for f in MOAI_FLAVORS}
     if size not in by_size:
         raise unknown_name("flavor", text, MOAI_FLAVORS)
     expected_gb = by_size[size]

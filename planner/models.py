@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest, unknown_name
+from planner.errors import InvalidRequest, read_json, unknown_name
 from planner.specs import ModelSpec
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
@@ -54,12 +54,7 @@ def load_model(ref: str | ModelSpec) -> ModelSpec:
 
 
 def spec_from_file(path: Path) -> ModelSpec:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
+    config = read_json(path, "model config")
     if not isinstance(config, dict):
         raise InvalidRequest(f"{path} must hold a JSON object (a Hugging Face config.json)")
     name = config.get("_name_or_path") or path.parent.name or path.stem

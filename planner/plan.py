@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
 
 RECOMPUTE = ("none", "selective", "full")
@@ -71,8 +71,10 @@ def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp:
     return None
 
 
-def option_reason(spec: ModelSpec, config: ParallelConfig) -> str | None:
+def option_reason(spec: ModelSpec, config: ParallelConfig, workload: Workload | None = None) -> str | None:
     """Why the remaining options cannot go together, or None."""
+    if workload is not None and workload.optimizer_in_backward and config.num_micro_batches > 1:
+        return "optimizer in backward needs one micro-batch per step"
     if config.recompute not in RECOMPUTE:
         return f"recompute must be one of {', '.join(RECOMPUTE)}"
     if config.offload not in OFFLOAD:
@@ -105,7 +107,7 @@ def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: 
                              f"but there are {cluster.num_devices} devices; make the product equal --gpus")
     reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size)
     if reason is None:
-        reason = option_reason(spec, config)
+        reason = option_reason(spec, config, workload)
     if reason is not None:
         raise InvalidRequest(_explain(reason, spec, workload, config))
 
@@ -157,12 +159,7 @@ def save_plan(path: str, document: dict[str, Any]) -> None:
 
 def load_plan(path: str) -> dict[str, Any]:
     """Read and check a Plan file; returns the document with typed parts under `_typed`."""
-    try:
-        document = json.loads(Path(path).expanduser().read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read plan {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"plan {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    document = read_json(path, "plan")
     if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
         raise InvalidRequest(f"{path} is not a plan (format {PLAN_FORMAT!r}); write one with "
                              "`planner suggest ... --save-plan PATH`")

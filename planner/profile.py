@@ -4,7 +4,8 @@
 
   compute.<hardware>.<dtype>: matmul_efficiency_max, matmul_half_flops (GEMM size at which half
       the maximum is reached), attention_efficiency, memory_efficiency (fraction of HBM bandwidth
-      that memory-bound ops reach). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
+      that memory-bound ops reach), compiled_io_factor (share of that traffic left under
+      torch.compile). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
       default.dtype -> default.*
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
   overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
@@ -16,19 +17,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, read_json
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "profiles" / "default.json"
 
-COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency")
-TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "compute", "links", "overlap",
-            "memory", "attention"}
+COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency",
+                "compiled_io_factor")
+TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "uncertainty", "compute", "links",
+            "overlap", "memory", "attention"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ComputeParams:
     matmul_half_flops: float
     attention_efficiency: float
     memory_efficiency: float
+    compiled_io_factor: float  # memory-bound traffic left after torch.compile's fusion
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,24 @@ class Profile:
     def attention(self, key: str) -> float:
         return float(self.data["attention"][key])
 
+    def log_interval(self, kind: str, vendor: str = "default") -> tuple[float, float] | None:
+        """(low, high) quantiles of log(measured / predicted) from cross-validation, or None.
+        kind: "throughput" or "memory" (memory per vendor when the profile has enough runs)."""
+        table = self.data.get("uncertainty") or {}
+        if kind == "throughput":
+            values = table.get("throughput_log_residual")
+        else:
+            by_vendor = table.get("memory_log_residual") or {}
+            values = by_vendor.get(vendor) or by_vendor.get("default")
+        return (float(values[0]), float(values[1])) if values else None
+
+    def memory_margin(self, vendor: str) -> float:
+        """Default safety margin on memory: how far the measured peak exceeded the prediction for
+        9 runs in 10 out of sample (calibration/crossval.py; 0 without cross-validation)."""
+        margins = (self.data.get("uncertainty") or {}).get("memory_margin") or {}
+        value = margins.get(vendor, margins.get("default"))
+        return float(value) if value is not None else 0.0
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "version": self.data.get("version"),
                 "fitted_on": self.data.get("fitted_on", {}).get("summary") if isinstance(
@@ -89,13 +109,7 @@ class Profile:
 @cache
 def load_profile(path: str | None = None) -> Profile:
     target = Path(path).expanduser() if path else DEFAULT_PROFILE
-    try:
-        data = json.loads(target.read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read calibration profile {target}: {exc.strerror}; "
-                             "check --calibration") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"calibration profile {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    data = read_json(target, "calibration profile")
     _check(data, target)
     return Profile(name=str(data.get("name", target.stem)), path=str(target), data=data)
 

@@ -95,7 +95,8 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
     host = estimates.fits & ~estimates.host_fits
     rejected["out of host memory (offload)"] += int(host.sum())
     ok = np.nonzero(estimates.fits & estimates.host_fits)[0]
-    order = ok[np.argsort(estimates.step_s[ok], kind="stable")]
+    # prefer candidates that fit with the safety margin, then the fastest
+    order = ok[np.lexsort((estimates.step_s[ok], ~estimates.fits_with_margin[ok]))]
     rejected = Counter({k: v for k, v in rejected.items() if v})
     return SearchResult(searched, len(candidates), estimates, order, rejected)
 
@@ -121,6 +122,7 @@ def _expand(spec, workload, triples, grid, dedupe_zero1: bool) -> tuple[Candidat
         ("vpp needs pp > 1", (v > 1) & (pp == 1)),
         ("layers not divisible by pp x vpp", (v > 1) & (spec.num_layers % (pp * v) != 0)),
         ("interleaved schedule needs micro-batches divisible by pp", (v > 1) & (m % pp != 0)),
+        ("optimizer in backward needs one micro-batch per step", (m > 1) & workload.optimizer_in_backward),
     ]
     for reason, mask in checks:
         fresh = mask & (reasons == "")

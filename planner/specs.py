@@ -133,6 +133,7 @@ class Workload:
     loss_chunks: int = 1  # cross-entropy over this many sequence chunks (torchtune CEWithChunkedOutputLoss)
     activation_offload: bool = False  # saved activations kept in host memory (torch save_on_cpu)
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready; no held gradients
+    compile: bool = False  # torch.compile: fused elementwise ops and a fused cross-entropy
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)

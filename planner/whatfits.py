@@ -25,7 +25,8 @@ def _feasible(request: Request, pins: Pins) -> dict[str, Any] | None:
     result = search(r.context, pins)
     if not result.feasible:
         return None
-    return result.estimates.prediction(r.context, int(result.order[0]))
+    best = result.estimates.prediction(r.context, int(result.order[0]))
+    return best if best["fits_with_margin"] else None  # the search ranks margin-keeping candidates first
 
 
 def _largest(ok, low: int, high: int) -> int:
@@ -96,4 +97,5 @@ def what_fits(request: Request, pins: Pins | None = None, methods: tuple[str, ..
             "fewest_devices": fewest_devices(trial, method_pins),
         })
     return {"model": r.spec.name, "hardware": r.hardware.name, "gpus": r.cluster.num_devices,
-            "seq_len": request.seq_len, "global_batch": r.workload.global_batch, "methods": rows}
+            "seq_len": request.seq_len, "global_batch": r.workload.global_batch,
+            "memory_margin": r.context.memory_margin, "methods": rows}

@@ -26,6 +26,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _how(config: dict) -> str:
+    parts = [f"dp{config['dp']} tp{config['tp']} pp{config['pp']}", f"mbs {config['micro_batch_size']}",
+             f"recompute {config['recompute']}", f"zero {config['zero']}"]
+    if config["offload"] != "none":
+        parts.append(f"offload {config['offload']}")
+    return ", ".join(parts)
+
+
 def render(result: dict) -> str:
     from planner.format import gib, table
 
@@ -36,11 +44,12 @@ def render(result: dict) -> str:
                      gib(best["memory"]["peak_bytes"]) if best else "-",
                      f"{best['time']['tokens_per_s_per_device']:,.0f}" if best else "-",
                      row["largest_micro_batch"] or "-", row["longest_seq_len"] or "-",
-                     row["fewest_devices"] or f"> 16384"])
+                     row["fewest_devices"] or "> 16384", _how(best["config"]) if best else "-"])
     head = (f"{result['model']} on {result['gpus']} x {result['hardware']}, seq {result['seq_len']}, "
             f"global batch {result['global_batch']}")
-    body = table(["method", "fits", "GiB/dev", "tok/s/dev", "max micro-batch", "max seq (mbs 1)", "fewest devices"],
-                 rows, align="llrrrrr")
-    note = ("max micro-batch: at this sequence length on these devices; max seq: with micro-batch 1; "
-            "fewest devices: for this sequence and global batch")
+    body = table(["method", "fits", "GiB/dev", "tok/s/dev", "max micro-batch", "max seq (mbs 1)", "fewest devices",
+                  "fastest fitting configuration"], rows, align="llrrrrrl")
+    note = (f"fits = fits with {result['memory_margin']:.0%} memory headroom (--memory-margin); max micro-batch: at "
+            "this sequence length on these devices; max seq: with micro-batch 1; fewest devices: for this sequence "
+            "and global batch")
     return f"{head}\n{body}\n{note}"

@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from planner import api
-    from planner.format import count, gib, table
+    from planner.format import gib, table
     from planner.hardware import FLAVOR_DEVICE, MOAI_FLAVORS, flavor_devices
 
     if args.command == "models":

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from planner import api
-    from planner.plan import ParallelConfig, save_plan
+    from planner.plan import save_plan
 
     request = request_from(args)
     resolved = api.resolve(request)

@@ -10,6 +10,7 @@ from planner.commands.common import print_json
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--cases", help="a cases JSON (validation/cases.json format); default: the shipped copy")
     if name == "validate":
+        parser.add_argument("--store", help="validate on the runs of this run store instead of cases")
         parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
         parser.add_argument("--all", action="store_true", help="also list excluded cases and why")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -18,9 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from calibration.cases import load_cases
 
-    cases = load_cases(args.cases)
     if args.command == "check":
-        return _check(cases, args)
+        return _check(load_cases(args.cases), args)
+    if args.store:
+        from calibration.fit import load_measurements
+        cases = load_measurements(store=args.store)
+    else:
+        cases = load_cases(args.cases)
     from calibration.validate import validate
 
     result = validate(cases, args.calibration)
@@ -35,7 +40,7 @@ def _as_json(result: dict) -> dict:
     rows = []
     for r in result["rows"]:
         c = r.case
-        rows.append({"id": c.id, "model": c.model, "hardware": c.hardware, "devices": c.devices,
+        rows.append({"id": c.id, "model": c.model, "hardware": c.hardware_name, "devices": c.devices,
                      "config": c.config.to_dict() if c.config else None, "excluded": r.error,
                      "measured_tokens_per_s_per_device": c.tokens_per_s_per_device,
                      "predicted_tokens_per_s_per_device": r.predicted_tokens_per_s,
@@ -59,7 +64,7 @@ def _render(result: dict, show_all: bool) -> str:
         if r.error:
             excluded.append(f"  {c.id} {c.model}: {r.error}")
             continue
-        rows.append([c.id, c.model[:22], c.hardware, c.devices,
+        rows.append([c.id, c.model[:22], c.hardware_name, c.devices,
                      f"{c.tokens_per_s_per_device:,.0f}" if c.tokens_per_s_per_device else "-",
                      f"{r.predicted_tokens_per_s:,.0f}", _pct(r.throughput_error),
                      f"{c.memory_bytes / 2**30:.1f}" if c.memory_bytes else "-",
@@ -86,8 +91,8 @@ def _check(cases, args) -> int:
         flags = plausibility(c)
         if not flags:
             continue
-        out.append({"id": c.id, "model": c.model, "hardware": c.hardware, **flags})
-        rows.append([c.id, c.model[:24], c.hardware, f"{flags.get('fraction_of_peak_6N', 0):.0%}"
+        out.append({"id": c.id, "model": c.model, "hardware": c.hardware_name, **flags})
+        rows.append([c.id, c.model[:24], c.hardware_name, f"{flags.get('fraction_of_peak_6N', 0):.0%}"
                      if "fraction_of_peak_6N" in flags else "-",
                      f"{flags['fraction_of_memory']:.0%}" if "fraction_of_memory" in flags else "-",
                      "ok" if flags["plausible"] else "IMPOSSIBLE"])

@@ -62,6 +62,8 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     fwd_attn = attn_flops / (ctx.attention_peak_flops * attn.attention_efficiency)
     io = part.io_bytes.evaluate(tokens, w.seq_len, t, sp_div)
     io = io + loss_io_bytes_per_token(ctx, loss_vocab) * tokens / t
+    if w.compile:  # inductor fuses chains of elementwise ops: fewer round trips through HBM
+        io = io * mm.compiled_io_factor
     fwd_mem = io / (ctx.hardware.hbm_bandwidth_bytes_per_s * mm.memory_efficiency)
     forward = fwd_mm + fwd_attn + fwd_mem
     backward = bwd_mm + ctx.profile.attention("backward_factor") * fwd_attn + 2 * fwd_mem

@@ -32,8 +32,10 @@ class Regime:
 
 
 class Context:
-    def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile) -> None:
+    def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile,
+                 memory_margin: float | None = None) -> None:
         self.spec, self.workload, self.cluster, self.profile = spec, workload, cluster, profile
+        self.memory_margin_override = memory_margin
         self.hardware = cluster.hardware
         self.regimes: dict[bool, Regime] = {}
         for params_sharded in (False, True):
@@ -43,6 +45,22 @@ class Context:
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]
+
+    def with_profile(self, profile: Profile) -> Context:
+        """The same request under other calibration parameters (the graph summaries are shared)."""
+        other = Context.__new__(Context)
+        other.spec, other.workload, other.cluster, other.profile = self.spec, self.workload, self.cluster, profile
+        other.hardware, other.regimes = self.hardware, self.regimes
+        other.memory_margin_override = self.memory_margin_override
+        return other
+
+    @property
+    def memory_margin(self) -> float:
+        """Fraction of headroom a candidate must leave to fit with margin (configurable; default
+        from the profile's cross-validated memory residuals)."""
+        if self.memory_margin_override is not None:
+            return self.memory_margin_override
+        return self.profile.memory_margin(self.hardware.vendor)
 
     @cached_property
     def matmul_params(self) -> ComputeParams:

@@ -17,11 +17,10 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.candidates import Candidates
-from planner.cost.compute import PartTimes, model_flops_per_token, part_times
+from planner.cost.compute import model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, stage_params
 from planner.cost.schedule import pipeline_seconds
-from planner.plan import ParallelConfig
 
 FP32 = 4
 TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm", "optimizer", "offload")
@@ -42,6 +41,7 @@ class Estimates:
     mfu: np.ndarray
     fits: np.ndarray
     host_fits: np.ndarray
+    fits_with_margin: np.ndarray
 
     def prediction(self, ctx: Context, i: int) -> dict[str, Any]:
         """The INTERFACE.md prediction object for candidate i."""
@@ -54,14 +54,19 @@ class Estimates:
         elif not self.host_fits[i]:
             reason = (f"offload needs {self.memory['host'][i] * ctx.cluster.devices_per_node / 2**30:.0f} GiB of host "
                       f"memory per node, the node has {ctx.hardware.host_memory_bytes_per_node / 2**30:.0f} GiB")
+        memory_range = _range(ctx.profile.log_interval("memory", ctx.hardware.vendor), self.memory["reserved"][i])
+        tps_range = _range(ctx.profile.log_interval("throughput"), self.tokens_per_s[i])
         return {
             "fits": bool(self.fits[i] and self.host_fits[i]),
+            "fits_with_margin": bool(self.fits_with_margin[i] and self.host_fits[i]),
             "reason": reason,
             "config": {**config.to_dict(), "optimizer_impl": ctx.workload.optimizer_impl},
             "memory": {
                 "peak_bytes": int(self.memory["reserved"][i]),
                 "allocated_peak_bytes": int(self.memory["allocated"][i]),
                 "capacity_bytes": int(ctx.hardware.memory_bytes),
+                "peak_bytes_range": memory_range and [int(v) for v in memory_range],
+                "memory_margin": ctx.memory_margin,
                 "peak_phase": "optimizer-step" if self.memory["in_step"][i] else "forward-backward",
                 "host_bytes_per_device": int(self.memory["host"][i]),
                 "breakdown": {k: int(self.memory[k][i]) for k in (*CATEGORIES, "overhead")},
@@ -69,11 +74,19 @@ class Estimates:
             "time": {
                 "step_s": float(self.step_s[i]),
                 "tokens_per_s": float(self.tokens_per_s[i]),
+                "tokens_per_s_range": tps_range,
                 "tokens_per_s_per_device": float(self.tokens_per_s[i] / devices),
                 "mfu": float(self.mfu[i]),
                 "breakdown": {k: float(self.time[k][i]) for k in TIME_CATEGORIES},
             },
         }
+
+
+def _range(log_interval: tuple[float, float] | None, value: float) -> list[float] | None:
+    """An ~80 % interval: value × exp(quantiles of log(measured / predicted)) (calibration/crossval.py)."""
+    if log_interval is None:
+        return None
+    return [float(value * np.exp(log_interval[0])), float(value * np.exp(log_interval[1]))]
 
 
 def evaluate(ctx: Context, c: Candidates) -> Estimates:
@@ -99,7 +112,8 @@ def evaluate(ctx: Context, c: Candidates) -> Estimates:
     mfu = flops * tokens_per_s / (ctx.cluster.num_devices * ctx.matmul_peak_flops)
     fits = merged_memory["reserved"] <= ctx.hardware.memory_bytes
     host_fits = merged_memory["host"] * ctx.cluster.devices_per_node <= ctx.hardware.host_memory_bytes_per_node
-    return Estimates(c, merged_memory, merged_time, step, tokens_per_s, mfu, fits, host_fits)
+    with_margin = merged_memory["reserved"] * (1 + ctx.memory_margin) <= ctx.hardware.memory_bytes
+    return Estimates(c, merged_memory, merged_time, step, tokens_per_s, mfu, fits, host_fits, with_margin)
 
 
 def _evaluate_regime(ctx: Context, regime: Regime, c: Candidates):
@@ -221,5 +235,15 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, layout: Stag
     return optimizer, offload
 
 
-def evaluate_config(ctx: Context, config: ParallelConfig) -> tuple[Estimates, int]:
-    return evaluate(ctx, Candidates.from_configs([config])), 0
+
+def tokens_per_second(ctx: Context, c: Candidates) -> np.ndarray:
+    """Throughput of the whole job only (no memory): what calibration fits evaluate many times."""
+    step = np.zeros(len(c))
+    sharded = c.zero >= 2
+    for flag in (False, True):
+        index = np.nonzero(sharded == flag)[0]
+        if len(index):
+            part = c.take(index)
+            times = step_time(ctx, ctx.regime(flag), part, stage_layout(ctx.spec.num_layers, part))
+            step[index] = sum(times[k] for k in TIME_CATEGORIES)
+    return ctx.workload.tokens_per_step / step

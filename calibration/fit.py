@@ -1,0 +1,266 @@
+"""Fit the calibration profile's free parameters to measured runs.
+
+Throughput: `scipy.optimize.least_squares` on log(predicted / measured) tokens/s per device,
+with bounds and a Gaussian prior on every parameter (in log space for scales) so that a few runs
+move the parameters sensibly and many runs pin them down. Memory: the allocator/framework
+overhead (reserved = allocated × (1 + fragmentation) + fixed) on runs with a measured reserved peak.
+
+    python -m calibration.fit --out calibration/profiles/default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from calibration.cases import Case, load_cases
+from calibration.validate import request_for
+from planner.api import resolve
+from planner.cost.candidates import Candidates
+from planner.cost.context import Context
+from planner.cost.estimate import evaluate, tokens_per_second
+from planner.errors import PlannerError
+from planner.plan import check_config
+from planner.profile import DEFAULT_PROFILE, Profile
+
+
+@dataclass(frozen=True)
+class Parameter:
+    path: tuple[str, ...]  # where it lives in the profile JSON
+    initial: float
+    lower: float
+    upper: float
+    prior_sigma: float  # of log(value) for scales, of the value otherwise
+    log: bool = True
+    # hierarchical: value = (the parameter at this path) x exp(internal), prior centred on 0, so a
+    # hardware with no runs takes the shared value and one with few runs is shrunk towards it
+    relative_to: tuple[str, ...] | None = None
+
+    def to_internal(self, value: float) -> float:
+        return float(np.log(value)) if self.log else value
+
+    def to_value(self, internal: float) -> float:
+        return float(np.exp(internal)) if self.log else internal
+
+
+def time_parameters(hardware_names: list[str]) -> list[Parameter]:
+    """Compute efficiency per hardware (its maximum), shared shape and link/overlap parameters."""
+    # Each hardware's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): hardware
+    # differ by tens of percent; with the data's 10 % noise one run of new hardware moves its delta
+    # 90 % of the way, and hardware never measured takes the shared value.
+    shared = {key: ("compute", "default", "*", key) for key in ("matmul_efficiency_max", "attention_efficiency")}
+    params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
+              Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5)]
+    for name in sorted(hardware_names):
+        params += [Parameter(("compute", name, "*", key), 1.0, 0.05, 1.0, 0.3, relative_to=shared[key])
+                   for key in ("matmul_efficiency_max", "attention_efficiency")]
+    params += [
+        Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
+        Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
+        Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
+        Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
+        Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
+        Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
+        Parameter(("overlap", "tp"), 0.1, 0.0, 0.95, 0.3, log=False),
+        Parameter(("overlap", "dp"), 0.8, 0.0, 1.0, 0.3, log=False),
+        Parameter(("overlap", "zero"), 0.8, 0.0, 1.0, 0.3, log=False),
+        Parameter(("overlap", "pp"), 0.5, 0.0, 1.0, 0.3, log=False),
+    ]
+    return params
+
+
+# Typical relative error of one measured run against a good model (timing noise, framework details):
+# data residuals are divided by it, so that priors (in the same units) weigh against the data
+# as a Gaussian prior would.
+MEASUREMENT_SIGMA = {"throughput": 0.1, "memory": 0.05}
+
+MEMORY_PARAMETERS = [Parameter(("memory", "default", "fixed_bytes"), 1.0e9, 1e8, 8e9, 1.0),
+                     Parameter(("memory", "default", "fragmentation"), 0.05, 0.0, 0.5, 0.1, log=False)]
+
+
+@dataclass
+class Prepared:
+    case: Case
+    context: Context
+    candidates: Candidates
+
+
+def prepare(cases: list[Case], base: Profile) -> list[Prepared]:
+    """Build each usable case's graph summaries once; fitting only swaps profiles."""
+    ready = []
+    for case in cases:
+        if not case.usable:
+            continue
+        try:
+            resolved = resolve(request_for(case, base.path))
+            check_config(resolved.spec, resolved.workload, resolved.cluster, case.config)
+        except PlannerError:
+            continue
+        ready.append(Prepared(case, resolved.context.with_profile(base), Candidates.from_configs([case.config])))
+    return ready
+
+
+def with_values(data: dict[str, Any], params: list[Parameter], values: np.ndarray) -> dict[str, Any]:
+    """The profile data with the parameters set (shared ones first, then those relative to them)."""
+    out = copy.deepcopy(data)
+    ordered = sorted(zip(params, values, strict=True), key=lambda pv: pv[0].relative_to is not None)
+    for param, value in ordered:
+        node = out
+        for key in param.path[:-1]:
+            node = node.setdefault(key, {})
+        if param.relative_to is None:
+            node[param.path[-1]] = param.to_value(value)
+        else:
+            shared = _get(out, param.relative_to, param.initial)
+            node[param.path[-1]] = float(np.clip(shared * np.exp(value), param.lower, param.upper))
+    return out
+
+
+def _profile(data: dict[str, Any]) -> Profile:
+    return Profile(name=str(data.get("name", "fit")), path="(fitting)", data=data)
+
+
+def predictions(prepared: list[Prepared], data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens/s per device, reserved bytes, allocated bytes) for every prepared case."""
+    profile = _profile(data)
+    tps, reserved, allocated = [], [], []
+    for item in prepared:
+        est = evaluate(item.context.with_profile(profile), item.candidates)
+        tps.append(est.tokens_per_s[0] / item.case.devices)
+        reserved.append(est.memory["reserved"][0])
+        allocated.append(est.memory["allocated"][0])
+    return np.array(tps), np.array(reserved), np.array(allocated)
+
+
+def throughputs(prepared: list[Prepared], data: dict[str, Any]) -> np.ndarray:
+    """Tokens/s per device only: the throughput fit's inner loop."""
+    profile = _profile(data)
+    return np.array([tokens_per_second(item.context.with_profile(profile), item.candidates)[0] / item.case.devices
+                     for item in prepared])
+
+
+def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
+    if param.relative_to is not None:
+        return 0.0
+    return param.to_internal(_get(data, param.path, param.initial))
+
+
+def _residual_fn(prepared, base_data, params, target: str):
+    x0 = np.array([_prior_centre(p, base_data) for p in params])
+    sigma = np.array([p.prior_sigma for p in params])
+    if target == "throughput":
+        measured = np.array([p.case.tokens_per_s_per_device or np.nan for p in prepared])
+    else:
+        measured = np.array([p.case.memory_bytes if p.case.memory_kind == "reserved" else np.nan
+                             for p in prepared], dtype=float)
+    rows = np.isfinite(measured) & (measured > 0)
+    kept = [p for p, keep in zip(prepared, rows, strict=True) if keep]
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        data = with_values(base_data, params, x)
+        predicted = throughputs(kept, data) if target == "throughput" else predictions(kept, data)[1]
+        fit = np.log(predicted / measured[rows]) / MEASUREMENT_SIGMA[target]
+        return np.concatenate([fit, (x - x0) / sigma])
+
+    return residuals, x0, _jacobian_sparsity(kept, params)
+
+
+def _jacobian_sparsity(prepared, params) -> np.ndarray:
+    """A hardware's own parameters move only its runs' residuals; least_squares then perturbs
+    several of them at once when estimating the Jacobian."""
+    names = [p.case.hardware_name for p in prepared]
+    data_rows = np.ones((len(prepared), len(params)), dtype=bool)
+    for j, param in enumerate(params):
+        if param.path[0] == "compute" and param.path[1] not in ("default", "nvidia", "amd", "cpu"):
+            data_rows[:, j] = [name == param.path[1] for name in names]
+    return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
+
+
+def fit_parameters(prepared, base_data, params, target: str) -> np.ndarray:
+    residuals, x0, sparsity = _residual_fn(prepared, base_data, params, target)
+    lower = np.array([-3.0 if p.relative_to else p.to_internal(p.lower) if not (p.log and p.lower <= 0) else -50
+                      for p in params])
+    upper = np.array([3.0 if p.relative_to else p.to_internal(p.upper) for p in params])
+    start = np.clip(x0, lower + 1e-9, upper - 1e-9)
+    result = least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200,
+                           jac_sparsity=sparsity, tr_solver="lsmr")
+    return result.x
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...], default: float) -> float:
+    node: Any = data
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return float(node)
+
+
+def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
+    """Fit throughput parameters, then memory overheads; returns the new profile's data."""
+    prepared = prepare(cases, base)
+    with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
+    with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
+    data = copy.deepcopy(base.data)
+    time_params = time_parameters(sorted({p.case.hardware_name for p in with_tps}))
+    data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
+    data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
+    data["fitted_on"] = {"summary": f"{len(with_tps)} throughput and {len(with_mem)} memory measurements "
+                                    "of published runs (calibration/data/public_cases.json)",
+                         "cases": sorted(p.case.id for p in with_tps + with_mem),
+                         "date": _dt.date.today().isoformat()}
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fit the calibration profile to published runs")
+    parser.add_argument("--cases", help="cases JSON (default: the shipped copy of the public cases)")
+    parser.add_argument("--base", default=str(DEFAULT_PROFILE), help="profile to start from")
+    parser.add_argument("--out", required=True, help="where to write the fitted profile")
+    parser.add_argument("--cross-validate", action="store_true",
+                        help="also run leave-one-source-out cross-validation and store its errors and intervals")
+    args = parser.parse_args(argv)
+    from planner.profile import load_profile
+
+    cases, base = load_cases(args.cases), load_profile(args.base)
+    data = fit_profile(cases, base)
+    data["version"] = _dt.date.today().isoformat()
+    if args.cross_validate:
+        from calibration.crossval import leave_one_source_out, summarize
+
+        summary = summarize(leave_one_source_out(cases, base))
+        data["uncertainty"] = summary.pop("uncertainty")
+        data["validation"] = {"method": "leave-one-source-out", **summary}
+    Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def load_measurements(store: str | None = None, cases: str | None = None, origin: str | None = None,
+                      hardware: str | None = None) -> list[Case]:
+    """Measured runs to fit or validate on: from the run store when one is named (or exists at the
+    default path and holds usable runs), else from a cases file (default: the shipped public cases)."""
+    from calibration.cases import case_from_run
+    from calibration.store import default_store_path, iter_runs
+
+    found: list[Case] = []
+    use_store = store is not None or (cases is None and Path(default_store_path()).exists())
+    if use_store:
+        found = [case_from_run(run) for run in iter_runs(store, origin=origin, hardware=hardware)]
+        if store is None and not any(c.usable for c in found):
+            found = []
+    if not found and store is None:
+        found = [c for c in load_cases(cases) if hardware is None or c.hardware_name == hardware]
+    return found

@@ -1,0 +1,231 @@
+"""The training loop of one process: data position -> micro-batches -> forward/backward as the
+Plan says -> optimizer step -> one logged loss (the only host sync) -> metrics, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from executor import checkpoint
+from executor.data import PackedData, load_examples
+from executor.loss import items_per_rank
+from executor.measure import CpuMemoryProbe, MetricsLog, Recorder, cuda_peaks
+from executor.mesh import Topology
+from executor.model import compute_dtype
+from executor.options import RunOptions
+from executor.setup import Prepared
+from executor.tokenizer import load_tokenizer
+from planner.errors import InvalidRequest
+from planner.plan import ParallelConfig
+from planner.specs import ModelSpec, Workload
+
+
+class Trainer:
+    def __init__(self, spec: ModelSpec, workload: Workload, config: ParallelConfig, topo: Topology,
+                 device: torch.device, options: RunOptions, prepared: Prepared, recorder: Recorder) -> None:
+        self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
+        self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
+        tokenizer = load_tokenizer(options.tokenizer, spec.vocab_size)
+        examples, self.data_report = load_examples(options.data, tokenizer, options.max_bad_fraction)
+        self.data = PackedData(examples, workload.seq_len, workload.global_batch, options.seed, tokenizer.pad_id)
+        self.eval_data = self._eval_data(tokenizer)
+        self.metrics = MetricsLog(options.output_dir / "metrics.jsonl", enabled=topo.rank == 0)
+        self.probe = CpuMemoryProbe([prepared.forward_module], prepared.optimizers.all)
+
+    def _eval_data(self, tokenizer) -> PackedData | None:
+        if not self.options.eval_every:
+            return None
+        if self.config.pp > 1:
+            raise InvalidRequest("--eval-every with pp > 1 is not implemented; drop --eval-every")
+        if not self.options.eval_data:
+            raise InvalidRequest("--eval-every needs --eval-data (a held-out file in the same format)")
+        examples, _ = load_examples(self.options.eval_data, tokenizer, self.options.max_bad_fraction)
+        return PackedData(examples, self.workload.seq_len, self.workload.global_batch, self.options.seed,
+                          tokenizer.pad_id)
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _local(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This data-parallel rank's rows of the global batch: [micro-batches x micro-batch, S]."""
+        rows = self.config.micro_batch_size * self.config.num_micro_batches
+        start = self.topo.dp_rank * rows
+        return (ids[start:start + rows].to(self.device, non_blocking=True),
+                labels[start:start + rows].to(self.device, non_blocking=True))
+
+    def _forward_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        w = self.workload
+        # autocast over fp32 weights for DDP / ZeRO-1 and LoRA; FSDP2 casts by its policy instead
+        if w.precision != "fp32" and (w.master_dtype == "fp32" and (self.config.zero <= 1 or w.method != "full")):
+            stack.enter_context(torch.autocast(self.device.type, dtype=compute_dtype(w)))
+        if w.activation_offload:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
+        return stack
+
+    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        mbs, total = self.config.micro_batch_size, torch.zeros((), device=self.device)
+        model = self.p.forward_module
+        for m in range(self.config.num_micro_batches):
+            last = m == self.config.num_micro_batches - 1
+            sync = contextlib.nullcontext() if (last or not self.p.uses_ddp) else model.no_sync()
+            with sync:
+                with self._forward_context():
+                    loss = model(input_ids=ids[m * mbs:(m + 1) * mbs], labels=labels[m * mbs:(m + 1) * mbs],
+                                 num_items_in_batch=items).loss
+                loss.backward()
+            total += loss.detach().float()
+        return total
+
+    def _pipeline(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        self.p.loss_holder["items"] = items
+        losses: list[torch.Tensor] = []
+        args = (ids,) if self.p.has_first_stage else ()
+        kwargs = {"target": labels, "losses": losses} if self.p.has_last_stage else {}
+        with self._forward_context():
+            self.p.schedule.step(*args, **kwargs)
+        return torch.stack([l.detach().float() for l in losses]).sum() if losses else torch.zeros((), device=self.device)
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step on the global batch of `step`; returns the global token-mean loss."""
+        if step == 1 and _inject_oom(self.config):
+            raise torch.OutOfMemoryError("injected by EXECUTOR_INJECT_OOM")
+        ids, labels = self.data.batch(step)
+        items = items_per_rank(labels, self.config.dp, self.device)
+        local_ids, local_labels = self._local(ids, labels)
+        run = self._pipeline if self.config.pp > 1 else self._micro_batches
+        local = run(local_ids, local_labels, items)
+        self.p.optimizers.step()
+        contribution = local if self.topo.logs_loss else torch.zeros_like(local)
+        dist.all_reduce(contribution)
+        return contribution.item() / self.config.dp
+
+    @torch.no_grad()
+    def evaluate(self, batches: int = 2) -> float:
+        model, total = self.p.forward_module, 0.0
+        model.eval()
+        for step in range(batches):
+            ids, labels = self.eval_data.batch(step)
+            items = items_per_rank(labels, self.config.dp, self.device)
+            local_ids, local_labels = self._local(ids, labels)
+            local = torch.zeros((), device=self.device)
+            for m in range(self.config.num_micro_batches):
+                rows = slice(m * self.config.micro_batch_size, (m + 1) * self.config.micro_batch_size)
+                with self._forward_context():
+                    local += model(input_ids=local_ids[rows], labels=local_labels[rows],
+                                   num_items_in_batch=items).loss.float()
+            contribution = local if self.topo.logs_loss else torch.zeros_like(local)
+            dist.all_reduce(contribution)
+            total += contribution.item() / self.config.dp
+        model.train()
+        return total / batches
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def resume_step(self, plan_config: dict) -> int:
+        output = self.options.output_dir
+        found = checkpoint.latest_complete(output) if self.options.resume else None
+        if found is None:
+            self.metrics.reset()
+            return 0
+        step, path = found
+        checkpoint.load(path, self.p.state_module, self.p.optimizers, self._checkpoint_meta(plan_config))
+        self.metrics.truncate_after(step)
+        return step
+
+    def _checkpoint_meta(self, plan_config: dict) -> dict:
+        return {"config": plan_config, "seed": self.options.seed, "data": str(Path(self.options.data).resolve())}
+
+    def run(self, plan_config: dict) -> None:
+        start = self.resume_step(plan_config)
+        bar = _progress(self.options, start, self.topo.rank == 0)
+        tokens = self.workload.tokens_per_step
+        for step in range(start, self.options.steps):
+            self.p.optimizers.set_lr(self._lr(step))
+            started = time.perf_counter()
+            if self._probe_memory(step, start):
+                loss, allocated = self._tracked_step(step)
+            else:
+                loss, allocated = self.train_step(step), None
+            seconds = time.perf_counter() - started
+            self._record(step + 1, loss, seconds, tokens, allocated)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+            if self.options.checkpoint_every and (step + 1) % self.options.checkpoint_every == 0 \
+                    and step + 1 < self.options.steps:
+                checkpoint.save(self.options.output_dir, step + 1, self.p.state_module, self.p.optimizers,
+                                self._checkpoint_meta(plan_config))
+        bar.close()
+
+    def _tracked_step(self, step: int) -> tuple[float, int | None]:
+        """A training step under MemTracker: (loss, tensor bytes at the peak)."""
+        box: dict = {}
+        allocated = self.probe.track(lambda: box.setdefault("loss", self.train_step(step)))
+        if "loss" not in box:  # the tracker failed before the step finished: run it untracked, track no more
+            for optimizer in self.p.optimizers.all:
+                optimizer.zero_grad(set_to_none=True)
+            self.options = replace(self.options, memory_every=0)
+            box["loss"] = self.train_step(step)
+        return box["loss"], allocated
+
+    def _probe_memory(self, step: int, start: int) -> bool:
+        # on GPUs the allocator counts; a pipeline interleaves micro-batches, which MemTracker cannot follow
+        if self.device.type == "cuda" or self.options.memory_every <= 0 or self.config.pp > 1:
+            return False
+        first = min(start + 2, self.options.steps - 1)
+        return step == first or (step > first and (step - first) % self.options.memory_every == 0)
+
+    def _record(self, step: int, loss: float, seconds: float, tokens: int, cpu_allocated: int | None) -> None:
+        allocated, reserved = cuda_peaks(self.device)
+        if cpu_allocated is not None:
+            allocated = self._max_over_ranks(cpu_allocated)
+        self.recorder.add(step, loss, seconds)
+        self.recorder.note_memory(allocated, reserved)
+        record = {"step": step, "loss": loss, "tokens_per_s": tokens / seconds, "step_s": seconds,
+                  "lr": self._lr(step - 1), "peak_memory_bytes": self.recorder.peak_allocated_bytes,
+                  "peak_reserved_bytes": self.recorder.peak_reserved_bytes}
+        if self.eval_data is not None and step % self.options.eval_every == 0:
+            record["eval_loss"] = self.evaluate()
+        self.metrics.write(record)
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The most loaded device decides (as the planner's peak does)."""
+        tensor = torch.tensor(value, dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def _lr(self, step: int) -> float:
+        """Linear warm-up, then constant."""
+        if self.options.warmup_steps and step < self.options.warmup_steps:
+            return self.options.lr * (step + 1) / self.options.warmup_steps
+        return self.options.lr
+
+
+def _inject_oom(config: ParallelConfig) -> bool:
+    """Fault injection for the OOM-and-fallback test: EXECUTOR_INJECT_OOM='{"zero": 1}' makes the
+    second step of any plan whose config has those values fail as an out-of-memory error would."""
+    wanted = os.environ.get("EXECUTOR_INJECT_OOM")
+    if not wanted:
+        return False
+    return all(getattr(config, key) == value for key, value in json.loads(wanted).items())
+
+
+def _progress(options: RunOptions, start: int, is_rank0: bool):
+    from tqdm import tqdm
+
+    # stdout: the launcher keeps torchrun's stderr (its failure reports, worker warnings) in a log file
+    return tqdm(total=options.steps, initial=start, disable=not (is_rank0 and options.progress), unit="step",
+                dynamic_ncols=True, desc="train", file=sys.stdout)
+
+
+if __name__ == "__main__":  # `python -m executor.train`: one training process, as torchrun and `planner export` start it
+    from executor.worker import main
+
+    sys.exit(main())

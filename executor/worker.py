@@ -1,0 +1,134 @@
+"""One training process (started by torchrun, or alone): `python -m executor.train --plan ...`.
+
+It sets up the process group (gloo on CPU, NCCL on GPUs), checks the Plan against the world it
+finds, trains, and writes the run record. A failure is recorded too: rank 0 writes summary.json
+when it can; any failing rank leaves DIR/failure-rank-N.json for the launcher, which writes the
+record when no rank could (e.g. an OOM on rank 3 while rank 0 waits in a collective)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from executor.checks import check_device, check_supported, check_world, plan_notes
+from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
+from executor.options import RunOptions
+from planner.errors import InvalidRequest, PlannerError
+from planner.plan import load_plan, typed_plan
+
+EXIT_REFUSED, EXIT_FAILED, EXIT_OOM = 2, 1, 75
+
+
+def init_distributed(on_cuda: bool) -> torch.device:
+    """torchrun's environment, or a world of one when started alone."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=10))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def uses_cuda(document: dict) -> bool:
+    return document["hardware"].get("vendor") != "cpu"
+
+
+def check_environment(document: dict, on_cuda: bool) -> None:
+    spec, hardware, cluster, workload, config = typed_plan(document)
+    check_supported(spec, workload, config, on_cuda)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world(cluster, config, world)
+    if on_cuda:
+        if not torch.cuda.is_available():
+            raise InvalidRequest(f"the plan is for {hardware.name} but no CUDA device is visible; "
+                                 "plan with --gpu cpu for a CPU run")
+        props = torch.cuda.get_device_properties(0)
+        check_device(hardware, props.name, props.total_memory, torch.cuda.device_count(),
+                     int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def train(document: dict, options: RunOptions, device: torch.device, recorder: Recorder) -> dict:
+    from executor.mesh import build_topology
+    from executor.save import save_final
+    from executor.setup import prepare, should_compile
+    from executor.train import Trainer
+
+    spec, hardware, cluster, workload, config = typed_plan(document)
+    notes = plan_notes(config, device.type == "cuda")
+    if getattr(workload, "compile", False) and not should_compile(workload):
+        notes.append("the plan says compile, but EXECUTOR_COMPILE=0 turned it off: timings are eager")
+    if notes and dist.get_rank() == 0:
+        print("\n".join(f"note: {n}" for n in notes))
+    topo = build_topology(config, device)
+    prepared = prepare(spec, workload, config, topo, device, options)
+    trainer = Trainer(spec, workload, config, topo, device, options, prepared, recorder)
+    trainer.run(document["config"])
+    if options.save_final:
+        save_final(options.output_dir / "final", prepared, spec, workload, topo)
+    return {"data": trainer.data_report.to_dict(), "parameters": prepared.parameters,
+            "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = RunOptions.parse(sys.argv[1:] if argv is None else argv)
+    output = options.output_dir
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        document = load_plan(options.plan)
+        on_cuda = uses_cuda(document)
+        check_environment(document, on_cuda)
+    except PlannerError as exc:
+        if rank == 0:
+            print(f"planner train: {exc}", file=sys.stderr)
+            output.mkdir(parents=True, exist_ok=True)
+            write_json(output / f"failure-rank-{rank}.json", {"status": "failed", "error": str(exc), "exit": EXIT_REFUSED})
+        return EXIT_REFUSED
+    device = init_distributed(on_cuda)
+    _, _, _, workload, config = typed_plan(document)
+    recorder = Recorder(workload.tokens_per_step, config.devices)
+    status, error, extra, code = "finished", None, {}, 0
+    try:
+        extra = train(document, options, device, recorder)
+    except torch.OutOfMemoryError as exc:
+        status, error, code = "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
+    except PlannerError as exc:
+        status, error, code = "failed", str(exc), EXIT_REFUSED
+    except Exception as exc:
+        status, error, code = "failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED
+        traceback.print_exc()  # into the launcher's log of this attempt
+    if code:
+        write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
+    if rank == 0:
+        record = run_record(status, error, document, recorder.measured(), environment(device, config.devices),
+                            {"options": options.to_dict(), **extra})
+        write_json(output / "summary.json", record)
+        if status == "finished":
+            print("\n".join(["Predicted vs measured:"] + comparison_lines(document, record["measured"])))
+    if code == 0:
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

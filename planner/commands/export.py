@@ -1,0 +1,45 @@
+"""planner export: a Plan (from `planner suggest --save-plan`) as a torchrun line, a DeepSpeed JSON,
+an Accelerate FSDP YAML, a torchtitan TOML or a Slurm script. The text goes to stdout (or --output-file);
+notes about what the engine cannot express go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from planner.commands.common import positive_int, positive_number
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="a Plan JSON written by `planner suggest --save-plan`")
+    parser.add_argument("--format", required=True, choices=("torchrun", "deepspeed", "accelerate", "torchtitan", "slurm"))
+    parser.add_argument("--data", default="$DATA", help="training data for the launch line (default: the shell's $DATA)")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps (also sets Slurm's --time from the prediction)")
+    parser.add_argument("--run-dir", help="output folder of the run (default runs/<model>)")
+    parser.add_argument("--port", type=positive_int, default=29500, help="rendezvous port (default 29500)")
+    parser.add_argument("--time-limit-hours", type=positive_number, help="Slurm --time (default: predicted time of --steps)")
+    parser.add_argument("--output-file", "-o", metavar="PATH", help="write here instead of stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.errors import InvalidRequest
+    from planner.export import LaunchOptions, export_plan
+    from planner.plan import load_plan
+
+    document = load_plan(args.plan)
+    model = str(document["model"].get("name", "model")).replace("/", "-")
+    options = LaunchOptions(plan_path=args.plan, data=args.data, output=args.run_dir or f"runs/{model}",
+                            steps=args.steps, port=args.port,
+                            time_limit_s=None if args.time_limit_hours is None else args.time_limit_hours * 3600)
+    result = export_plan(document, args.format, options)
+    if args.output_file:
+        target = Path(args.output_file).expanduser()
+        if not target.parent.exists():
+            raise InvalidRequest(f"cannot write {args.output_file}: folder {target.parent} does not exist")
+        target.write_text(result.text)
+    else:
+        sys.stdout.write(result.text)
+    for note in result.notes:
+        print(f"planner export: note: {note}", file=sys.stderr)
+    return 0
