@@ -1,14 +1,16 @@
-"""PyTorch's MemTracker / FSDPMemTracker, with three refinements the oracle needs.
+"""PyTorch's MemTracker / FSDPMemTracker, with the refinements the oracle needs.
 
 1. Categories that separate what the planner separates. MemTracker files every tensor made in
    the forward as an activation, so autocast's bf16 weight casts look like activations, and
    everything allocated inside `optimizer.step()` as optimizer state. Here a cast of a parameter
    is a "Param copy" and a tensor born inside the step is an "Optimizer temp".
-2. Peaks per phase: `phase(name)` starts a new phase whose peak (with the categories at that
-   moment and the module that was running) is kept separately, so that the forward/backward
-   and the optimizer step can each be extrapolated per layer.
+2. Peaks per position: the peak (with the categories at that moment) is kept separately for
+   each position in the model (LayerPosition), forward and backward, and for the optimizer step,
+   so that each can be extrapolated per layer.
 3. Frozen parameters (LoRA bases) get no gradient hooks, which PyTorch refuses to install on
    tensors that do not require grad (TORCH-NOTES).
+4. DTensor's metadata computations on global-shape fake tensors are not counted
+   (untracked_dtensor_metadata).
 
 Everything else (storage accounting by weak references, the AC-aware forward/backward split)
 is PyTorch's own: torch/distributed/_tools/mem_tracker.py and fsdp2_mem_tracker.py.
@@ -25,6 +27,7 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _RefType
 
 TOTAL = "Total"
+ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
 
 
 class OracleRef(_RefType):
@@ -36,14 +39,13 @@ class OracleRef(_RefType):
 
 @dataclass
 class PhasePeak:
-    """The largest total seen in one phase, its categories at that moment, and where it happened."""
+    """The largest total seen at one position, and the categories at that moment."""
 
     total_bytes: int = 0
     categories: dict[str, int] = field(default_factory=dict)
-    where: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total_bytes": self.total_bytes, "categories": dict(self.categories), "where": self.where}
+        return {"total_bytes": self.total_bytes, "categories": dict(self.categories)}
 
 
 class LayerPosition:
@@ -115,6 +117,7 @@ class _OracleMixin:
         self._dispatching: tuple[Any, tuple] | None = None
         self._untracked = 0
         self.ops_seen: set[str] = set()
+        self.attention_calls: set[tuple[int, int, bool]] = set()  # (query heads, key heads, masked)
 
     # -- phases ---------------------------------------------------------------------------------
     def watch_layers(self, layers: list[torch.nn.Module]) -> None:
@@ -143,7 +146,7 @@ class _OracleMixin:
         if self._phase is None:
             return
         key = self._key()
-        peak = self.phases.setdefault(key, PhasePeak(where=key))
+        peak = self.phases.setdefault(key, PhasePeak())
         total = snapshot.get(TOTAL, 0)
         if force or total > peak.total_bytes:
             peak.total_bytes = total
@@ -159,6 +162,8 @@ class _OracleMixin:
             return func(*args, **(kwargs or {}))
         self._dispatching = (func, args)
         self.ops_seen.add(str(func))
+        if func in ATTENTION_OPS:
+            self.attention_calls.add((args[0].shape[1], args[1].shape[1], (kwargs or {}).get("attn_mask") is not None))
         try:
             return super().__torch_dispatch__(func, types, args, kwargs)  # type: ignore[misc]
         finally:

@@ -21,10 +21,10 @@ GPU = "h100-sxm-80gb"  # allocated bytes do not depend on it; the reserved peak 
 
 
 def _point(name: str, model: str, seq: int, mbs: int, recompute: str = "none", dp: int = 1, tp: int = 1,
-           zero: int = 0, m: int = 1, **workload: Any) -> dict[str, Any]:
+           zero: int = 0, m: int = 1, sp: bool = False, **workload: Any) -> dict[str, Any]:
     return {"name": name, "model": model, "workload": {"seq_len": seq, **workload},
             "config": {"dp": dp, "tp": tp, "pp": 1, "micro_batch_size": mbs, "num_micro_batches": m,
-                       "recompute": recompute, "zero": zero}}
+                       "recompute": recompute, "zero": zero, "sequence_parallel": sp}}
 
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -88,6 +88,7 @@ GRID: list[dict[str, Any]] = [
     _point("llama3-8b tp4 2x4096 full", "llama3-8b", 4096, 2, "full", tp=4),
     _point("mistral-7b tp2 1x4096 selective", "mistral-7b", 4096, 1, "selective", tp=2),
     _point("qwen2.5-7b tp4 1x2048", "qwen2.5-7b", 2048, 1, tp=4),
+    _point("llama3-8b tp4 sequence-parallel 1x4096 full", "llama3-8b", 4096, 1, "full", tp=4, sp=True),
     _point("llama3-70b tp4 fsdp16 1x4096 full", "llama3-70b", 4096, 1, "full", dp=16, tp=4, zero=3),
     _point("llama3-8b tp2 fsdp4 2x2048 selective", "llama3-8b", 2048, 2, "selective", dp=4, tp=2, zero=3),
 ]

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from calibration.cuda_autocast import CudaAutocastFp32Policy  # noqa: E402
-from calibration.oracle import _check_attention_kernel, setup_for, trace_layers  # noqa: E402
+from calibration.oracle import _check_attention_kernel, check_traceable, trace_layers, uses_autocast  # noqa: E402
 from planner.errors import InvalidRequest  # noqa: E402
 from planner.graph import count_params  # noqa: E402
 from planner.models import load_model, spec_from_hf_config  # noqa: E402
@@ -90,15 +90,25 @@ def test_cuda_fp32_policy_upcasts_pow_under_autocast_only():
         assert torch.pow(x, 3.0).dtype == torch.bfloat16
 
 
-def test_a_math_kernel_trace_is_refused():
+FLASH = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+
+
+@pytest.mark.parametrize("ops, calls", [
+    (["aten._scaled_dot_product_attention_math.default"], {(4, 2, False)}),  # the math kernel
+    ([FLASH], {(4, 4, True)}),  # a materialised causal mask, k and v repeated per head
+])
+def test_a_trace_unlike_the_gpu_flash_kernel_is_refused(ops, calls):
     workload = Workload(seq_len=64, global_batch=1)
+    config = ParallelConfig(1, 1, 1, 1, 1)
+    _check_attention_kernel([FLASH], {(4, 2, False)}, SMALL, workload, config)  # the GPU's way passes
     with pytest.raises(RuntimeError, match="flash kernel"):
-        _check_attention_kernel(["aten._scaled_dot_product_attention_math.default"], workload)
+        _check_attention_kernel(ops, calls, SMALL, workload, config)
 
 
 @pytest.mark.parametrize("options, config, fragment", [
     ({}, {"pp": 2}, "pipeline"),
     ({}, {"dp": 2, "zero": 0}, "without FSDP"),
+    ({"activation_offload": True}, {}, "activation offload"),
     ({"method": "qlora"}, {}, "QLoRA"),
     ({"optimizer": "adamw8bit"}, {}, "8-bit"),
 ])
@@ -106,16 +116,17 @@ def test_what_the_oracle_cannot_trace_is_named(options, config, fragment):
     full = {"dp": 1, "tp": 1, "pp": 1, "micro_batch_size": 1, "num_micro_batches": 1, **config}
     workload = Workload(seq_len=64, global_batch=full["dp"], **options)
     with pytest.raises(InvalidRequest, match=fragment):
-        setup_for(load_model("llama3-8b"), workload, ParallelConfig(**full))
+        check_traceable(load_model("llama3-8b"), workload, ParallelConfig(**full))
 
 
-def test_setup_names_the_numerics_of_each_regime():
-    spec = load_model("llama3-8b")
-    w = Workload(seq_len=64, global_batch=8)
-    single = setup_for(spec, w, ParallelConfig(1, 1, 1, 1, 8))
-    fsdp = setup_for(spec, w, ParallelConfig(8, 1, 1, 1, 1, zero=3))
-    lora = setup_for(spec, Workload(seq_len=64, global_batch=1, method="lora"), ParallelConfig(1, 1, 1, 1, 1))
-    assert (single.model_dtype, single.autocast_dtype, single.grads_held) == ("fp32", "bf16", True)
-    assert (fsdp.model_dtype, fsdp.autocast_dtype, fsdp.fsdp_param_dtype, fsdp.fsdp_reduce_dtype) == \
-        ("fp32", None, "bf16", "fp32")
-    assert (lora.model_dtype, lora.autocast_dtype, lora.lora_rank) == ("bf16", None, 16)
+@pytest.mark.parametrize("workload, config, expected", [
+    ({}, {}, True),  # one device: autocast over fp32 weights
+    ({}, {"dp": 8, "zero": 3}, False),  # FSDP2 casts by its MixedPrecisionPolicy
+    ({"method": "lora"}, {}, True),  # LoRA: autocast over the bf16 base and fp32 adapters
+    ({"precision": "fp32"}, {}, False),
+    ({"master_dtype": "bf16"}, {}, False),
+])
+def test_autocast_follows_the_executor(workload, config, expected):
+    """executor/train.py _forward_context."""
+    full = {"dp": 1, "tp": 1, "pp": 1, "micro_batch_size": 1, "num_micro_batches": 1, **config}
+    assert uses_autocast(Workload(seq_len=64, global_batch=full["dp"], **workload), ParallelConfig(**full)) is expected
