@@ -102,8 +102,9 @@ class LayerPosition:
         self.backward_layer, self.backward_started = index, True
 
     def _backward_end(self, index: int) -> None:
-        # the input of layer i is the output of layer i-1, whose start hook fired just before
-        if self.backward_layer == index:
+        # a layer's position lasts until the next one starts (what runs on its input's gradient, such
+        # as FSDP2's post-backward reduce-scatter, belongs to it); after the first layer: the embedding
+        if index == 0:
             self.backward_layer = None
 
 
