@@ -100,30 +100,29 @@ def device_mesh(config: ParallelConfig) -> DeviceMesh:
 
 
 def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: ModelSpec, workload: Workload,
-                config: ParallelConfig, cuda_fp32_policy: bool) -> None:
+                config: ParallelConfig) -> None:
     """executor/setup.py `_prepare_single_stage`: TP -> checkpointing -> FSDP2 (ZeRO 2/3).
 
-    With autocast, each decoder layer's forward first enters CUDA autocast's fp32 policy
-    (calibration/cuda_autocast.py), inside the checkpoint so that recomputation replays it."""
+    Each decoder layer's forward first enters CudaBehaviour (calibration/cuda_behaviour.py),
+    inside the checkpoint, so that recomputation in the backward replays it too."""
     from executor.parallelize import apply_activation_checkpointing, apply_fsdp, apply_tensor_parallel
 
     mesh = device_mesh(config)
     if config.tp > 1:
         apply_tensor_parallel(model, layers, mesh["tp"], config.sequence_parallel, spec.tie_word_embeddings)
-    if cuda_fp32_policy:
-        for layer in layers:
-            layer.forward = _under_fp32_policy(layer.forward)
+    for layer in layers:
+        layer.forward = _as_on_cuda(layer.forward)
     apply_activation_checkpointing(layers, config.recompute)
     if config.zero >= 2:
         apply_fsdp([model], layers, mesh["dp"], config, workload)
 
 
-def _under_fp32_policy(forward):
-    from calibration.cuda_autocast import CudaAutocastFp32Policy
+def _as_on_cuda(forward):
+    from calibration.cuda_behaviour import CudaBehaviour
 
     @wraps(forward)
     def run(*args, **kwargs):
-        with CudaAutocastFp32Policy():
+        with CudaBehaviour():
             return forward(*args, **kwargs)
     return run
 

@@ -117,6 +117,7 @@ class _OracleMixin:
         self._position: LayerPosition | None = None
         self._dispatching: tuple[Any, tuple] | None = None
         self._untracked = 0
+        self._fsdp_unshard: _RefType | None = None  # set while FSDP2 gathers parameters
         self.ops_seen: set[str] = set()
         self.attention_calls: set[tuple[int, int, bool]] = set()  # (query heads, key heads, masked)
 
@@ -173,6 +174,8 @@ class _OracleMixin:
     def _track(self, reftype, t: torch.Tensor) -> None:
         if self._in_opt:  # type: ignore[attr-defined]
             reftype = OracleRef.OPT_TEMP  # states exist before a steady-state step; re-tagged after it
+        elif self._fsdp_unshard is not None:
+            reftype = self._fsdp_unshard
         elif self._casts_a_parameter():
             reftype = OracleRef.PARAM_COPY
         super()._track(reftype, t)  # type: ignore[misc]
@@ -217,6 +220,83 @@ def untracked_dtensor_metadata(tracker: _OracleMixin):
         yield
     finally:
         ShardingPropagator._propagate_tensor_meta_non_cached = original
+
+
+@contextmanager
+def fsdp_unshard_tagged(tracker: _OracleMixin):
+    """FSDPMemTracker tags the parameters FSDP2 gathers only inside a module's pre-forward; FSDP2
+    also gathers elsewhere (the prefetch for backward at the end of forward, the pre-backward
+    unshard), and those would count as activations. Here whatever `FSDPParamGroup.unshard`
+    allocates is an all-gather buffer and whatever `wait_for_unshard` allocates (the copy-out
+    into the parameters' own storage) an unsharded parameter."""
+    from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    def tagged(original, reftype):
+        def run(group, *args, **kwargs):
+            previous, tracker._fsdp_unshard = tracker._fsdp_unshard, reftype
+            try:
+                return original(group, *args, **kwargs)
+            finally:
+                tracker._fsdp_unshard = previous
+        return run
+
+    originals = {"unshard": FSDPParamGroup.unshard, "wait_for_unshard": FSDPParamGroup.wait_for_unshard}
+    FSDPParamGroup.unshard = tagged(originals["unshard"], _FSDPRefType.ALL_GATHER)
+    FSDPParamGroup.wait_for_unshard = tagged(originals["wait_for_unshard"], _FSDPRefType.UNSHARDED_PARAM)
+    try:
+        with _reduce_scatter_input_tagged(tracker, tagged(_call, _FSDPRefType.REDUCE_SCATTER)):
+            yield
+    finally:
+        for name, method in originals.items():
+            setattr(FSDPParamGroup, name, method)
+
+
+def _call(function, *args, **kwargs):
+    return function(*args, **kwargs)
+
+
+class _FirstAllocationTagged:
+    """A reduce-scatter communication object whose first allocation (in `foreach_reduce`: the
+    reduce-scatter input; the second is the output, which becomes the sharded gradient) is
+    made under `tag`."""
+
+    def __init__(self, comm, tag) -> None:
+        self._comm, self._tag, self._first = comm, tag, True
+
+    def allocate(self, *args, **kwargs):
+        if self._first:
+            self._first = False
+            return self._tag(self._comm.allocate, *args, **kwargs)
+        return self._comm.allocate(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._comm(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._comm, name)
+
+
+@contextmanager
+def _reduce_scatter_input_tagged(tracker: _OracleMixin, tag):
+    """FSDPMemTracker tags FSDP2's reduce-scatter input only once the collective runs; the input
+    already exists (as a temporary) while the gradients are copied into it, which can be the
+    peak (the root's post-backward, after the embedding's backward). Here it is a reduce-scatter
+    buffer from its allocation on (`foreach_reduce`, torch/distributed/fsdp/_fully_shard/
+    _fsdp_collectives.py: `reduce_scatter_comm.allocate` then `foreach_reduce_scatter_copy_in`)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    original = _fsdp_param_group.foreach_reduce
+
+    def foreach_reduce(fsdp_params, unsharded_grads, group, stream, comm, *args, **kwargs):
+        return original(fsdp_params, unsharded_grads, group, stream, _FirstAllocationTagged(comm, tag),
+                        *args, **kwargs)
+
+    _fsdp_param_group.foreach_reduce = foreach_reduce
+    try:
+        yield
+    finally:
+        _fsdp_param_group.foreach_reduce = original
 
 
 class OracleMemTracker(_OracleMixin, MemTracker):

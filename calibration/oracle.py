@@ -21,7 +21,8 @@ What is traced is what the executor runs, built by the executor's own functions
 
 CPU stand-ins for GPU behaviour (each keeps what a GPU keeps): attention runs the CPU flash
 kernel, which saves q, k, v, the output and the log-sum-exp like the CUDA flash kernel (checked
-on every trace); CUDA autocast's fp32 op policy is replayed (calibration/cuda_autocast.py);
+on every trace); CUDA autocast's fp32 op policy and fused dropout's boolean mask are replayed
+(calibration/cuda_behaviour.py);
 attention dropout is off (the CUDA flash kernel keeps only an RNG state for it); DTensor's
 global-shape metadata computations are not counted (calibration/memtrace.py).
 
@@ -93,7 +94,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from calibration import fake_model
-    from calibration.memtrace import untracked_dtensor_metadata
+    from calibration.memtrace import fsdp_unshard_tagged, untracked_dtensor_metadata
     from executor.model import decoder_layers
 
     check_traceable(spec, workload, config)
@@ -103,7 +104,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
     model = fake_model.build_model(spec, workload, num_layers, fake_mode)
     layers = decoder_layers(model)  # before FSDP2 renames their classes
-    fake_model.parallelize(model, layers, spec, workload, config, cuda_fp32_policy=autocast)
+    fake_model.parallelize(model, layers, spec, workload, config)
     with fake_mode:
         optimizer = fake_model.build_optimizer(model, workload, config)
         _reach_steady_state(model, optimizer, config.num_micro_batches > 1)
@@ -111,7 +112,8 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
         items = torch.tensor(float(ids.numel()))
         tracker = _tracker(model, optimizer, ids, config)
         tracker.watch_layers(layers)
-        with tracker, untracked_dtensor_metadata(tracker), fake_model.unpacked_sequences():
+        with tracker, untracked_dtensor_metadata(tracker), fsdp_unshard_tagged(tracker), \
+                fake_model.unpacked_sequences():
             tracker.phase("forward")
             loss = _forward(model, ids, items, workload, autocast)
             tracker.phase("backward")
@@ -154,10 +156,11 @@ def _forward(model, ids, items, workload: Workload, autocast: bool):
     when the executor uses it (the backward runs outside)."""
     import torch
 
+    from calibration.cuda_behaviour import CudaBehaviour
     from executor.model import compute_dtype
 
     context = torch.autocast("cpu", dtype=compute_dtype(workload)) if autocast else contextlib.nullcontext()
-    with context:
+    with context, CudaBehaviour():
         return model(input_ids=ids, labels=ids, num_items_in_batch=items).loss
 
 

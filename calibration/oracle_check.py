@@ -20,7 +20,10 @@ PLANNER_GROUP = {
     "Gradient": "grads", "Sharded Grad": "grads",
     "Optstate": "optimizer", "OptState": "optimizer", "Optimizer temp": "optimizer",
     "Param copy": "buffers", "Unsharded Param": "buffers", "All Gather": "buffers",
-    "Reduce Scatter": "buffers", "Unsharded Grad": "buffers", "Buffer": "buffers",
+    "Reduce Scatter": "buffers", "Buffer": "buffers",
+    # a layer's unsharded gradients are temporaries of its backward (FSDPMemTracker names them only
+    # when FSDP2's post-backward starts reducing them)
+    "Unsharded Grad": "activations",
     "Activation": "activations", "Temp": "activations", "Inputs": "activations", "Other": "activations",
 }
 PLANNER_GROUPS = ("params", "grads", "optimizer", "buffers", "activations")
@@ -41,6 +44,7 @@ class Row:
     traced_bytes: int
     predicted_phase: str
     traced_phase: str
+    predicted_at: str  # the moment of the peak (planner/cost/moments.py MOMENTS)
     traced_at: str
     predicted: dict[str, int]  # planner breakdown, activations include logits
     traced: dict[str, int]
@@ -61,7 +65,7 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "predicted_bytes": self.predicted_bytes, "traced_bytes": self.traced_bytes,
                 "error": self.error, "predicted_phase": self.predicted_phase, "traced_phase": self.traced_phase,
-                "traced_at": self.traced_at, "predicted": self.predicted, "traced": self.traced,
+                "predicted_at": self.predicted_at, "traced_at": self.traced_at, "predicted": self.predicted, "traced": self.traced,
                 "category_errors": self.category_errors(), "worst_category": self.worst_category}
 
 
@@ -76,7 +80,8 @@ def compare_point(point: dict[str, Any]) -> Row:
     predicted["activations"] += int(breakdown["logits"])
     oracle = point["oracle"]
     return Row(point["name"], int(memory["allocated_peak_bytes"]), int(oracle["peak_bytes"]), memory["peak_phase"],
-               oracle["peak_phase"], oracle["peak_at"], predicted, dict(oracle["breakdown"]))
+               oracle["peak_phase"], memory["peak_at"], oracle["peak_at"], predicted,
+               planner_groups(oracle["phases"][oracle["peak_at"]]["categories"]))
 
 
 def compare(document: dict[str, Any]) -> list[Row]:
@@ -99,16 +104,14 @@ def render(rows: list[Row], document: dict[str, Any]) -> str:
         worst = r.worst_category
         off = r.category_errors()[worst]
         body.append([r.name, f"{r.predicted_bytes / GIB:.2f}", f"{r.traced_bytes / GIB:.2f}", f"{r.error:+.1%}",
-                     _phase(r.predicted_phase), r.traced_at, f"{worst} {off:+.1%}"])
+                     r.predicted_at, r.traced_at, f"{worst} {off:+.1%}"])
     s = summary(rows)
     head = (f"planner memory model vs the oracle ({s['points']} traced points; torch {document.get('torch')}, "
             f"transformers {document.get('transformers')}, peft {document.get('peft')})")
     foot = (f"median |error| {s['median_abs_error']:.2%}, max {s['max_abs_error']:.2%}; "
             f"{s['within_tolerance']}/{s['points']} within {s['tolerance']:.0%}; "
             f"largest category difference {s['max_category_error']:.2%} of the peak")
-    columns = ["config", "predicted GiB", "traced GiB", "error", "pred. phase", "traced peak at", "most off category"]
+    columns = ["config", "predicted GiB", "traced GiB", "error", "predicted peak at", "traced peak at",
+               "most off category"]
     return "\n".join([head, table(columns, body, align="lrrrlll"), foot])
 
-
-def _phase(phase: str) -> str:
-    return "step" if phase == "optimizer-step" else "fwd/bwd"

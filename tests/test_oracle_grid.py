@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from calibration.oracle_check import PLANNER_GROUPS, TOLERANCE, compare, summary
 from calibration.oracle_grid import GRID, load_grid, request_and_config
 from planner.api import resolve
 from planner.graph import count_params
@@ -47,6 +48,40 @@ def test_each_stored_peak_is_the_largest_phase_and_its_breakdown_adds_up():
         assert oracle["peak_bytes"] == max(p["total_bytes"] for p in phases.values()), point["name"]
         assert phases[oracle["peak_at"]]["total_bytes"] == oracle["peak_bytes"]
         assert sum(oracle["breakdown"].values()) == oracle["peak_bytes"], point["name"]
+
+
+ROWS = compare(DOC)
+
+
+def test_every_grid_point_predicted_within_3_percent_of_the_oracle():
+    """`planner predict`'s allocated peak against the traced peak of the most loaded rank."""
+    off = {r.name: f"{r.error:+.2%}" for r in ROWS if abs(r.error) > TOLERANCE}
+    assert not off
+
+
+def test_median_and_max_error_meet_the_acceptance():
+    s = summary(ROWS)
+    assert s["median_abs_error"] <= 0.02
+    assert s["max_abs_error"] <= 0.05
+
+
+@pytest.mark.parametrize("category", PLANNER_GROUPS)
+def test_categories_agree_at_the_peak(category):
+    """No fudge factor: each category (params, grads, optimizer, parameter copies and
+    communication buffers, activations with the loss) agrees with the trace at the peak, within
+    3 % of the peak."""
+    off = {r.name: f"{r.category_errors()[category]:+.2%}" for r in ROWS
+           if abs(r.category_errors()[category]) > TOLERANCE}
+    assert not off
+
+
+def test_the_peak_falls_where_the_trace_says():
+    """The moment of the peak (the loss, a layer's backward, the optimizer step, ...) is the
+    traced one, except where two moments are within the tolerance of each other."""
+    for row, point in zip(ROWS, POINTS):
+        if row.predicted_at != row.traced_at:
+            phases = point["oracle"]["phases"]
+            assert phases[row.predicted_at]["total_bytes"] >= (1 - TOLERANCE) * row.traced_bytes, row.name
 
 
 SAMPLE = ["llama3.2-1b 8x512", "qwen2.5-0.5b fsdp64 8x2048", "llama3-8b tp2 1x2048",

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from calibration.cuda_autocast import CudaAutocastFp32Policy  # noqa: E402
+from calibration.cuda_behaviour import CudaBehaviour  # noqa: E402
 from calibration.oracle import _check_attention_kernel, check_traceable, trace_layers, uses_autocast  # noqa: E402
 from planner.errors import InvalidRequest  # noqa: E402
 from planner.graph import count_params  # noqa: E402
@@ -83,11 +83,21 @@ def test_cuda_fp32_policy_upcasts_pow_under_autocast_only():
     x = torch.ones(4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.pow(x, 3.0).dtype == torch.bfloat16
-        with CudaAutocastFp32Policy():
+        with CudaBehaviour():
             assert torch.pow(x, 3.0).dtype == torch.float32
             assert torch.softmax(x, -1, dtype=torch.bfloat16).dtype == torch.bfloat16
-    with CudaAutocastFp32Policy():
+    with CudaBehaviour():
         assert torch.pow(x, 3.0).dtype == torch.bfloat16
+
+
+def test_dropout_keeps_a_boolean_mask_as_the_fused_cuda_kernel_does():
+    """CPU F.dropout multiplies by a noise tensor in the input's dtype and keeps it; CUDA's fused
+    native_dropout keeps a one-byte mask (aten/src/ATen/native/Dropout.cpp)."""
+    x = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    with CudaBehaviour():
+        y = torch.nn.functional.dropout(x, 0.1, training=True)
+    assert type(y.grad_fn).__name__ == "NativeDropoutBackward0"
+    assert y.grad_fn._saved_result1.dtype == torch.bool
 
 
 FLASH = "aten._scaled_dot_product_flash_attention_for_cpu.default"

@@ -1,4 +1,11 @@
-"""CUDA autocast's fp32 policy, replayed on CPU.
+"""What CUDA does that a CPU trace would not: autocast's fp32 policy and fused dropout.
+
+Fused dropout: on CUDA `F.dropout` runs the fused kernel (aten::native_dropout), which keeps a
+one-byte boolean mask for backward; on CPU it multiplies by a noise tensor in the input's dtype
+and keeps that (aten/src/ATen/native/Dropout.cpp, `is_fused_kernel_acceptable`). The mode below
+routes training-time dropout to native_dropout, which keeps the boolean mask on CPU too.
+
+CUDA autocast's fp32 policy:
 
 CPU autocast (what a CPU-only trace gets) casts matmuls to bf16 like CUDA autocast does, but it
 does not run CUDA's "fp32" ops in fp32: under CUDA autocast `torch.pow`, `exp`, `rsqrt`,
@@ -31,14 +38,22 @@ FP32_UNLESS_DTYPE = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_s
 LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
-class CudaAutocastFp32Policy(TorchFunctionMode):
+class CudaBehaviour(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.dropout:
+            return _fused_dropout(*args, **kwargs)
         upcast = torch.is_autocast_enabled("cpu") and (
             func in FP32_OPS or (func in FP32_UNLESS_DTYPE and kwargs.get("dtype") is None))
         if upcast:
             args, kwargs = tree_map(_to_fp32, (args, kwargs))
         return func(*args, **kwargs)
+
+
+def _fused_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 - F.dropout's signature
+    if not training or p == 0.0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
 
 
 def _to_fp32(value):
