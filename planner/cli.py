@@ -26,6 +26,7 @@ COMMANDS = {
     "capacity": ("planner.commands.capacity", "time, GPU-hours and cost to train N tokens at each cluster size"),
     "export": ("planner.commands.export", "turn a Plan into a torchrun line, DeepSpeed/Accelerate/torchtitan config or Slurm script"),
     "train": ("planner.commands.train", "train with a Plan (torchrun, DDP/FSDP2/TP/PP) and record what was measured"),
+    "oracle": ("planner.commands.oracle", "the memory model against fake-tensor traces of real training steps"),
 }
 
 

@@ -74,6 +74,10 @@ class Op:
     trainable: bool = True
     quantizable: bool = False  # a base linear weight: NF4 under QLoRA
     lora_of: str = ""  # name of the base linear a LoRA adapter belongs to
+    # gradients alive while this op's backward runs: its output's, the ones it produces, their casts
+    grads: tuple[Saved, ...] = ()
+    # (dim 0, elements) of each parameter tensor: FSDP2 pads dim 0 to a multiple of the ranks
+    param_dims: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -95,11 +99,16 @@ class ModelGraph:
 
 
 def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
-    """`params_sharded`: parameters live as FSDP2 shards cast to the compute dtype (ZeRO 2/3)."""
+    """The executor's numerics (executor/train.py `_forward_context`): `params_sharded` = FSDP2
+    shards cast to the compute dtype by its MixedPrecisionPolicy (ZeRO 2/3, full training), no
+    autocast; a LoRA base is stored in the compute dtype and runs under autocast (its fp32
+    adapters are cast); bf16 master weights run in bf16 without autocast."""
     if workload.precision == "fp32":
         return Numerics(compute_bytes=4, residual_bytes=4, autocast=False)
-    if workload.method != "full" or params_sharded or workload.master_dtype == "bf16":
+    if workload.master_dtype == "bf16" or (params_sharded and workload.method == "full"):
         return Numerics(compute_bytes=2, residual_bytes=2, autocast=False)
+    if workload.method != "full":
+        return Numerics(compute_bytes=2, residual_bytes=2, autocast=True)
     return Numerics(compute_bytes=2, residual_bytes=4, autocast=True)
 
 
@@ -149,15 +158,18 @@ class _BlockBuilder:
         self.add(norm_op(self.spec, self.n, name, input_key))
 
     def linear(self, name: str, in_features: int, out_features: int, bias: bool, input_key: str,
-               column: bool, after: str | list[str] | None = None) -> str:
-        """A (possibly LoRA-wrapped) linear. Column-parallel inputs are replicated across TP ranks."""
+               column: bool, after: str | list[str] | None = None, input_bytes: int | None = None) -> str:
+        """A (possibly LoRA-wrapped) linear. Column-parallel inputs (the normalised residual stream)
+        are replicated across TP ranks; row-parallel ones are in the compute dtype unless given."""
+        if input_bytes is None:
+            input_bytes = self.n.residual_bytes if column else self.n.compute_bytes
         op = linear_op(self.n, name, in_features, out_features, bias, input_key,
-                       split="sp" if column else "tp")
+                       split="sp" if column else "tp", input_bytes=input_bytes)
         base = self.add(op, after=after)
         target = next((t for t, n in LORA_TARGET_OPS.items() if n == name), None)
         if target in self.lora_targets or (name == "qkv_proj" and self.lora_targets & {"q", "k", "v"}):
             self.add(lora_op(self.n, self.workload.lora_rank, name, in_features, out_features,
-                             input_key, column), after=after)
+                             input_key, column, input_bytes), after=after)
             self.last = base
         return base
 
@@ -174,15 +186,18 @@ class _BlockBuilder:
             self.last = ["q_proj", "k_proj", "v_proj"]
         qk = s.q_dim + s.kv_dim
         if s.positions == "rotary":
-            # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin; with fp32 cos/sin (autocast) the result is fp32
-            rope_out = (FP32_BYTES if n.autocast else c) * qk
+            # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin; the rotary embedding returns cos/sin in the
+            # hidden states' dtype, so under autocast over fp32 weights the result is fp32
+            rope_out = n.residual_bytes * qk
             self.add(Op("rotary", "elementwise", io_bytes_per_token=c * qk * 3 + rope_out,
-                        out_bytes_per_token=rope_out))
+                        out_bytes_per_token=rope_out, grads=(Saved("rotary.grad", rope_out + 2 * c * qk),)))
         self.add(attention_op(s, self.workload, n))
-        # sdpa_attention_forward returns attn_output.transpose(1, 2).contiguous(): a copy that o_proj saves
+        # sdpa_attention_forward returns attn_output.transpose(1, 2).contiguous(); the flash kernels
+        # write their output as (batch, seq, heads, dim) already, so the copy is a view that o_proj
+        # saves as the attention output itself
         self.add(Op("attn_transpose", "elementwise", io_bytes_per_token=2 * c * s.q_dim,
                     out_bytes_per_token=c * s.q_dim))
-        self.linear("o_proj", s.q_dim, s.hidden_size, s.out_bias, "attn.out_t", column=False)
+        self.linear("o_proj", s.q_dim, s.hidden_size, s.out_bias, "attn.out", column=False)
 
     def residual(self, name: str, dropout: bool) -> None:
         r, h = self.n.residual_bytes, self.spec.hidden_size
@@ -201,8 +216,9 @@ class _BlockBuilder:
         # act_fn(gate) saves gate's output; act_fn(gate) * up saves both factors; down saves the product
         saved = (Saved("gate_proj.out", c * i), Saved("act.extra", c * i * (act - 1)),
                  Saved("act.out", c * i), Saved("up_proj.out", c * i))
+        # backward: the product's gradient and the two it produces (activation and up)
         self.add(Op("act_mul", "elementwise", io_bytes_per_token=6 * c * i, out_bytes_per_token=c * i,
-                    saved=tuple(x for x in saved if x.bytes_per_token)))
+                    saved=tuple(x for x in saved if x.bytes_per_token), grads=(Saved("act_mul.grad", 3 * c * i),)))
         self.linear("down_proj", i, h, s.mlp_bias, "mlp.prod", column=False)
 
     def plain_mlp(self) -> None:
@@ -210,27 +226,42 @@ class _BlockBuilder:
         h, i = s.hidden_size, s.intermediate_size
         self.linear("up_proj", h, i, s.mlp_bias, "mlp_norm.out", column=True)
         act = ACTIVATION_SAVED_TENSORS.get(s.activation, 1)
-        self.add(Op("act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=c * i,
-                    saved=(Saved("up_proj.out", c * i * act),)))
-        self.linear("down_proj", i, h, s.mlp_bias, "mlp.act_out", column=False)
+        saved_bytes, out_bytes = c * act, c
+        if self.n.autocast and s.activation == "gelu_new":
+            # NewGELUActivation under CUDA autocast: torch.pow runs in fp32 (autocast_mode.cpp fp32 list) and
+            # keeps its fp32 input copy; tanh keeps its fp32 output; the final product keeps 0.5*x (bf16) and
+            # 1 + tanh (fp32) and is fp32, which c_proj casts again
+            saved_bytes, out_bytes = 3 * FP32_BYTES + c, FP32_BYTES
+        self.add(Op("act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
+                    saved=(Saved("up_proj.out", saved_bytes * i),),
+                    grads=(Saved("act.grad", (2 * out_bytes + c) * i),)))
+        self.linear("down_proj", i, h, s.mlp_bias, "mlp.act_out", column=False, input_bytes=out_bytes)
 
     def moe(self) -> None:
+        """transformers' MoE block with the grouped_mm experts (integrations/moe.py,
+        grouped_mm_experts_forward), per token with k routed copies."""
         s, n = self.spec, self.n
         c = n.compute_bytes
-        h, i, k = s.hidden_size, s.intermediate_size, s.experts_per_token
-        router = linear_op(n, "router", h, s.num_experts, False, "mlp_norm.out", split="sp")
-        self.add(replace(router, tp_split=False,
-                          saved=router.saved + (Saved("router.probs", FP32_BYTES * s.num_experts, "sp"),)))
-        # MixtralExperts: per routed token, hidden_states[token_idx] (a copy; autocast casts it again),
-        # gate_up output (kept by the chunk views), act(gate), act*up (saved by down), down output
-        # (saved by the routing-weight multiply).
-        copy_bytes = (n.residual_bytes + c) if n.autocast else c
-        saved = (Saved("experts.in", copy_bytes * h, for_weight_grad=True),
-                 Saved("experts.gate_up", 2 * c * i), Saved("experts.act", c * i),
-                 Saved("experts.prod", c * i, for_weight_grad=True), Saved("experts.down_out", c * h))
-        self.add(Op("experts", "experts", params=s.num_experts * 3 * h * i, gemm=(h, 3 * i), tokens_factor=k,
+        h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
+        router = linear_op(n, "router", h, e, False, "mlp_norm.out", split="sp", input_bytes=n.residual_bytes)
+        # softmax(router_logits.float()) keeps its fp32 output; topk its int64 indices; the top values are
+        # renormalised in place (a fp32 copy and their sum are kept)
+        routing = (Saved("router.probs", FP32_BYTES * e, "sp"), Saved("router.topk", (INDEX_BYTES + FP32_BYTES) * k, "sp"),
+                   Saved("router.sum", FP32_BYTES, "sp"))
+        self.add(replace(router, tp_split=False, saved=router.saved + routing))
+        # experts: sort by expert (int64 permutation, its token index and inverse), gather the hidden states
+        # (kept by the first grouped_mm for the weights' gradient), gate_up output (kept by the activation's
+        # chunk views), act(gate) (kept with up by their product), the product (kept by the second grouped_mm
+        # for the weights' gradient), the down output and the routing weights (kept by their product)
+        saved = (Saved("experts.index", 3 * INDEX_BYTES * k + FP32_BYTES * k, "sp"),
+                 Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
+                 Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
+                 Saved("experts.down_out", c * h * k))
+        self.add(Op("experts", "experts", params=e * 3 * h * i, gemm=(h, 3 * i), tokens_factor=k,
                     flops_per_token=k * 2 * 3 * h * i, io_bytes_per_token=k * 8 * c * i,
-                    out_bytes_per_token=c * h, saved=saved, quantizable=True))
+                    out_bytes_per_token=c * h, saved=saved, quantizable=True,
+                    grads=(Saved("experts.grad", k * c * (2 * h + 3 * i)),),
+                    param_dims=((e, e * 2 * h * i), (e, e * h * i))))
 
 
 def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
@@ -246,53 +277,89 @@ def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
     else:
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.stats", 2 * FP32_BYTES, "sp"))
     out = FP32_BYTES * h if (n.autocast and spec.norm == "layernorm") else r * h
+    # backward: the output's gradient, the input's, and fp32 temporaries of the normalisation's chain rule
+    grads = (Saved(f"{name}.grad", out + r * h + 2 * FP32_BYTES * h, "sp"),)
     return Op(name, "norm", params=params, tp_split=False, io_bytes_per_token=2 * r * h + out,
-              out_bytes_per_token=out, saved=saved)
+              out_bytes_per_token=out, saved=saved, grads=grads, param_dims=((h, params),))
 
 
 def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias: bool, input_key: str,
-              split: str) -> Op:
-    """F.linear keeps its input for the weight gradient. Under autocast each linear casts its fp32
-    input to bf16 on its own (activation casts are not cached), so each keeps its own copy."""
+              split: str, input_bytes: int | None = None) -> Op:
+    """F.linear keeps its input for the weight gradient. Under autocast each linear casts an fp32
+    input (the normalised residual stream, GPT-2's fp32 gelu_new output) to bf16 on its own
+    (activation casts are not cached), so each keeps its own copy."""
     c = n.compute_bytes
-    key = f"{name}.in_cast" if n.autocast and split == "sp" else input_key
+    cast = n.autocast and (input_bytes if input_bytes is not None else c) != c
+    key = f"{name}.in_cast" if cast else input_key
+    out_split = "tp" if split == "sp" else "sp"  # column: output sharded; row: input sharded
+    # backward: the output's gradient (in the compute dtype) and the input's (cast back when the input was)
+    grads = (Saved(f"{name}.grad_out", c * out_features, out_split),
+             Saved(f"{name}.grad_in", (c + (FP32_BYTES if cast else 0)) * in_features, split))
     return Op(name, "matmul", params=in_features * out_features + (out_features if bias else 0),
               gemm=(in_features, out_features), flops_per_token=2 * in_features * out_features,
               out_bytes_per_token=c * out_features,
               saved=(Saved(key, c * in_features, split, for_weight_grad=True),),
-              quantizable=True)
+              quantizable=True, grads=grads,
+              param_dims=((out_features, in_features * out_features),) + (((out_features, out_features),) if bias else ()))
 
 
 def lora_op(n: Numerics, rank: int, base: str, in_features: int, out_features: int, input_key: str,
-            column: bool) -> Op:
-    """peft LoRA: lora_B(lora_A(x)) * scaling. lora_A keeps x, lora_B keeps lora_A's output (r per
-    token). A is sharded with the base's input, B with its output; the rank dimension is replicated."""
+            column: bool, input_bytes: int) -> Op:
+    """peft LoRA: lora_B(lora_A(x)) * scaling, with x first cast to the adapters' fp32 (peft
+    `_cast_input_dtype`; adapters are fp32 by autocast_adapter_dtype). Under autocast lora_A casts
+    that copy back to bf16 and keeps it; without autocast it keeps the fp32 copy, or x itself when
+    x is fp32. lora_B keeps lora_A's output (rank per token). A is sharded with the base's input,
+    B with its output; the rank dimension is replicated."""
     c = n.compute_bytes
     split = "sp" if column else "tp"
-    key = f"{base}.in_cast" if n.autocast and column else input_key
+    kept = c if n.autocast else FP32_BYTES
+    key = input_key if (input_bytes == FP32_BYTES and not n.autocast) else f"{base}.lora_in"
     return Op(f"{base}.lora", "matmul", params=rank * (in_features + out_features), tp_split=True,
               gemm=(in_features, rank), flops_per_token=2 * rank * (in_features + out_features),
               io_bytes_per_token=3 * c * out_features, out_bytes_per_token=c * out_features,
-              saved=(Saved(key, c * in_features, split, for_weight_grad=True),
-                     Saved(f"{base}.lora_a_out", c * rank, "none", for_weight_grad=True)),
-              lora_of=base)
+              saved=(Saved(key, kept * in_features, split, for_weight_grad=True),
+                     Saved(f"{base}.lora_a_out", kept * rank, "none", for_weight_grad=True)),
+              lora_of=base, grads=(Saved(f"{base}.lora_grad", (c + FP32_BYTES) * in_features, split),),
+              param_dims=((rank, rank * in_features), (out_features, rank * out_features)))
+
+
+def sliding_window(spec: ModelSpec) -> int | None:
+    """The attention window of Mistral-family models (config.json `sliding_window`)."""
+    window = spec.hf_config.get("sliding_window") if spec.family in ("mistral", "mixtral") else None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def masked_attention(spec: ModelSpec, workload: Workload) -> bool:
+    """transformers lets SDPA run causally without a mask unless a sliding window is no longer than
+    the sequence (masking_utils._ignore_causal_mask_sdpa); then it passes an explicit mask."""
+    window = sliding_window(spec)
+    return workload.attention == "sdpa" and window is not None and workload.seq_len >= window
 
 
 def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
     """SDPA (flash / memory-efficient kernels): keeps q, k, v, the output and the fp32 log-sum-exp
-    (one per head per token). GQA runs natively (enable_gqa), so k and v stay kv-sized. Eager
-    attention also keeps the fp32 softmax output, its bf16 cast, and the dropout mask and output."""
+    (one per head per token). GQA runs natively (enable_gqa), so k and v stay kv-sized, unless a
+    mask is passed: then transformers repeats k and v for every head (repeat_kv,
+    sdpa_attention.use_gqa_in_sdpa) and SDPA keeps the copies. Eager attention also keeps the fp32
+    softmax output, its bf16 cast, and the dropout mask and output."""
     c, a = n.compute_bytes, spec.num_heads
     q, kv = spec.q_dim, spec.kv_dim
-    saved = [Saved("attn.q", c * q), Saved("attn.k", c * kv), Saved("v_proj.out", c * kv),
+    k_and_v = [Saved("attn.k", c * kv), Saved("v_proj.out", c * kv)]
+    if masked_attention(spec, workload):
+        # SDPA turns the boolean mask into an additive one in the compute dtype and keeps it, per layer
+        # (torch/nn/attention/_utils: convert_boolean_attn_mask), one (batch, 1, s, s) per layer
+        k_and_v = [Saved("attn.k", c * q), Saved("attn.v", c * q), Saved("attn.mask", c * workload.seq_len, "none")]
+    saved = [Saved("attn.q", c * q), *k_and_v,
              Saved("attn.out", c * q), Saved("attn.lse", FP32_BYTES * a, selective=True)]
     if workload.attention == "eager":
         per_score = FP32_BYTES + c + ((1 + c) if spec.dropout > 0 else 0)
         saved = saved[:3] + [Saved("attn.scores", per_score * a, times_seq=True)]
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)
+    # backward: the output's gradient and those of q, k and v
+    grads = (Saved("attention.grad", c * (2 * q + 2 * kv)),)
     return Op("attention", "attention", flops_per_token_seq=4 * q, io_bytes_per_token=c * (2 * q + 2 * kv),
-              out_bytes_per_token=c * q, saved=tuple(saved))
+              out_bytes_per_token=c * q, saved=tuple(saved), grads=grads)
 
 
 def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
@@ -301,14 +368,16 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
     h, v = spec.hidden_size, spec.vocab_size
     trainable = workload.method == "full"
     emb_out = n.residual_bytes * h
+    saved = [Saved("input_ids", INDEX_BYTES, "none")]
     graph.add_node("embedding", op=Op("embedding", "embedding", params=v * h, io_bytes_per_token=2 * emb_out,
-                                      out_bytes_per_token=emb_out, trainable=trainable,
-                                      saved=(Saved("input_ids", INDEX_BYTES, "none"),)))
+                                      out_bytes_per_token=emb_out, trainable=trainable, saved=tuple(saved),
+                                      param_dims=((v, v * h),)))
     last = "embedding"
     if spec.positions == "learned":
+        positions = spec.max_position_embeddings
         graph.add_node("position_embedding", op=Op("position_embedding", "embedding", tp_split=False,
-                                                   params=spec.max_position_embeddings * h,
-                                                   io_bytes_per_token=3 * emb_out, trainable=trainable))
+                                                   params=positions * h, io_bytes_per_token=3 * emb_out,
+                                                   trainable=trainable, param_dims=((positions, positions * h),)))
         graph.add_edge(last, "position_embedding")
         last = "position_embedding"
     if spec.final_norm:
@@ -316,7 +385,8 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
         graph.add_edge(last, "final_norm")
         last = "final_norm"
     head = linear_op(n, "lm_head", h, v, False, "final_norm.out", split="sp")
-    head = replace(head, params=0 if spec.tie_word_embeddings else v * h, trainable=trainable, quantizable=False)
+    head = replace(head, params=0 if spec.tie_word_embeddings else v * h, trainable=trainable, quantizable=False,
+                   param_dims=() if spec.tie_word_embeddings else head.param_dims)
     graph.add_node("lm_head", op=head)
     graph.add_edge(last, "lm_head")
     return graph

@@ -20,6 +20,7 @@ from planner.cost.candidates import Candidates
 from planner.cost.compute import model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, stage_params
+from planner.cost.moments import MOMENTS
 from planner.cost.schedule import pipeline_seconds
 
 FP32 = 4
@@ -69,6 +70,8 @@ class Estimates:
                 "peak_bytes_range": memory_range and [int(v) for v in memory_range],
                 "memory_margin": ctx.memory_margin,
                 "peak_phase": "optimizer-step" if self.memory["in_step"][i] else "forward-backward",
+                "peak_at": MOMENTS[int(self.memory["peak_moment"][i])],
+                "moments": {m: int(self.memory[f"moment:{m}"][i]) for m in MOMENTS},
                 "host_bytes_per_device": int(self.memory["host"][i]),
                 "breakdown": {k: int(self.memory[k][i]) for k in (*CATEGORIES, "overhead")},
             },

@@ -24,6 +24,7 @@ import numpy as np
 
 from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
+from planner.cost.moments import MOMENTS, StepParts, moments
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -35,152 +36,179 @@ OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS = 0, 1, 2
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "buffers")
 
 
-def loss_bytes_per_token(compute_bytes: int, vocab: int, chunks: int = 1, compiled: bool = False) -> float:
+def loss_bytes_per_token(compute_bytes: int, vocab: int, chunks: int = 1, compiled: bool = False,
+                         phase: str = "backward") -> float:
     """transformers ForCausalLMLoss upcasts logits to fp32 and runs cross_entropy (log_softmax +
-    nll). Forward peak: the logits (C bytes), the fp32 copy of the chunk being processed and the
-    saved fp32 log_softmax outputs (4). The executor drops the model output before backward
+    nll). Forward: the logits (C bytes), the fp32 copy of the chunk being processed and the saved
+    fp32 log_softmax outputs (4): C + 4 + 4/k bytes per vocabulary entry per token for k chunks
+    (torchtune's CEWithChunkedOutputLoss). The executor drops the model output before backward
     (`loss = model(...).loss`), so backward starts with the saved log_softmax outputs and, for the
-    chunk in flight, the gradient flowing into it and the one it produces (8). One chunk:
-    max(C + 8, 12) bytes per vocabulary entry per token; torchtune's CEWithChunkedOutputLoss with k
-    chunks: max(C + 4 + 4/k, 4 + 8/k). Under torch.compile the cross-entropy fuses: it keeps the
-    logits and a log-sum-exp per token and writes the gradient in the logits' dtype, C·(1 + 1/k)."""
+    chunk in flight, the gradient flowing into it and the one it produces: 4 + 8/k. Under
+    torch.compile the cross-entropy fuses: it keeps the logits and a log-sum-exp per token and
+    writes the gradient in the logits' dtype, C·(1 + 1/k)."""
     if compiled:
         return compute_bytes * (1 + 1 / chunks) * vocab
-    return max(compute_bytes + FP32 + FP32 / chunks, FP32 + 2 * FP32 / chunks) * vocab
+    if phase == "forward":
+        return (compute_bytes + FP32 + FP32 / chunks) * vocab
+    return (FP32 + 2 * FP32 / chunks) * vocab
 
 
 def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
-    """Unsharded-by-ZeRO parameter counts on one TP rank of this stage, by storage class."""
+    """Unsharded-by-ZeRO parameter counts on one TP rank of this stage, by storage class, and the
+    FSDP2 padding of its tensors over the data-parallel ranks."""
     t = c.tp
     layer, emb, head = regime.layer.params, regime.embedding.params, regime.head.params
     n = layout.layers[role]
     first, last = layout.has_embedding[role], layout.has_head[role]
+    full = ctx.workload.method == "full"
+    # the executor shards a tied embedding / LM head with TP only when they are not tied
+    tv = np.where(ctx.spec.tie_word_embeddings, 1, t)
     # a tied LM head on its own pipeline stage needs its own copy of the embedding (Megatron does this)
     tied_copy = np.where(last & (c.pp > 1) & ctx.spec.tie_word_embeddings, emb.trainable_tp + emb.frozen_tp, 0)
-    trainable = (n * (layer.trainable_tp / t + layer.trainable_rep) + first * (emb.trainable_tp / t + emb.trainable_rep)
-                 + last * (head.trainable_tp / t + head.trainable_rep))
-    trainable = trainable + np.where(ctx.workload.method == "full", tied_copy / t, 0)
-    frozen = (n * (layer.frozen_tp / t + layer.frozen_rep) + first * (emb.frozen_tp / t + emb.frozen_rep)
-              + last * (head.frozen_tp / t + head.frozen_rep))
-    frozen = frozen + np.where(ctx.workload.method != "full", tied_copy / t, 0)
+    emb_trainable = emb.trainable_tp / tv + emb.trainable_rep
+    head_trainable = head.trainable_tp / tv + head.trainable_rep + np.where(full, tied_copy / tv, 0)
+    trainable = n * (layer.trainable_tp / t + layer.trainable_rep) + first * emb_trainable + last * head_trainable
+    frozen = (n * (layer.frozen_tp / t + layer.frozen_rep) + first * (emb.frozen_tp / tv + emb.frozen_rep)
+              + last * (head.frozen_tp / tv + head.frozen_rep))
+    frozen = frozen + np.where(full, 0, tied_copy / tv)
     quantized = n * layer.quantized_tp / t
-    # weights that pass through a linear (autocast casts them): layer linears and the LM head
-    vocab_hidden = ctx.spec.vocab_size * ctx.spec.hidden_size
-    matmul = n * layer.trainable_tp / t + last * vocab_hidden / t * (ctx.workload.method == "full")
     per_layer = layer.trainable_tp / t + layer.trainable_rep + layer.frozen_tp / t + layer.frozen_rep + layer.quantized_tp / t
-    root = first * (emb.total - emb.quantized_tp) / t + last * (head.total + tied_copy) / t
-    root_trainable = first * emb.trainable / t + last * (head.trainable + tied_copy * (ctx.workload.method == "full")) / t
-    return {"trainable": trainable, "frozen": frozen, "quantized": quantized, "matmul": matmul,
+    root = first * (emb.total - emb.quantized_tp) / tv + last * (head.total + tied_copy) / tv
+    layer_pad, root_pad = layer.padding(c.dp), (emb + head).padding(c.dp)
+    stage = n * per_layer + root
+    # the executor's vocabulary-parallel embedding (RowwiseParallel) gets its gradient replicated: DTensor's
+    # embedding backward all-reduces a whole-vocabulary gradient that AccumulateGrad then keeps
+    replicated = first * np.where((t > 1) & ~ctx.spec.tie_word_embeddings & full & (c.zero < 2),
+                                  emb.trainable_tp * (1 - 1 / t), 0.0)
+    return {"trainable": trainable, "frozen": frozen, "quantized": quantized,
             "per_layer": per_layer, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep,
-            "root": root, "root_trainable": root_trainable}
+            "root": root, "root_trainable": first * emb_trainable + last * head_trainable,
+            "head_trainable": last * head_trainable, "vocab_split": tv, "embedding_replicated_grad": replicated,
+            "layer_padding": layer_pad, "root_padding": root_pad,
+            "padding": (n * per_layer * layer_pad + root * root_pad) / np.maximum(stage, 1)}
 
 
 def stage_memory(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
-    w, n = ctx.workload, regime.numerics
-    dp, zero, offload = c.dp, c.zero, c.offload
-    p = stage_params(ctx, regime, c, layout, role)
-    shard_params = np.where(zero >= 2, dp, 1)
-    shard_grads = np.where(zero >= 2, dp, 1)
-    shard_state = np.where(zero >= 1, dp, 1)
-    master_bytes = FP32 if w.master_dtype == "fp32" else 2
-    frozen_bytes = n.compute_bytes
-    state_bytes = OPTIMIZER_STATE_BYTES[(w.optimizer, w.master_dtype)]
+    """The stage role's memory at every moment (planner/cost/moments.py); the largest is the peak."""
+    store = _storage(ctx, regime, c, stage_params(ctx, regime, c, layout, role))
+    parts = _step_parts(ctx, regime, c, layout, role, store)
+    if ctx.workload.activation_offload:  # saved activations wait in host memory; the device keeps two layers'
+        store["host"] = store["host"] + parts.others + parts.layers * parts.kept_layer
+        parts.layers_resident = np.minimum(parts.layers, 2)
+        parts.others = 0.0 * parts.others
+    table = moments(parts)
+    table["optimizer-step"] = {"grads": store["grads"], "buffers": 0.0, "activations": 0.0, "logits": 0.0}
+    static = store["params"] + store["states"]
+    totals = np.stack([static + sum(table[m].values()) + (store["temps"] if m == "optimizer-step" else 0.0)
+                       for m in MOMENTS])
+    peak = np.argmax(totals, axis=0)
+    in_step = peak == MOMENTS.index("optimizer-step")
 
-    params = (p["trainable"] * master_bytes + p["frozen"] * frozen_bytes
-              + p["quantized"] * NF4_BYTES_PER_PARAM) / shard_params
-    grads = p["trainable"] * master_bytes / shard_grads
-    states = p["trainable"] * state_bytes / shard_state
+    def at_peak(category: str) -> np.ndarray:
+        return np.choose(peak, [np.broadcast_to(table[m][category], peak.shape) for m in MOMENTS])
+
+    result = {"params": store["params"], "grads": at_peak("grads"),
+              "optimizer": store["states"] + np.where(in_step, store["temps"], 0.0),
+              "activations": at_peak("activations"), "logits": at_peak("logits"), "buffers": at_peak("buffers"),
+              "allocated": totals.max(axis=0), "in_step": in_step, "peak_moment": peak, "host": store["host"]}
+    result.update({f"moment:{m}": totals[i] for i, m in enumerate(MOMENTS)})
+    return result
+
+
+def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parameters, gradients, optimizer states and their host share, as stored on the device."""
+    w, n = ctx.workload, regime.numerics
+    fsdp = c.zero >= 2
+    shard = np.where(fsdp, c.dp, 1) * 1.0
+    shard_state = np.where(c.zero >= 1, c.dp, 1)
+    master_bytes = FP32 if w.master_dtype == "fp32" else 2
+    state_bytes = OPTIMIZER_STATE_BYTES[(w.optimizer, w.master_dtype)]
+    pad = np.where(fsdp, p["padding"], 1.0)  # FSDP2 pads dim 0 to a multiple of the ranks
+    frozen = p["frozen"] * n.compute_bytes + p["quantized"] * NF4_BYTES_PER_PARAM
+    params = (p["trainable"] * master_bytes + frozen) * pad / shard
+    grads = (p["trainable"] * master_bytes * pad + p["embedding_replicated_grad"] * master_bytes) / shard
+    states = p["trainable"] * state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
     # ZeRO-Offload (optimizer): fp32 master, moments and fp32 grads live on the host; the device keeps
     # compute-dtype params and grads. FSDP2 CPUOffloadPolicy (params): everything lives on the host.
-    offload_opt = offload == OFFLOAD_OPTIMIZER
-    offload_all = offload == OFFLOAD_PARAMS
-    params = np.where(offload_opt, (p["trainable"] * n.compute_bytes + p["frozen"] * frozen_bytes
-                                    + p["quantized"] * NF4_BYTES_PER_PARAM) / shard_params, params)
-    grads = np.where(offload_opt, p["trainable"] * n.compute_bytes / shard_grads, grads)
+    offload_opt, offload_all = c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS
+    params = np.where(offload_opt, (p["trainable"] * n.compute_bytes + frozen) * pad / shard, params)
+    grads = np.where(offload_opt, p["trainable"] * n.compute_bytes * pad / shard, grads)
     params, grads = np.where(offload_all, 0.0, params), np.where(offload_all, 0.0, grads)
     states = np.where(offload_opt | offload_all, 0.0, states)
     host = np.where(offload_opt | offload_all, p["trainable"] * (2 * master_bytes + state_bytes) / shard_state, 0.0)
-    host = host + np.where(offload_all, (p["frozen"] * frozen_bytes + p["quantized"] * NF4_BYTES_PER_PARAM)
-                           / shard_params, 0.0)
-
-    buffers = _parameter_copies(ctx, regime, c, p)
-    activations, transient = _activations(ctx, regime, c, layout, role)
-    if w.activation_offload:  # saved activations wait in host memory; the device keeps the layer running and the next
-        host = host + activations
-        activations = np.minimum(activations, 2 * _kept_per_layer(ctx, regime, c))
-    tokens = c.micro_batch_size * w.seq_len
-    loss = loss_bytes_per_token(n.compute_bytes, ctx.spec.vocab_size, w.loss_chunks, w.compile)
-    logits = np.where(layout.has_head[role], loss * tokens / c.tp, 0.0)
-    temps = _optimizer_temporaries(ctx, p, shard_state, shard_params, master_bytes) * (offload == OFFLOAD_NONE)
+    host = host + np.where(offload_all, frozen * pad / shard, 0.0)
+    temps = _optimizer_temporaries(ctx, p, shard_state, shard, master_bytes) * (c.offload == OFFLOAD_NONE)
     # gradients are held during forward/backward when they accumulate over micro-batches; under a
     # pipeline, torch.distributed.pipelining turns off FSDP's gradient sync and resharding until the
     # last micro-batch, so the stage's gradients accumulate unsharded in the reduce dtype
     grads_held = np.where((c.num_micro_batches > 1) | (c.pp > 1), grads, 0.0)
-    pp_fsdp = (c.zero >= 2) & (c.pp > 1)
-    grads_held = np.where(pp_fsdp, _reduce_bytes(w) * p["trainable"], grads_held)
+    grads_held = np.where(fsdp & (c.pp > 1), _reduce_bytes(w) * p["trainable"], grads_held)
     if w.optimizer_in_backward:
-        # each parameter steps in its post-accumulate-grad hook: at most one layer's gradients exist and
-        # there is no separate optimizer step (torchtune optimizer_in_bwd)
-        transient = transient + master_bytes * p["per_layer"] / shard_grads
+        # each parameter steps in its post-accumulate-grad hook: gradients exist only while their layer's
+        # backward runs and there is no separate optimizer step (torchtune optimizer_in_bwd)
         grads, grads_held, temps = 0.0 * grads, 0.0 * grads, 0.0 * temps
+    return {"params": params, "grads": grads, "states": states, "temps": temps, "host": host,
+            "grads_held": grads_held, "shard": shard, "pad": pad, "master_bytes": master_bytes, "p": p}
 
-    fwd_bwd = params + states + grads_held + buffers + activations + np.maximum(logits, transient)
-    step = params + grads + states + temps
-    in_step = step > fwd_bwd
-    return {
-        "params": params, "grads": np.where(in_step, grads, grads_held),
-        "optimizer": np.where(in_step, states + temps, states),
-        "activations": np.where(in_step, 0.0, activations + np.where(logits >= transient, 0.0, transient)),
-        "logits": np.where(in_step | (logits < transient), 0.0, logits),
-        "buffers": np.where(in_step, 0.0, buffers),
-        "allocated": np.maximum(fwd_bwd, step), "in_step": in_step, "host": host,
-    }
+
+def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str,
+                store: dict[str, np.ndarray]) -> StepParts:
+    w, spec, num = ctx.workload, ctx.spec, regime.numerics
+    p, cb = store["p"], num.compute_bytes
+    tokens, s, t = c.micro_batch_size * w.seq_len, w.seq_len, c.tp
+    sp_div = np.where(c.sequence_parallel, t, 1)
+
+    def per_micro_batch(b) -> np.ndarray:
+        return b.evaluate(tokens, s, t, sp_div)
+
+    saved = {name: per_micro_batch(regime.layer.saved[name]) for name in ("none", "selective", "full")}
+    kept = np.select([c.recompute == 0, c.recompute == 1], [saved["none"], saved["selective"]], saved["full"])
+    layers, has_emb, has_head = layout.layers[role], layout.has_embedding[role], layout.has_head[role]
+    vocab, hidden = spec.vocab_size, spec.hidden_size
+    loss = {phase: has_head * tokens * loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase)
+            for phase in ("forward", "backward")}
+    fsdp, gb = c.zero >= 2, store["master_bytes"]
+    shard = store["shard"]
+    layer_pad, root_pad = np.where(fsdp, p["layer_padding"], 1.0), np.where(fsdp, p["root_padding"], 1.0)
+    head_weights = has_head * vocab * hidden / p["vocab_split"] * (w.method == "full")
+    tied = spec.tie_word_embeddings * has_head * has_emb * store["master_bytes"] * head_weights
+    casts = num.autocast & (c.zero <= 1)
+    trained_matmuls = regime.layer.params.trainable_tp / t
+    steps = [(per_micro_batch(step.alive), step.weight_params_tp / t + step.weight_params_rep,
+              step.done_params_tp / t + step.done_params_rep) for step in regime.layer.backward]
+    if w.optimizer_in_backward:
+        gb = 0.0 * gb
+    grad_layer = gb * p["per_layer_trainable"] * layer_pad / shard
+    boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
+    return StepParts(
+        layers=layers, others=(layout.in_flight[role] - layers) * kept, kept_layer=kept,
+        embedding=has_emb * layout.chunks_in_flight[role] * per_micro_batch(regime.embedding.saved["none"]),
+        head=has_head * per_micro_batch(regime.head.saved["none"]),
+        held_output=has_head * num.residual_bytes * hidden * tokens / sp_div,
+        loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb,
+        steps=steps, grads_held=store["grads_held"], grad_layer=grad_layer,
+        grad_head=gb * p["head_trainable"] * root_pad / shard, grad_all=store["grads"], grad_bytes=gb,
+        head_weights=head_weights,
+        embedding_grad=has_emb * gb * (vocab * hidden / p["vocab_split"] + p["embedding_replicated_grad"]),
+        incoming_grad=has_emb * num.residual_bytes * hidden * tokens / sp_div,
+        tied_grad=np.where(fsdp, 0.0, tied),
+        compute_bytes=cb, autocast_casts=casts, cast_layer=np.where(casts, cb * trained_matmuls, 0.0),
+        cast_head=np.where(casts, cb * head_weights, 0.0), fsdp=fsdp,
+        zero2=(c.zero == 2) | (fsdp & (c.pp > 1)),
+        gathered_layer=cb * p["per_layer"] * layer_pad, gathered_root=cb * p["root"] * root_pad,
+        scatter_layer=_reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
+        scatter_root=_reduce_bytes(w) * p["root_trainable"] * root_pad,
+        root_grads=np.where(fsdp, cb * p["head_trainable"] * root_pad, 0.0),
+        root_grads_all=np.where(fsdp, cb * p["root_trainable"] * root_pad, 0.0),
+        layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
+        has_head=has_head, has_embedding=has_emb, boundary=boundary, layers_resident=layers,
+        checkpointed=c.recompute != 0)
 
 
 def _reduce_bytes(w) -> int:
     """FSDP2 reduce-scatters gradients in reduce_dtype: fp32 with fp32 master weights
     (MixedPrecisionPolicy(reduce_dtype=fp32)), the parameters' bf16 otherwise."""
     return FP32 if w.master_dtype == "fp32" else 2
-
-
-def _parameter_copies(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarray]) -> np.ndarray:
-    """Compute-dtype parameter copies alive during forward/backward.
-
-    autocast caches one bf16 cast of every weight that enters a linear until the forward ends, and
-    each linear's backward keeps it (F.linear saves its weight). FSDP2 holds what it all-gathered:
-    with reshard_after_forward=False (ZeRO 2, and every unit under a pipeline) the whole stage;
-    otherwise the running layer, the prefetched one and the root module (embedding, final norm, head:
-    FSDP2 does not reshard the root after forward), plus one unit's unsharded gradients as the
-    reduce-scatter input (trained parameters only)."""
-    cb = regime.numerics.compute_bytes
-    autocast_cache = np.where(regime.numerics.autocast & (c.zero <= 1), cb * p["matmul"], 0.0)
-    stage = p["trainable"] + p["frozen"] + p["quantized"]
-    zero2 = cb * stage
-    scatter = _reduce_bytes(ctx.workload) * np.maximum(p["per_layer_trainable"], p["root_trainable"])
-    zero3 = cb * (2 * p["per_layer"] + p["root"]) + scatter
-    keep_whole = (c.zero == 2) | ((c.zero == 3) & (c.pp > 1))
-    copies = np.where(keep_whole, zero2, np.where(c.zero == 3, zero3, autocast_cache))
-    # pipeline receive buffers: one activation and one gradient of the stage boundary
-    boundary = np.where(c.pp > 1, 2 * cb * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
-                        / np.where(c.sequence_parallel, c.tp, 1), 0.0)
-    return copies + boundary
-
-
-def _activations(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str):
-    """Saved activations of all micro-batches in flight, and the extra held while one layer runs
-    its backward (the recomputed layer under checkpointing, plus gradient buffers)."""
-    tokens = c.micro_batch_size * ctx.workload.seq_len
-    s, t = ctx.workload.seq_len, c.tp
-    sp_div = np.where(c.sequence_parallel, t, 1)
-    per_layer = {name: regime.layer.saved[name].evaluate(tokens, s, t, sp_div) for name in ("none", "selective", "full")}
-    kept = np.select([c.recompute == 0, c.recompute == 1], [per_layer["none"], per_layer["selective"]], per_layer["full"])
-    chunks = layout.chunks_in_flight[role]
-    activations = layout.in_flight[role] * kept
-    activations = activations + layout.has_embedding[role] * chunks * regime.embedding.saved["none"].evaluate(tokens, s, t, sp_div)
-    activations = activations + layout.has_head[role] * regime.head.saved["none"].evaluate(tokens, s, t, sp_div)
-    recomputed = np.where(c.recompute == 0, 0.0, per_layer["none"] - kept)
-    working = regime.layer.working_bytes.evaluate(tokens, s, t, sp_div)
-    return activations, recomputed + working
 
 
 def _optimizer_temporaries(ctx: Context, p: dict[str, np.ndarray], shard_state, shard_params,
@@ -197,14 +225,6 @@ def _optimizer_temporaries(ctx: Context, p: dict[str, np.ndarray], shard_state, 
     largest = max(parts.layer.params.largest_tensor, parts.embedding.params.largest_tensor,
                   parts.head.params.largest_tensor)
     return np.full_like(p["trainable"], 2 * master_bytes * largest, dtype=float) / shard_params
-
-
-def _kept_per_layer(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
-    tokens = c.micro_batch_size * ctx.workload.seq_len
-    sp_div = np.where(c.sequence_parallel, c.tp, 1)
-    per_policy = [regime.layer.saved[name].evaluate(tokens, ctx.workload.seq_len, c.tp, sp_div)
-                  for name in ("none", "selective", "full")]
-    return np.select([c.recompute == 0, c.recompute == 1], per_policy[:2], per_policy[2])
 
 
 def memory_breakdown(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) -> dict[str, np.ndarray]:

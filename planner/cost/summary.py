@@ -61,15 +61,28 @@ class ParamGroups:
     frozen_rep: float = 0.0
     quantized_tp: float = 0.0  # frozen base linears stored in NF4 (QLoRA)
     largest_tensor: float = 0.0  # the largest single trained parameter tensor (for-loop optimizer temps)
+    dims: tuple[tuple[int, int], ...] = ()  # (dim 0, elements) of every tensor, for FSDP2's padding
 
     def __add__(self, o: ParamGroups) -> ParamGroups:
         return ParamGroups(self.trainable_tp + o.trainable_tp, self.trainable_rep + o.trainable_rep,
                            self.frozen_tp + o.frozen_tp, self.frozen_rep + o.frozen_rep,
-                           self.quantized_tp + o.quantized_tp, max(self.largest_tensor, o.largest_tensor))
+                           self.quantized_tp + o.quantized_tp, max(self.largest_tensor, o.largest_tensor),
+                           self.dims + o.dims)
 
     def scale(self, factor: float) -> ParamGroups:
         return ParamGroups(self.trainable_tp * factor, self.trainable_rep * factor, self.frozen_tp * factor,
-                           self.frozen_rep * factor, self.quantized_tp * factor, self.largest_tensor)
+                           self.frozen_rep * factor, self.quantized_tp * factor, self.largest_tensor,
+                           tuple((d, n * factor) for d, n in self.dims))
+
+    def padding(self, ranks):
+        """FSDP2 shards every tensor along dim 0 and pads dim 0 to a multiple of the ranks
+        (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, `_init_sharded_param`): the padded
+        size over the true one, for an array of rank counts."""
+        total = sum(n for _, n in self.dims)
+        if not total:
+            return ranks * 0 + 1.0
+        padded = sum(n * (-(-d // ranks) * ranks) / d for d, n in self.dims)
+        return padded / total
 
     @property
     def total(self) -> float:
@@ -81,6 +94,20 @@ class ParamGroups:
 
 
 @dataclass(frozen=True)
+class BackwardStep:
+    """One op's backward inside a layer: the layer's saved tensors still alive (every one saved
+    without recomputation: a checkpointed layer has just been recomputed), the gradients the op
+    holds, and the trained weights whose gradients it makes."""
+
+    name: str
+    alive: Bytes
+    weight_params_tp: float = 0.0  # divided by the TP degree
+    weight_params_rep: float = 0.0
+    done_params_tp: float = 0.0  # weights whose gradients the layer's earlier steps made
+    done_params_rep: float = 0.0
+
+
+@dataclass(frozen=True)
 class PartSummary:
     """One layer, or the model's ends, reduced to coefficients."""
 
@@ -89,7 +116,7 @@ class PartSummary:
     attention_flops_per_token_seq: float
     io_bytes: Bytes
     saved: dict[str, Bytes] = field(default_factory=dict)  # by recompute policy
-    working_bytes: Bytes = Bytes()  # largest op input+output: gradient buffers during backward
+    backward: tuple[BackwardStep, ...] = ()  # the layer's backward, op by op
 
     @property
     def matmul_flops_per_token(self) -> float:
@@ -108,8 +135,7 @@ def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> 
         attention_flops_per_token_seq=sum(op.flops_per_token_seq for op in ops),
         io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") for op in ops), Bytes()),
         saved={policy: _saved_bytes(ops, policy, layer_input) for policy in RECOMPUTE_POLICIES},
-        working_bytes=max((_shard(2 * op.out_bytes_per_token * op.tokens_factor, "tp" if op.tp_split else "sp")
-                           for op in ops), key=lambda b: b.tp + b.sp + b.none, default=Bytes()),
+        backward=backward_steps(ops, layer_input) if layer_input is not None else (),
     )
 
 
@@ -166,6 +192,41 @@ def _saved_bytes(ops: list[Op], policy: str, layer_input: Saved | None) -> Bytes
     return total
 
 
+def backward_steps(ops: list[Op], layer_input: Saved) -> tuple[BackwardStep, ...]:
+    """Walk a layer's backward op by op (reverse order): autograd frees a saved tensor once the
+    last node that needs it has run, i.e. after the backward of the first op (in forward order)
+    that saved it; the gradient of the residual stream (the layer input's size) is held
+    throughout, as each branch's result is added to it."""
+    first_user: dict[str, int] = {}
+    tensors: dict[str, Saved] = {}
+    for index, op in enumerate(ops):
+        for tensor in op.saved:
+            if not (tensor.for_weight_grad and not op.trainable):
+                first_user.setdefault(tensor.key, index)
+                tensors.setdefault(tensor.key, tensor)
+    residual = _shard(layer_input.bytes_per_token, layer_input.split)
+    alive = dict(tensors)
+    done_tp = done_rep = 0.0
+    steps = []
+    for index in reversed(range(len(ops))):
+        op = ops[index]
+        held = sum((_saved(t) for t in alive.values()), Bytes()) + residual
+        held = held + sum((_shard(g.bytes_per_token, g.split) for g in op.grads), Bytes())
+        trained = op.params if op.trainable and op.kind in ("matmul", "experts", "router") else 0.0
+        tp, rep = (trained, 0.0) if op.tp_split else (0.0, trained)
+        steps.append(BackwardStep(op.name, held, tp, rep, done_tp, done_rep))
+        done_tp, done_rep = done_tp + (op.params if op.trainable and op.tp_split else 0.0), \
+            done_rep + (op.params if op.trainable and not op.tp_split else 0.0)
+        for key in [k for k, user in first_user.items() if user == index]:
+            alive.pop(key, None)
+    return tuple(steps)
+
+
+def _saved(tensor: Saved) -> Bytes:
+    part = _shard(tensor.bytes_per_token, tensor.split)
+    return Bytes(seq=part.tp + part.sp + part.none) if tensor.times_seq else part
+
+
 def _shard(value: float, split: str) -> Bytes:
     if split == "tp":
         return Bytes(tp=value)
@@ -175,7 +236,7 @@ def _shard(value: float, split: str) -> Bytes:
 
 
 def _param_groups(ops: list[Op], quantized: bool) -> ParamGroups:
-    groups = ParamGroups()
+    groups = ParamGroups(dims=tuple(dim for op in ops for dim in op.param_dims))
     for op in ops:
         if not op.params:
             continue
