@@ -225,6 +225,7 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, str | None]:
     global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
     extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
     extras["compile"] = _compiled(row)
+    extras["loss_parallel"] = _loss_parallel(row)
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
         note = "chunked cross-entropy (torchtune Llama 3.1 configs of that commit)"
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
@@ -264,6 +265,14 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=max(gb // (dp * mbs), 1),
                           recompute=recompute, zero=zero, offload=offload,
                           sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1)
+
+
+def _loss_parallel(row: dict[str, Any]) -> bool:
+    """Megatron-LM's cross-entropy runs on the vocabulary shards (tensor_parallel/cross_entropy.py,
+    vocab_parallel_cross_entropy) and so does torchtitan's (parallelize_llama.py apply_tp:
+    loss_parallel keeps the output projection's result sharded); other frameworks gather logits."""
+    framework = str(row.get("framework") or "").lower()
+    return "megatron" in framework or "torchtitan" in framework or "nemo" in framework
 
 
 def _sequence_parallel(row: dict[str, Any], tp: int) -> bool:

@@ -47,6 +47,9 @@ def _numerics_reason(workload: Workload, config: ParallelConfig) -> str | None:
         return "precision fp8 is not implemented by the executor; plan with --precision bf16"
     if workload.precision == "fp16":
         return "precision fp16 (it needs a gradient scaler) is not implemented by the executor; plan with --precision bf16"
+    if workload.loss_parallel and config.tp > 1:
+        return ("loss_parallel (cross-entropy on vocabulary shards) is not implemented by the executor, which "
+                "gathers the logits; plan without --loss-parallel")
     if workload.optimizer_in_backward and (config.dp > 1 or config.pp > 1 or config.num_micro_batches > 1):
         return ("optimizer_in_backward runs only with dp = pp = 1 and one micro-batch (gradients must be final "
                 "when each parameter's hook fires); plan without --optimizer-in-backward")

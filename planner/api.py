@@ -50,6 +50,7 @@ class Request:
     activation_offload: bool = False
     optimizer_in_backward: bool = False
     compile: bool = False
+    loss_parallel: bool = False
     calibration: str | None = None
     memory_margin: float | None = None  # None: from the calibration profile's residuals
 
@@ -86,7 +87,8 @@ def resolve(request: Request) -> Resolved:
                         lora_targets=tuple(request.lora_targets), attention=request.attention,
                         master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
                         activation_offload=request.activation_offload,
-                        optimizer_in_backward=request.optimizer_in_backward, compile=request.compile)
+                        optimizer_in_backward=request.optimizer_in_backward, compile=request.compile,
+                        loss_parallel=request.loss_parallel)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
     if request.memory_margin is not None and not 0 <= request.memory_margin < 1:

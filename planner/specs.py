@@ -134,6 +134,9 @@ class Workload:
     activation_offload: bool = False  # saved activations kept in host memory (torch save_on_cpu)
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready; no held gradients
     compile: bool = False  # torch.compile: fused elementwise ops and a fused cross-entropy
+    # cross-entropy on the vocabulary shards, logits split over TP (Megatron's vocab-parallel
+    # cross-entropy, torchtitan's loss_parallel); without it the logits are gathered (the executor)
+    loss_parallel: bool = False
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)

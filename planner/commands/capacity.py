@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
                       lora_targets=tuple(args.lora_targets), precision=args.precision, optimizer=args.optimizer,
                       optimizer_impl=args.optimizer_impl, attention=args.attention, master_dtype=args.master_dtype,
                       loss_chunks=args.loss_chunks, activation_offload=args.activation_offload,
-                      optimizer_in_backward=args.optimizer_in_backward, calibration=args.calibration)
+                      optimizer_in_backward=args.optimizer_in_backward, compile=args.compile,
+                      loss_parallel=args.loss_parallel, calibration=args.calibration)
     result = plan_capacity(request, args.tokens, price_per_gpu_hour=args.price_per_gpu_hour,
                            deadline_hours=args.deadline_hours, budget=args.budget, max_gpus=args.max_gpus,
                            flavor_family=args.flavor_family, pins=pins_from(args))

@@ -165,9 +165,13 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     kept = np.select([c.recompute == 0, c.recompute == 1], [saved["none"], saved["selective"]], saved["full"])
     layers, has_emb, has_head = layout.layers[role], layout.has_embedding[role], layout.has_head[role]
     vocab, hidden = spec.vocab_size, spec.hidden_size
-    loss = {phase: has_head * tokens * loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase)
+    logit_split = np.where(w.loss_parallel, t, 1)  # vocab-parallel cross-entropy keeps the logits split
+    loss = {phase: has_head * tokens * loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase) / logit_split
             for phase in ("forward", "backward")}
-    fsdp, gb = c.zero >= 2, store["master_bytes"]
+    fsdp = c.zero >= 2
+    # stored gradients: on the host with parameter offload (FSDP2 CPUOffloadPolicy moves each
+    # reduce-scattered gradient there), in the compute dtype with optimizer offload (see _storage)
+    gb = np.where(c.offload == OFFLOAD_PARAMS, 0.0, np.where(c.offload == OFFLOAD_OPTIMIZER, cb, store["master_bytes"]))
     shard = store["shard"]
     layer_pad, root_pad = np.where(fsdp, p["layer_padding"], 1.0), np.where(fsdp, p["root_padding"], 1.0)
     head_weights = has_head * vocab * hidden / p["vocab_split"] * (w.method == "full")
@@ -185,7 +189,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         embedding=has_emb * layout.chunks_in_flight[role] * per_micro_batch(regime.embedding.saved["none"]),
         head=has_head * per_micro_batch(regime.head.saved["none"]),
         held_output=has_head * num.residual_bytes * hidden * tokens / sp_div,
-        loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb,
+        loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb / logit_split,
         steps=steps, grads_held=store["grads_held"], grad_layer=grad_layer,
         grad_head=gb * p["head_trainable"] * root_pad / shard, grad_all=store["grads"], grad_bytes=gb,
         head_weights=head_weights,

@@ -113,14 +113,14 @@ def _forward_copies(x: StepParts, backward: bool = False) -> np.ndarray:
 
 
 def _forward_head(x: StepParts) -> dict[str, np.ndarray]:
-    saved = x.others + x.layers * x.kept_layer + x.embedding + x.head + x.held_output
+    saved = x.others + x.layers_resident * x.kept_layer + x.embedding + x.head + x.held_output
     return _moment(x.grads_held, _forward_copies(x), saved, x.loss_forward)
 
 
 def _backward_head(x: StepParts) -> dict[str, np.ndarray]:
     """The larger of the loss's backward and the LM head's weight gradient: its compute-dtype
     result (autocast: then cast to fp32, the stored gradient; FSDP2: kept unsharded)."""
-    saved = x.others + x.layers * x.kept_layer + x.embedding
+    saved = x.others + x.layers_resident * x.kept_layer + x.embedding
     loss = _moment(x.grads_held, _forward_copies(x, backward=True), saved + x.head, x.loss_backward)
     c = x.compute_bytes
     grads, made = _stored(x, 0.0, x.grad_bytes * x.head_weights)
@@ -164,7 +164,7 @@ def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.
     """Layer `index` (0 = the first in the forward) runs its backward: the layers above have
     their gradients, the layers below still hold their activations; `step` is its largest step."""
     above = x.layers - 1 - index
-    below = x.others + index * x.kept_layer + x.embedding + x.tied_grad
+    below = x.others + np.minimum(index, x.layers_resident) * x.kept_layer + x.embedding + x.tied_grad
     stored = np.where(x.fsdp, above * x.grad_layer, x.grad_head + above * x.grad_layer)
     grads = np.where(x.grads_held > 0, x.grads_held, stored + step[0])
     return _moment(grads, _layer_copies(x, index, above), below + step[1], 0.0)
