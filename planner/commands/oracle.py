@@ -84,6 +84,6 @@ def _render_trace(name: str, result: dict, prediction: dict | None, groups: tupl
         b = memory["breakdown"]
         predicted = {k: b[k] + (b["logits"] if k == "activations" else 0) for k in groups}
         error = memory["allocated_peak_bytes"] / result["peak_bytes"] - 1
-        lines += [f"  predicted: " + ", ".join(f"{k} {gib(predicted[k])}" for k in groups),
+        lines += ["  predicted: " + ", ".join(f"{k} {gib(predicted[k])}" for k in groups),
                   f"  planner {gib(memory['allocated_peak_bytes'])} GiB ({memory['peak_phase']}): error {error:+.1%}"]
     return "\n".join(lines)
