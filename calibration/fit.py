@@ -59,17 +59,17 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
     # The per-layer launch overhead differs more between hardware (a CPU core vs a GPU's launch
     # queue: milliseconds vs tens of microseconds), hence its wider prior.
     per_hardware = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
-                    "layer_overhead_s": (1e-6, 1e-2, 1.0)}
+                    "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
     shared = {key: ("compute", "default", "*", key) for key in per_hardware}
     params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
               Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
+              Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
               Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
     for name in sorted(hardware_names):
         params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
                    for key, (lower, upper, sigma) in per_hardware.items()]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
-        Parameter(("compute", "default", "*", "memory_efficiency"), 0.6, 0.05, 1.0, 0.5),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
         Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
