@@ -272,7 +272,7 @@ def _loss_parallel(row: dict[str, Any]) -> bool:
     vocab_parallel_cross_entropy) and so does torchtitan's (parallelize_llama.py apply_tp:
     loss_parallel keeps the output projection's result sharded); other frameworks gather logits."""
     framework = str(row.get("framework") or "").lower()
-    return "megatron" in framework or "torchtitan" in framework or "nemo" in framework
+    return "megatron" in framework or "torchtitan" in framework
 
 
 def _sequence_parallel(row: dict[str, Any], tp: int) -> bool:

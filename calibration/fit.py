@@ -184,7 +184,7 @@ def _jacobian_sparsity(prepared, params) -> np.ndarray:
     names = [p.case.hardware_name for p in prepared]
     data_rows = np.ones((len(prepared), len(params)), dtype=bool)
     for j, param in enumerate(params):
-        if param.path[0] == "compute" and param.path[1] not in ("default", "nvidia", "amd", "cpu"):
+        if param.relative_to is not None:  # a hardware's own parameter
             data_rows[:, j] = [name == param.path[1] for name in names]
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
 

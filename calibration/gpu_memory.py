@@ -26,26 +26,26 @@ TABLE_FORMAT = "llm-planner/gpu-memory-vs-oracle@1"
 
 def gpu_run_records(folder: Path = RUNS_DIR) -> list[tuple[str, dict[str, Any]]]:
     """(file name, run record) of every executor run with a measured allocated peak."""
+    from calibration.run import RUN_FORMAT
+    from planner.errors import read_json
+
     records = []
     for path in sorted(folder.glob("*.json")):
-        record = json.loads(path.read_text())
+        record = read_json(path, "run record")
         measured = record.get("measured") if isinstance(record, dict) else None
-        if record.get("origin") == "executor" and measured and measured.get("peak_allocated_bytes"):
+        if (record.get("format") == RUN_FORMAT and record.get("origin") == "executor" and measured
+                and measured.get("peak_allocated_bytes")):
             records.append((path.name, record))
     return records
 
 
-def predicted_allocated_bytes(plan: dict[str, Any]) -> float:
-    """The planner's allocated peak for exactly this Plan's configuration."""
-    from planner.cost.candidates import Candidates
-    from planner.cost.context import Context
-    from planner.cost.estimate import evaluate
-    from planner.plan import typed_plan
-    from planner.profile import load_profile
+def predicted_allocated_bytes(record: dict[str, Any]) -> float:
+    """The planner's allocated peak for exactly the configuration the run record ran."""
+    from calibration.run import from_record
+    from planner import api
 
-    spec, _, cluster, workload, config = typed_plan(plan)
-    context = Context(spec, workload, cluster, load_profile(None), None)
-    return float(evaluate(context, Candidates.from_configs([config])).memory["allocated"][0])
+    run = from_record(record)
+    return float(api.predict(run.request(), run.config)["memory"]["allocated_peak_bytes"])
 
 
 def table_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -61,14 +61,14 @@ def table_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
             "measured_reserved_bytes": measured.get("peak_reserved_bytes"),
             "oracle_allocated_bytes": oracle and oracle["peak_bytes"],
             "oracle_peak_at": oracle and oracle["peak_at"],
-            "predicted_allocated_bytes": predicted_allocated_bytes(record["plan"])}
+            "predicted_allocated_bytes": predicted_allocated_bytes(record)}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    from planner.format import table
+    from planner.format import GIB, table
 
     def gib(value: float | None) -> str:
-        return "-" if value is None else f"{value / 2**30:.2f}"
+        return "-" if value is None else f"{value / GIB:.2f}"
 
     def error(value: float | None, measured: float) -> str:
         return "-" if value is None else f"{value / measured - 1:+.1%}"

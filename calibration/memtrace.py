@@ -117,7 +117,7 @@ class _OracleMixin:
         self._position: LayerPosition | None = None
         self._dispatching: tuple[Any, tuple] | None = None
         self._untracked = 0
-        self._fsdp_unshard: _RefType | None = None  # set while FSDP2 gathers parameters
+        self._fsdp_tag: _RefType | None = None  # set while FSDP2 allocates its gather / reduce-scatter buffers
         self.ops_seen: set[str] = set()
         self.attention_calls: set[tuple[int, int, bool]] = set()  # (query heads, key heads, masked)
 
@@ -174,8 +174,8 @@ class _OracleMixin:
     def _track(self, reftype, t: torch.Tensor) -> None:
         if self._in_opt:  # type: ignore[attr-defined]
             reftype = OracleRef.OPT_TEMP  # states exist before a steady-state step; re-tagged after it
-        elif self._fsdp_unshard is not None:
-            reftype = self._fsdp_unshard
+        elif self._fsdp_tag is not None:
+            reftype = self._fsdp_tag
         elif self._casts_a_parameter():
             reftype = OracleRef.PARAM_COPY
         super()._track(reftype, t)  # type: ignore[misc]
@@ -223,52 +223,59 @@ def untracked_dtensor_metadata(tracker: _OracleMixin):
 
 
 @contextmanager
+def _allocations_tagged(tracker: _OracleMixin, reftype: _RefType):
+    """Whatever is allocated inside is filed under `reftype`."""
+    previous, tracker._fsdp_tag = tracker._fsdp_tag, reftype
+    try:
+        yield
+    finally:
+        tracker._fsdp_tag = previous
+
+
+@contextmanager
 def fsdp_unshard_tagged(tracker: _OracleMixin):
     """FSDPMemTracker tags the parameters FSDP2 gathers only inside a module's pre-forward; FSDP2
     also gathers elsewhere (the prefetch for backward at the end of forward, the pre-backward
     unshard), and those would count as activations. Here whatever `FSDPParamGroup.unshard`
     allocates is an all-gather buffer and whatever `wait_for_unshard` allocates (the copy-out
-    into the parameters' own storage) an unsharded parameter."""
+    into the parameters' own storage) an unsharded parameter. The reduce-scatter input is tagged
+    too (_reduce_scatter_input_tagged)."""
     from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
     def tagged(original, reftype):
         def run(group, *args, **kwargs):
-            previous, tracker._fsdp_unshard = tracker._fsdp_unshard, reftype
-            try:
+            with _allocations_tagged(tracker, reftype):
                 return original(group, *args, **kwargs)
-            finally:
-                tracker._fsdp_unshard = previous
         return run
 
     originals = {"unshard": FSDPParamGroup.unshard, "wait_for_unshard": FSDPParamGroup.wait_for_unshard}
     FSDPParamGroup.unshard = tagged(originals["unshard"], _FSDPRefType.ALL_GATHER)
     FSDPParamGroup.wait_for_unshard = tagged(originals["wait_for_unshard"], _FSDPRefType.UNSHARDED_PARAM)
     try:
-        with _reduce_scatter_input_tagged(tracker, tagged(_call, _FSDPRefType.REDUCE_SCATTER)):
+        with _reduce_scatter_input_tagged(tracker):
             yield
     finally:
         for name, method in originals.items():
             setattr(FSDPParamGroup, name, method)
 
 
-def _call(function, *args, **kwargs):
-    return function(*args, **kwargs)
-
-
 class _FirstAllocationTagged:
     """A reduce-scatter communication object whose first allocation (in `foreach_reduce`: the
     reduce-scatter input; the second is the output, which becomes the sharded gradient) is
-    made under `tag`."""
+    filed as a reduce-scatter buffer."""
 
-    def __init__(self, comm, tag) -> None:
-        self._comm, self._tag, self._first = comm, tag, True
+    def __init__(self, comm, tracker: _OracleMixin) -> None:
+        self._comm, self._tracker, self._first = comm, tracker, True
 
     def allocate(self, *args, **kwargs):
-        if self._first:
-            self._first = False
-            return self._tag(self._comm.allocate, *args, **kwargs)
-        return self._comm.allocate(*args, **kwargs)
+        if not self._first:
+            return self._comm.allocate(*args, **kwargs)
+        from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+
+        self._first = False
+        with _allocations_tagged(self._tracker, _FSDPRefType.REDUCE_SCATTER):
+            return self._comm.allocate(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         return self._comm(*args, **kwargs)
@@ -278,7 +285,7 @@ class _FirstAllocationTagged:
 
 
 @contextmanager
-def _reduce_scatter_input_tagged(tracker: _OracleMixin, tag):
+def _reduce_scatter_input_tagged(tracker: _OracleMixin):
     """FSDPMemTracker tags FSDP2's reduce-scatter input only once the collective runs; the input
     already exists (as a temporary) while the gradients are copied into it, which can be the
     peak (the root's post-backward, after the embedding's backward). Here it is a reduce-scatter
@@ -289,7 +296,7 @@ def _reduce_scatter_input_tagged(tracker: _OracleMixin, tag):
     original = _fsdp_param_group.foreach_reduce
 
     def foreach_reduce(fsdp_params, unsharded_grads, group, stream, comm, *args, **kwargs):
-        return original(fsdp_params, unsharded_grads, group, stream, _FirstAllocationTagged(comm, tag),
+        return original(fsdp_params, unsharded_grads, group, stream, _FirstAllocationTagged(comm, tracker),
                         *args, **kwargs)
 
     _fsdp_param_group.foreach_reduce = foreach_reduce

@@ -11,7 +11,7 @@ from torch import nn
 
 from executor.loss import causal_lm_loss
 from executor.mesh import Topology
-from executor.model import build_model, decoder_layers
+from executor.model import build_model, count_parameters, decoder_layers
 from executor.optim import Optimizers, build_optimizers
 from executor.options import RunOptions
 from executor.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
@@ -45,8 +45,7 @@ def prepare(spec: ModelSpec, workload: Workload, config: ParallelConfig, topo: T
             options: RunOptions) -> Prepared:
     compile_layers = should_compile(workload)
     model = build_model(spec, workload, device, options.seed, options.init_from, compile_loss=compile_layers)
-    counts = {"total": sum(p.numel() for p in model.parameters()),
-              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    counts = count_parameters(model)
     peft_model = model if workload.method != "full" else None
     if config.pp > 1:
         prepared = _prepare_pipeline(model, spec, workload, config, topo, device, compile_layers, options)

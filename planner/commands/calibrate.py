@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from planner.commands.common import print_json
+from planner.commands.runs import ORIGIN_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--store", help="run store to fit on (default: the default store if it holds runs)")
     parser.add_argument("--cases", help="a cases JSON to fit on instead (default: the shipped public cases)")
-    parser.add_argument("--origin", choices=("executor", "published", "user"), help="only runs of this origin")
+    parser.add_argument("--origin", choices=ORIGIN_CHOICES, help="only runs of this origin")
     parser.add_argument("--hardware", help="only runs on this hardware (e.g. one run on new hardware)")
     parser.add_argument("--base", help="profile to start from and use as the prior (default: the shipped one)")
     parser.add_argument("--out", default="calibrated-profile.json", help="where to write the fitted profile")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from planner.commands.common import add_config, add_workload, pins_from, positive_int, positive_number, print_json
+from planner.commands.common import add_config, add_workload, pins_from, workload_options, positive_int, positive_number, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -28,13 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from planner.api import Request
     from planner.capacity import plan_capacity
 
-    request = Request(model=args.model, gpu=args.gpu, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len,
-                      global_batch=args.global_batch, method=args.method, lora_rank=args.lora_rank,
-                      lora_targets=tuple(args.lora_targets), precision=args.precision, optimizer=args.optimizer,
-                      optimizer_impl=args.optimizer_impl, attention=args.attention, master_dtype=args.master_dtype,
-                      loss_chunks=args.loss_chunks, activation_offload=args.activation_offload,
-                      optimizer_in_backward=args.optimizer_in_backward, compile=args.compile,
-                      loss_parallel=args.loss_parallel, calibration=args.calibration)
+    # the memory margin too: it decides which device counts fit
+    request = Request(model=args.model, gpu=args.gpu, gpus_per_node=args.gpus_per_node, **workload_options(args))
     result = plan_capacity(request, args.tokens, price_per_gpu_hour=args.price_per_gpu_hour,
                            deadline_hours=args.deadline_hours, budget=args.budget, max_gpus=args.max_gpus,
                            flavor_family=args.flavor_family, pins=pins_from(args))

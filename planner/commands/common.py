@@ -93,12 +93,18 @@ def request_from(args: argparse.Namespace):
     from planner.api import Request
 
     return Request(model=args.model, gpu=args.gpu, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-                   flavor=args.flavor, seq_len=args.seq_len, global_batch=args.global_batch, method=args.method,
-                   lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets), precision=args.precision,
-                   optimizer=args.optimizer, optimizer_impl=args.optimizer_impl, attention=args.attention,
-                   master_dtype=args.master_dtype, loss_chunks=args.loss_chunks,
-                   activation_offload=args.activation_offload, optimizer_in_backward=args.optimizer_in_backward,
-                   compile=args.compile, loss_parallel=args.loss_parallel, calibration=args.calibration, memory_margin=args.memory_margin)
+                   flavor=args.flavor, **workload_options(args))
+
+
+def workload_options(args: argparse.Namespace) -> dict:
+    """The Request fields add_workload parses (everything but the model and the hardware)."""
+    return dict(seq_len=args.seq_len, global_batch=args.global_batch, method=args.method,
+                lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets), precision=args.precision,
+                optimizer=args.optimizer, optimizer_impl=args.optimizer_impl, attention=args.attention,
+                master_dtype=args.master_dtype, loss_chunks=args.loss_chunks,
+                activation_offload=args.activation_offload, optimizer_in_backward=args.optimizer_in_backward,
+                compile=args.compile, loss_parallel=args.loss_parallel, calibration=args.calibration,
+                memory_margin=args.memory_margin)
 
 
 def pins_from(args: argparse.Namespace):

@@ -126,14 +126,16 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
     pad = np.where(fsdp, p["padding"], 1.0)  # FSDP2 pads dim 0 to a multiple of the ranks
     frozen = p["frozen"] * n.compute_bytes + p["quantized"] * NF4_BYTES_PER_PARAM
     params = (p["trainable"] * master_bytes + frozen) * pad / shard
-    grads = (p["trainable"] * master_bytes * pad + p["embedding_replicated_grad"] * master_bytes) / shard
     states = p["trainable"] * state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
     # ZeRO-Offload (optimizer): fp32 master, moments and fp32 grads live on the host; the device keeps
-    # compute-dtype params and grads. FSDP2 CPUOffloadPolicy (params): everything lives on the host.
+    # compute-dtype params and grads. FSDP2 CPUOffloadPolicy (params): everything lives on the host
+    # (each reduce-scattered gradient is moved there).
     offload_opt, offload_all = c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS
+    grad_bytes = np.where(offload_all, 0.0, np.where(offload_opt, n.compute_bytes, master_bytes))  # as stored
+    grads = (p["trainable"] * grad_bytes * pad
+             + np.where(c.offload == OFFLOAD_NONE, p["embedding_replicated_grad"] * master_bytes, 0.0)) / shard
     params = np.where(offload_opt, (p["trainable"] * n.compute_bytes + frozen) * pad / shard, params)
-    grads = np.where(offload_opt, p["trainable"] * n.compute_bytes * pad / shard, grads)
-    params, grads = np.where(offload_all, 0.0, params), np.where(offload_all, 0.0, grads)
+    params = np.where(offload_all, 0.0, params)
     states = np.where(offload_opt | offload_all, 0.0, states)
     host = np.where(offload_opt | offload_all, p["trainable"] * (2 * master_bytes + state_bytes) / shard_state, 0.0)
     host = host + np.where(offload_all, frozen * pad / shard, 0.0)
@@ -148,7 +150,8 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
         # backward runs and there is no separate optimizer step (torchtune optimizer_in_bwd)
         grads, grads_held, temps = 0.0 * grads, 0.0 * grads, 0.0 * temps
     return {"params": params, "grads": grads, "states": states, "temps": temps, "host": host,
-            "grads_held": grads_held, "shard": shard, "pad": pad, "master_bytes": master_bytes, "p": p}
+            "grads_held": grads_held, "shard": shard, "pad": pad, "master_bytes": master_bytes,
+            "grad_bytes": grad_bytes, "p": p}
 
 
 def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str,
@@ -168,10 +171,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     logit_split = np.where(w.loss_parallel, t, 1)  # vocab-parallel cross-entropy keeps the logits split
     loss = {phase: has_head * tokens * loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase) / logit_split
             for phase in ("forward", "backward")}
-    fsdp = c.zero >= 2
-    # stored gradients: on the host with parameter offload (FSDP2 CPUOffloadPolicy moves each
-    # reduce-scattered gradient there), in the compute dtype with optimizer offload (see _storage)
-    gb = np.where(c.offload == OFFLOAD_PARAMS, 0.0, np.where(c.offload == OFFLOAD_OPTIMIZER, cb, store["master_bytes"]))
+    fsdp, gb = c.zero >= 2, store["grad_bytes"]
     shard = store["shard"]
     layer_pad, root_pad = np.where(fsdp, p["layer_padding"], 1.0), np.where(fsdp, p["root_padding"], 1.0)
     head_weights = has_head * vocab * hidden / p["vocab_split"] * (w.method == "full")
@@ -205,7 +205,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         root_grads=np.where(fsdp, cb * p["head_trainable"] * root_pad, 0.0),
         root_grads_all=np.where(fsdp, cb * p["root_trainable"] * root_pad, 0.0),
         layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
-        has_head=has_head, has_embedding=has_emb, boundary=boundary, layers_resident=layers,
+        boundary=boundary, layers_resident=layers,
         checkpointed=c.recompute != 0)
 
 

@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP32 = 4
 MOMENTS = ("forward head", "backward head", "backward layer:last", "backward layer:middle",
            "backward layer:first", "backward embedding", "optimizer-step")
-GROUPS = ("grads", "buffers", "activations", "logits")
 
 
 @dataclass
@@ -70,8 +68,6 @@ class StepParts:
     root_grads: np.ndarray  # the LM head's unsharded gradients (FSDP2 root, compute dtype) during the layers
     root_grads_all: np.ndarray  # the root's unsharded gradients once the embedding's exist
     layer_grads_unsharded: np.ndarray  # one layer's unsharded gradients (compute dtype)
-    has_head: np.ndarray
-    has_embedding: np.ndarray
     boundary: np.ndarray  # pipeline send/receive buffers
     layers_resident: np.ndarray  # layers whose saved activations stay on the device (activation offload)
     checkpointed: np.ndarray  # layers recompute their forward in the backward (bool)
