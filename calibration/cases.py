@@ -47,6 +47,12 @@ class Case:
         return self.excluded is None and self.spec is not None and self.config is not None
 
     @property
+    def publication(self) -> str:
+        """The publication a case comes from (its document, without table / row / commit detail):
+        what leave-one-source-out holds out together and what errors are grouped by."""
+        return re.split(r" — | \(|, '", self.source)[0].strip()
+
+    @property
     def hardware_name(self) -> str:
         return getattr(self.hardware, "name", self.hardware) or "?"
 
@@ -69,7 +75,13 @@ def load_cases(path: str | Path | None = None) -> list[Case]:
     rows = data["cases"] if isinstance(data, dict) and "cases" in data else data
     if not isinstance(rows, list):
         raise InvalidRequest(f"{target}: expected a list of cases or an object with 'cases'")
-    return [adapt(row) for row in rows]
+    cases = [adapt(row) for row in rows]
+    # a table reports one kind of memory: a note on some of its rows says which for all of them
+    allocated_tables = {row.get("source") for row in rows if "Peak Memory Active" in (row.get("notes") or "")}
+    for case, row in zip(cases, rows, strict=True):
+        if case.memory_bytes and row.get("source") in allocated_tables:
+            case.memory_kind = "allocated"
+    return cases
 
 
 def adapt(row: dict[str, Any]) -> Case:
@@ -107,10 +119,12 @@ def _fill(case: Case, row: dict[str, Any]) -> None:
     case.excluded = _unmodelled(row)
     if case.excluded:
         return
-    case.workload, method_note = _workload(row)
-    if method_note:
-        case.assumptions.append(method_note)
+    case.workload, notes = _workload(row)
+    case.assumptions += notes
     case.config = _config(row, case)
+    if "Paged" in str(row.get("optimizer")) and case.config.recompute == "none":
+        case.excluded = ("a paged optimizer beside un-checkpointed activations: its states (in CUDA managed memory, "
+                         "which torch's counters do not see) page to host memory, which is not modelled")
 
 
 def _hardware(text: str) -> tuple[str, bool]:
@@ -197,10 +211,10 @@ def _model(row: dict[str, Any]) -> ModelSpec:
     return spec_from_hf_config(config, name=name, source=f"validation case {row['id']}")
 
 
-def _workload(row: dict[str, Any]) -> tuple[Workload, str | None]:
+def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     peft, precision_text = str(row.get("peft") or "none").lower(), str(row.get("precision") or "bf16").lower()
     optimizer_text = str(row.get("optimizer") or "").lower()
-    method, rank, targets, note = "full", 16, ("q", "k", "v", "o", "gate", "up", "down"), None
+    method, rank, targets, notes = "full", 16, ("q", "k", "v", "o", "gate", "up", "down"), []
     if peft.startswith("lora") or peft.startswith("qlora"):
         method = "qlora" if peft.startswith("qlora") else "lora"
         found = re.search(r"\br(\d+)", peft)
@@ -219,17 +233,23 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, str | None]:
         precision = "bf16"
     optimizer = "adamw8bit" if "8bit" in optimizer_text or "adamw8bit" in optimizer_text else "adamw"
     impl = "fused" if "fused" in optimizer_text else "foreach"
+    if "torchtune" in str(row.get("framework")) and optimizer_text.startswith("adamw (torch)"):
+        # torchtune's configs build torch.optim.AdamW with `fused: True`; the table's own figures agree:
+        # its '+ Activation Checkpointing' row (24.9 GiB) has no room for foreach AdamW's temporary
+        # (one more copy of the 3B parameters, 6 GiB, on top of 23.9 GiB of weights, grads and moments)
+        impl = "fused"
+        notes.append("fused AdamW (torchtune configs: torch.optim.AdamW with fused: True)")
     seq = row.get("seq_len") or 8192
     if row.get("seq_len") is None:
-        note = "sequence length 8192 (torchtitan default named in the notes)"
+        notes.append("sequence length 8192 (torchtitan default named in the notes)")
     global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
     extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
     extras["compile"] = _compiled(row)
     extras["loss_parallel"] = _loss_parallel(row)
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
-        note = "chunked cross-entropy (torchtune Llama 3.1 configs of that commit)"
+        notes.append("chunked cross-entropy (torchtune Llama 3.1 configs of that commit)")
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
-                    optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), note
+                    optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), notes
 
 
 def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
@@ -255,16 +275,38 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
         zero = 0
     recompute_text = str(row.get("activation_recompute") or "").lower()
     if not recompute_text and "torchtune" in str(row.get("framework")):
-        # torchtune's llama3_1 single-device configs enable activation checkpointing by default
-        recompute_text = "full"
-        case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
+        recompute_text = _torchtune_checkpointing(case)
     recompute = "full" if recompute_text.startswith("full") else "selective" if "selective" in recompute_text else "none"
     if recompute_text in ("none", "null", "moai default"):
         recompute = "none"
     offload = "params" if "cpu offload" in str(row.get("optimizer")).lower() and zero == 3 else "none"
+    # torchtune's 70B and 405B configs shard the embedding and the output projection on their own
+    # (custom_sharded_layers: ['tok_embeddings', 'output'], "useful for large vocab size models")
+    shard_ends = "torchtune" in str(row.get("framework")) and zero == 3 and (row["model_shape"].get("params_b") or 0) >= 70
+    if shard_ends:
+        case.assumptions.append("embedding and output sharded as FSDP units of their own (torchtune 70B/405B "
+                                "configs: custom_sharded_layers)")
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=max(gb // (dp * mbs), 1),
                           recompute=recompute, zero=zero, offload=offload,
-                          sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1)
+                          sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1, shard_ends=shard_ends)
+
+
+def _torchtune_checkpointing(case: Case) -> str:
+    """The row does not say: torchtune's llama3_1 single-device configs enable activation checkpointing,
+    unless the claimed tokens/s could not have been reached with it. Recomputation adds a forward
+    (2N FLOPs per token) to 6N (full) or 4N (LoRA: no weight gradients of the base)."""
+    from planner.graph import count_params
+    from planner.hardware import load_hardware
+
+    per_token = (6 if case.workload.method == "full" else 4) + 2
+    peak = load_hardware(case.hardware).peak_flops.get("bf16", 0.0)
+    needed = per_token * count_params(case.spec) * (case.claimed_tokens_per_s_per_device or 0.0)
+    if peak and needed > peak:
+        case.assumptions.append(f"activation checkpointing off: with it the claimed tokens/s would need "
+                                f"{needed / peak:.0%} of the GPU's peak bf16 FLOP/s")
+        return "none"
+    case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
+    return "full"
 
 
 def _loss_parallel(row: dict[str, Any]) -> bool:

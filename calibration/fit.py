@@ -88,7 +88,8 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
 MEASUREMENT_SIGMA = {"throughput": 0.1, "memory": 0.05}
 
 MEMORY_PARAMETERS = [Parameter(("memory", "default", "fixed_bytes"), 1.0e9, 1e8, 8e9, 1.0),
-                     Parameter(("memory", "default", "fragmentation"), 0.05, 0.0, 0.5, 0.1, log=False)]
+                     Parameter(("memory", "default", "fragmentation"), 0.05, 0.0, 0.5, 0.1, log=False),
+                     Parameter(("memory", "default", "largest_block_factor"), 0.5, 0.0, 3.0, 0.5, log=False)]
 
 
 @dataclass
@@ -218,8 +219,10 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
     time_params = time_parameters(sorted({p.case.hardware_name for p in with_tps}))
     data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
     data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
+    sources = sorted({p.case.publication for p in with_tps + with_mem})
     data["fitted_on"] = {"summary": f"{len(with_tps)} throughput and {len(with_mem)} memory measurements "
-                                    "of published runs (calibration/data/public_cases.json)",
+                                    f"from {len(sources)} sources",
+                         "sources": sources,
                          "cases": sorted(p.case.id for p in with_tps + with_mem),
                          "date": _dt.date.today().isoformat()}
     return data
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", nargs="*", default=[], help="run record files or folders to fit on as well")
     parser.add_argument("--cross-validate", action="store_true",
                         help="also run leave-one-source-out cross-validation and store its errors and intervals")
+    parser.add_argument("--jobs", type=int, default=1, help="processes for the cross-validation folds")
+    parser.add_argument("--residuals", help="also write each held-out run's residuals to this JSON file")
     args = parser.parse_args(argv)
     from planner.profile import load_profile
 
@@ -242,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cross_validate:
         from calibration.crossval import leave_one_source_out, summarize
 
-        summary = summarize(leave_one_source_out(cases, base))
+        rows = leave_one_source_out(cases, base, jobs=args.jobs)
+        if args.residuals:
+            Path(args.residuals).write_text(json.dumps(rows, indent=1) + "\n")
+        summary = summarize(rows)
         data["uncertainty"] = summary.pop("uncertainty")
         data["validation"] = {"method": "leave-one-source-out", **summary}
     Path(args.out).write_text(json.dumps(data, indent=2) + "\n")

@@ -54,6 +54,7 @@ COLUMNS: dict[str, str] = {
     "recompute": "none (default), selective or full", "zero": "0 (default), 1, 2 or 3",
     "offload": "none (default), optimizer or params", "sequence_parallel": "true or false (default)",
     "vpp": "virtual pipeline stages (default 1)",
+    "shard_ends": "true or false (default): zero 3 with the embedding and LM head as FSDP units of their own",
     "steps": "measured optimizer steps",
     "tokens_per_s": "measured tokens/s of the whole job",
     "tokens_per_s_per_device": "measured tokens/s per device",
@@ -72,7 +73,7 @@ CONFIG_COLUMNS = tuple(f.name for f in fields(ParallelConfig))
 MEASURED_COLUMNS = tuple(f.name for f in fields(Measured))
 WHOLE = {"seq_len": 1, "global_batch": 1, "lora_rank": 1, "loss_chunks": 1, "dp": 1, "tp": 1, "pp": 1,
          "micro_batch_size": 1, "num_micro_batches": 1, "vpp": 1, "zero": 0, "gpus": 1, "gpus_per_node": 1}
-FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "sequence_parallel")
+FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "sequence_parallel", "shard_ends")
 
 
 def run_from_flat(row: dict[str, Any], where: str, base_dir: Path | None = None) -> Run:
@@ -202,7 +203,7 @@ def _config(typed: dict[str, Any], global_batch: int, devices: int) -> ParallelC
     if typed.get("num_micro_batches") not in (None, micro_batches):
         raise FieldError("num_micro_batches", f"is {typed['num_micro_batches']} but global_batch / (dp x "
                          f"micro_batch_size) = {micro_batches}; leave it empty or fix it")
-    options = ("recompute", "zero", "offload", "sequence_parallel", "vpp")
+    options = ("recompute", "zero", "offload", "sequence_parallel", "vpp", "shard_ends")
     given = {name: typed[name] for name in options if typed.get(name) is not None}
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=micro_batches, **given)
 

@@ -21,10 +21,12 @@ GPU = "h100-sxm-80gb"  # allocated bytes do not depend on it; the reserved peak 
 
 
 def _point(name: str, model: str, seq: int, mbs: int, recompute: str = "none", dp: int = 1, tp: int = 1,
-           zero: int = 0, m: int = 1, sp: bool = False, **workload: Any) -> dict[str, Any]:
-    return {"name": name, "model": model, "workload": {"seq_len": seq, **workload},
-            "config": {"dp": dp, "tp": tp, "pp": 1, "micro_batch_size": mbs, "num_micro_batches": m,
-                       "recompute": recompute, "zero": zero, "sequence_parallel": sp}}
+           zero: int = 0, m: int = 1, sp: bool = False, ends: bool = False, **workload: Any) -> dict[str, Any]:
+    config = {"dp": dp, "tp": tp, "pp": 1, "micro_batch_size": mbs, "num_micro_batches": m,
+              "recompute": recompute, "zero": zero, "sequence_parallel": sp}
+    if ends:
+        config["shard_ends"] = True
+    return {"name": name, "model": model, "workload": {"seq_len": seq, **workload}, "config": config}
 
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -78,6 +80,12 @@ GRID: list[dict[str, Any]] = [
     _point("llama3-8b fsdp8 1x2048 full accumulate 2", "llama3-8b", 2048, 1, "full", dp=8, zero=3, m=2),
     # FSDP2 over 64 ranks
     _point("llama3-70b fsdp64 1x4096 full", "llama3-70b", 4096, 1, "full", dp=64, zero=3),
+    # the embedding and the LM head as FSDP units of their own (shard_ends)
+    _point("llama3-8b fsdp8 1x4096 shard-ends", "llama3-8b", 4096, 1, dp=8, zero=3, ends=True),
+    _point("llama3-70b fsdp64 2x4096 full fused shard-ends", "llama3-70b", 4096, 2, "full", dp=64, zero=3, ends=True,
+           optimizer_impl="fused"),
+    _point("llama3-8b fsdp8 1x2048 full accumulate 2 shard-ends", "llama3-8b", 2048, 1, "full", dp=8, zero=3, m=2,
+           ends=True),
     _point("llama3-70b fsdp64 2x8192 full", "llama3-70b", 8192, 2, "full", dp=64, zero=3),
     _point("llama3-8b fsdp64 4x4096 selective", "llama3-8b", 4096, 4, "selective", dp=64, zero=3),
     _point("mixtral-8x7b fsdp64 2x4096 full", "mixtral-8x7b", 4096, 2, "full", dp=64, zero=3),

@@ -67,7 +67,7 @@ def validate(cases: list[Case], calibration: str | None = None) -> dict[str, Any
     rows = [predict_case(c, calibration) for c in cases]
     return {"rows": rows, "throughput": error_stats([r.throughput_error for r in rows]),
             "memory": error_stats([r.memory_error for r in rows]),
-            "by_source": _by_group(rows, lambda r: r.case.source.split(" ")[0]),
+            "by_source": _by_group(rows, lambda r: r.case.publication),
             "by_hardware": _by_group(rows, lambda r: r.case.hardware_name)}
 
 

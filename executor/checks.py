@@ -23,9 +23,19 @@ def has_bitsandbytes() -> bool:
 
 def unsupported_reason(spec: ModelSpec, workload: Workload, config: ParallelConfig, on_cuda: bool) -> str | None:
     """Why the executor cannot run this Plan as written, or None. Checked in every process."""
-    checks = (_model_reason(spec, config), _numerics_reason(workload, config),
+    checks = (_structure_reason(spec, workload, config), _model_reason(spec, config), _numerics_reason(workload, config),
               _method_reason(workload, config, on_cuda), _optimizer_reason(workload, config, on_cuda))
     return next((reason for reason in checks if reason), None)
+
+
+def _structure_reason(spec: ModelSpec, workload: Workload, config: ParallelConfig) -> str | None:
+    """The planner's own checks of the degrees (a hand-edited Plan may break them; a pipeline whose
+    stages do not divide the layers would otherwise drop some)."""
+    from planner.plan import option_reason, structural_reason
+
+    reason = structural_reason(spec, workload, config.devices, config.tp, config.pp, config.micro_batch_size)
+    reason = reason or option_reason(spec, config, workload)
+    return f"the plan's degrees are invalid ({reason}); write the plan again with `planner suggest --save-plan`" if reason else None
 
 
 def _model_reason(spec: ModelSpec, config: ParallelConfig) -> str | None:

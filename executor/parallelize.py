@@ -145,6 +145,12 @@ def apply_fsdp(roots: list[nn.Module], layers: list[nn.Module], dp_mesh: DeviceM
                    offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **options)
+    if config.shard_ends:  # the embedding and the LM head as units of their own (torchtune custom_sharded_layers)
+        for root in roots:
+            for name in ("embed_tokens", "lm_head"):
+                found = [m for n, m in root.named_modules() if n.split(".")[-1] == name]
+                for module in found:
+                    fully_shard(module, **options)
     for root in roots:
         fully_shard(root, **options)
 

@@ -41,11 +41,18 @@ class Numerics:
     stays fp32 (the embedding is not autocast), every linear casts its input to bf16 and saves
     that copy. Otherwise parameters are already in the compute dtype (FSDP2 MixedPrecisionPolicy
     param_dtype, or a frozen bf16 base under LoRA) and activations are all in that dtype.
+
+    compiled: the decoder layers run under torch.compile. Inductor's partitioner
+    (torch/_functorch/partitioners.py, min_cut_rematerialization_partition) recomputes pointwise ops
+    in backward rather than saving their outputs: a layer keeps the inputs of its matmuls and of
+    attention (one copy of each cast), the matmul outputs that pointwise backward needs, each norm's
+    input and statistics. Dropout masks are regenerated from the RNG state.
     """
 
     compute_bytes: int
     residual_bytes: int
     autocast: bool
+    compiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,10 @@ class ModelGraph:
 
 
 def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
+    return replace(_dtypes_for(workload, params_sharded), compiled=workload.compile)
+
+
+def _dtypes_for(workload: Workload, params_sharded: bool) -> Numerics:
     """The executor's numerics (executor/train.py `_forward_context`): `params_sharded` = FSDP2
     shards cast to the compute dtype by its MixedPrecisionPolicy (ZeRO 2/3, full training), no
     autocast; a LoRA base is stored in the compute dtype and runs under autocast (its fp32
@@ -115,7 +126,7 @@ def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
 def build_graph(spec: ModelSpec, workload: Workload, numerics: Numerics) -> ModelGraph:
     builder = _BlockBuilder(spec, workload, numerics)
     block = builder.build()
-    ends = _build_ends(spec, workload, numerics)
+    ends = _build_ends(spec, workload, replace(numerics, compiled=False))  # compiled: the layers only
     return ModelGraph(spec=spec, workload=workload, numerics=numerics, block=block, ends=ends)
 
 
@@ -201,7 +212,7 @@ class _BlockBuilder:
 
     def residual(self, name: str, dropout: bool) -> None:
         r, h = self.n.residual_bytes, self.spec.hidden_size
-        saved = (Saved(f"{name}.dropout_mask", h, "sp"),) if dropout else ()
+        saved = (Saved(f"{name}.dropout_mask", h, "sp"),) if dropout and not self.n.compiled else ()
         self.add(Op(name, "elementwise", tp_split=False, io_bytes_per_token=3 * r * h,
                     out_bytes_per_token=r * h, saved=saved))
 
@@ -216,6 +227,8 @@ class _BlockBuilder:
         # act_fn(gate) saves gate's output; act_fn(gate) * up saves both factors; down saves the product
         saved = (Saved("gate_proj.out", c * i), Saved("act.extra", c * i * (act - 1)),
                  Saved("act.out", c * i), Saved("up_proj.out", c * i))
+        if self.n.compiled:  # act(gate) is recomputed from gate's output
+            saved = (Saved("gate_proj.out", c * i), Saved("up_proj.out", c * i))
         # backward: the product's gradient and the two it produces (activation and up)
         self.add(Op("act_mul", "elementwise", io_bytes_per_token=6 * c * i, out_bytes_per_token=c * i,
                     saved=tuple(x for x in saved if x.bytes_per_token), grads=(Saved("act_mul.grad", 3 * c * i),)))
@@ -232,6 +245,8 @@ class _BlockBuilder:
             # keeps its fp32 input copy; tanh keeps its fp32 output; the final product keeps 0.5*x (bf16) and
             # 1 + tanh (fp32) and is fp32, which c_proj casts again
             saved_bytes, out_bytes = 3 * FP32_BYTES + c, FP32_BYTES
+        if self.n.compiled:  # the activation's intermediates are recomputed from up's output
+            saved_bytes = c
         self.add(Op("act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
                     saved=(Saved("up_proj.out", saved_bytes * i),),
                     grads=(Saved("act.grad", (2 * out_bytes + c) * i),)))
@@ -270,7 +285,9 @@ def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
     its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd."""
     h, r = spec.hidden_size, n.residual_bytes
     params = h * (2 if spec.norm_bias else 1)
-    if spec.norm == "rmsnorm":
+    if spec.norm == "rmsnorm" and n.compiled:  # the fp32 copy and the normalised tensor are recomputed
+        saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES, "sp"))
+    elif spec.norm == "rmsnorm":
         fp32_in = Saved(input_key, FP32_BYTES * h, "sp") if r == FP32_BYTES else Saved(f"{name}.fp32", FP32_BYTES * h, "sp")
         saved = (fp32_in, Saved(f"{name}.rstd", FP32_BYTES, "sp"),
                  Saved(f"{name}.normed", r * h, "sp", for_weight_grad=True))
@@ -290,7 +307,7 @@ def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias:
     (activation casts are not cached), so each keeps its own copy."""
     c = n.compute_bytes
     cast = n.autocast and (input_bytes if input_bytes is not None else c) != c
-    key = f"{name}.in_cast" if cast else input_key
+    key = _matmul_input_key(n, name, input_key, cast)
     out_split = "tp" if split == "sp" else "sp"  # column: output sharded; row: input sharded
     # backward: the output's gradient (in the compute dtype) and the input's (cast back when the input was)
     grads = (Saved(f"{name}.grad_out", c * out_features, out_split),
@@ -301,6 +318,14 @@ def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias:
               saved=(Saved(key, c * in_features, split, for_weight_grad=True),),
               quantizable=True, grads=grads,
               param_dims=((out_features, in_features * out_features),) + (((out_features, out_features),) if bias else ()))
+
+
+def _matmul_input_key(n: Numerics, name: str, input_key: str, cast: bool) -> str:
+    """What a linear saves for its weight gradient: its input, or its own cast of it (under
+    torch.compile the casts of one tensor are one)."""
+    if not cast:
+        return input_key
+    return f"{input_key}.cast" if n.compiled else f"{name}.in_cast"
 
 
 def lora_op(n: Numerics, rank: int, base: str, in_features: int, out_features: int, input_key: str,
@@ -314,6 +339,8 @@ def lora_op(n: Numerics, rank: int, base: str, in_features: int, out_features: i
     split = "sp" if column else "tp"
     kept = c if n.autocast else FP32_BYTES
     key = input_key if (input_bytes == FP32_BYTES and not n.autocast) else f"{base}.lora_in"
+    if n.compiled:  # the adapters' cast of x is recomputed from what the base linear keeps
+        kept, key = min(c, input_bytes), _matmul_input_key(n, base, input_key, n.autocast and input_bytes != c)
     return Op(f"{base}.lora", "matmul", params=rank * (in_features + out_features), tp_split=True,
               gemm=(in_features, rank), flops_per_token=2 * rank * (in_features + out_features),
               io_bytes_per_token=3 * c * out_features, out_bytes_per_token=c * out_features,

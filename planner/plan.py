@@ -31,6 +31,10 @@ class ParallelConfig:
     offload: str = "none"
     sequence_parallel: bool = False
     vpp: int = 1
+    # FSDP2: the embedding and the LM head are units of their own, gathered only around their use,
+    # instead of part of the root unit that stays gathered for the whole step (torchtune's
+    # custom_sharded_layers: ['tok_embeddings', 'output'] for large-vocabulary models)
+    shard_ends: bool = False
 
     @property
     def devices(self) -> int:
@@ -87,6 +91,10 @@ def option_reason(spec: ModelSpec, config: ParallelConfig, workload: Workload | 
         return "offloading params needs zero 3"
     if config.offload == "optimizer" and config.zero == 0:
         return "offloading the optimizer needs zero >= 1"
+    if config.shard_ends and config.zero != 3:
+        return "sharding the embedding and head separately needs zero 3"
+    if config.shard_ends and spec.tie_word_embeddings:
+        return "tied embeddings cannot be sharded apart from the head"
     if config.vpp > 1 and config.pp == 1:
         return "vpp needs pp > 1"
     if config.vpp > 1 and spec.num_layers % (config.pp * config.vpp):

@@ -10,7 +10,8 @@
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
   overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
   memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
-      allocated - 1), cpu memory for the executor's runs
+      allocated - 1), largest_block_factor (reserved beyond that, in units of the step's largest
+      single allocation), cpu memory for the executor's runs
   attention: causal_fraction (share of the score matrix a causal kernel computes),
       backward_factor (backward / forward FLOPs of flash attention)
 """
@@ -52,6 +53,7 @@ class LinkParams:
 class MemoryParams:
     fixed_bytes: float
     fragmentation: float
+    largest_block_factor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Profile:
     def memory(self, hardware: str, vendor: str) -> MemoryParams:
         table = self.data["memory"]
         entry = table.get(hardware) or table.get(vendor) or table["default"]
-        return MemoryParams(fixed_bytes=float(entry["fixed_bytes"]), fragmentation=float(entry["fragmentation"]))
+        return MemoryParams(fixed_bytes=float(entry["fixed_bytes"]), fragmentation=float(entry["fragmentation"]),
+                            largest_block_factor=float(entry.get("largest_block_factor", 0.0)))
 
     def attention(self, key: str) -> float:
         return float(self.data["attention"][key])

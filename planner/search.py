@@ -35,6 +35,7 @@ class Pins:
     offload: str | None = None
     sequence_parallel: bool | None = None
     vpp: int | None = None
+    shard_ends: bool | None = None  # not searched: False unless pinned
 
 
 @dataclass
@@ -84,7 +85,8 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
                 else:
                     triples.append((dp, tp, pp, b))
     grid = list(itertools.product(recompute, zeros, offloads, sps, vpps))
-    candidates, option_rejects = _expand(spec, workload, triples, grid, dedupe_zero1=pins.zero is None)
+    candidates, option_rejects = _expand(spec, workload, triples, grid, dedupe_zero1=pins.zero is None,
+                                         shard_ends=bool(pins.shard_ends))
     rejected.update(option_rejects)
     searched = sum(rejected.values()) + len(candidates)
     if not len(candidates):
@@ -101,7 +103,7 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
     return SearchResult(searched, len(candidates), estimates, order, rejected)
 
 
-def _expand(spec, workload, triples, grid, dedupe_zero1: bool) -> tuple[Candidates, Counter]:
+def _expand(spec, workload, triples, grid, dedupe_zero1: bool, shard_ends: bool = False) -> tuple[Candidates, Counter]:
     """Cross (dp, tp, pp, b) with the option grid; drop invalid option combinations by reason."""
     rejected: Counter = Counter()
     if not triples:
@@ -123,6 +125,8 @@ def _expand(spec, workload, triples, grid, dedupe_zero1: bool) -> tuple[Candidat
         ("layers not divisible by pp x vpp", (v > 1) & (spec.num_layers % (pp * v) != 0)),
         ("interleaved schedule needs micro-batches divisible by pp", (v > 1) & (m % pp != 0)),
         ("optimizer in backward needs one micro-batch per step", (m > 1) & workload.optimizer_in_backward),
+        ("sharding the embedding and head separately needs zero 3", shard_ends & (z != 3)),
+        ("tied embeddings cannot be sharded apart from the head", np.full(len(z), shard_ends and spec.tie_word_embeddings)),
     ]
     for reason, mask in checks:
         fresh = mask & (reasons == "")
@@ -132,6 +136,7 @@ def _expand(spec, workload, triples, grid, dedupe_zero1: bool) -> tuple[Candidat
     keep = reasons == ""
     candidates = Candidates(dp=dp[keep], tp=tp[keep], pp=pp[keep], micro_batch_size=b[keep],
                             num_micro_batches=m[keep], recompute=r[keep], zero=z[keep], offload=o[keep],
-                            sequence_parallel=sp[keep].astype(bool), vpp=v[keep])
+                            sequence_parallel=sp[keep].astype(bool), vpp=v[keep],
+                            shard_ends=np.full(int(keep.sum()), shard_ends))
     return candidates, rejected
 

@@ -21,15 +21,15 @@ def result():
 def test_throughput_error(result):
     stats = result["throughput"]
     assert stats["n"] >= 70
-    assert stats["median_abs"] <= 0.12
-    assert stats["p90_abs"] <= 0.30
+    assert stats["median_abs"] <= 0.08
+    assert stats["p90_abs"] <= 0.22
 
 
 def test_memory_error(result):
     stats = result["memory"]
     assert stats["n"] >= 25
-    assert stats["median_abs"] <= 0.11
-    assert stats["p90_abs"] <= 0.32
+    assert stats["median_abs"] <= 0.08
+    assert stats["p90_abs"] <= 0.22
 
 
 def test_every_case_is_predicted_or_says_why(result):
@@ -44,3 +44,23 @@ def test_moai_param_guide_claims_are_flagged_impossible():
         flags = plausibility(cases[case_id])
         assert flags["plausible"] is False and flags["fraction_of_peak_6N"] > 1.0
     assert plausibility(cases["c152"])["plausible"] is True  # the 70B tutorial run is self-consistent
+
+
+def test_a_table_reports_one_kind_of_memory():
+    """torchtune's 'Optimization flags' table reports 'Peak Memory Active' (allocated) for every
+    row, including the LoRA / QLoRA rows whose own notes do not repeat it."""
+    cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
+    table = [c for c in cases.values() if "Optimization flags" in c.source and c.memory_bytes]
+    assert len(table) >= 8 and {c.memory_kind for c in table} == {"allocated"}
+
+
+def test_checkpointing_is_inferred_from_what_the_throughput_allows():
+    """torchtune rows that do not state activation checkpointing get the recipe default (on) unless
+    the claimed tokens/s would then need more than the GPU's peak: the A6000 LoRA row (4,699 tok/s
+    on 8B: 6N FLOPs/token with recomputation = 146 % of peak) ran without it; the 4090 rows with it."""
+    cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
+    assert cases["c116"].config.recompute == "none"
+    assert any("peak bf16" in note for note in cases["c116"].assumptions)
+    assert cases["c115"].config.recompute == "full" and cases["c117"].config.recompute == "full"
+    # the A6000 full fine-tune then has no room for its paged optimizer's states: not modelled
+    assert cases["c114"].excluded and "paged" in cases["c114"].excluded

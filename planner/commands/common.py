@@ -87,6 +87,8 @@ def add_config(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--offload", choices=("none", "optimizer", "params"))
     parser.add_argument("--sequence-parallel", action="store_true", default=None)
     parser.add_argument("--vpp", type=positive_int)
+    parser.add_argument("--shard-ends", action="store_true", default=None,
+                        help="zero 3: the embedding and the LM head as FSDP units of their own (less memory)")
 
 
 def request_from(args: argparse.Namespace):
@@ -112,7 +114,7 @@ def pins_from(args: argparse.Namespace):
 
     return Pins(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size,
                 recompute=args.recompute, zero=args.zero, offload=args.offload,
-                sequence_parallel=args.sequence_parallel, vpp=args.vpp)
+                sequence_parallel=args.sequence_parallel, vpp=args.vpp, shard_ends=args.shard_ends)
 
 
 def print_json(data: Any) -> None:

@@ -50,7 +50,7 @@ def _config(args: argparse.Namespace, resolved):
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=num_micro_batches(gb, dp, mbs),
                           recompute=args.recompute or "none", zero=args.zero if args.zero is not None else 0,
                           offload=args.offload or "none", sequence_parallel=bool(args.sequence_parallel),
-                          vpp=args.vpp or 1)
+                          vpp=args.vpp or 1, shard_ends=bool(args.shard_ends))
 
 
 def render(p: dict, resolved) -> str:

@@ -21,6 +21,11 @@ class Candidates:
     offload: np.ndarray  # index into OFFLOAD
     sequence_parallel: np.ndarray  # bool
     vpp: np.ndarray
+    shard_ends: np.ndarray | None = None  # bool; None: all False
+
+    def __post_init__(self) -> None:
+        if self.shard_ends is None:
+            self.shard_ends = np.zeros(len(self.dp), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.dp)
@@ -34,7 +39,7 @@ class Candidates:
             micro_batch_size=int(self.micro_batch_size[i]), num_micro_batches=int(self.num_micro_batches[i]),
             recompute=RECOMPUTE[int(self.recompute[i])], zero=int(self.zero[i]),
             offload=OFFLOAD[int(self.offload[i])], sequence_parallel=bool(self.sequence_parallel[i]),
-            vpp=int(self.vpp[i]))
+            vpp=int(self.vpp[i]), shard_ends=bool(self.shard_ends[i]))
 
     @classmethod
     def from_configs(cls, configs: list[ParallelConfig]) -> Candidates:
@@ -45,4 +50,5 @@ class Candidates:
                    num_micro_batches=column(lambda c: c.num_micro_batches),
                    recompute=column(lambda c: RECOMPUTE.index(c.recompute)), zero=column(lambda c: c.zero),
                    offload=column(lambda c: OFFLOAD.index(c.offload)),
-                   sequence_parallel=column(lambda c: c.sequence_parallel, bool), vpp=column(lambda c: c.vpp))
+                   sequence_parallel=column(lambda c: c.sequence_parallel, bool), vpp=column(lambda c: c.vpp),
+                   shard_ends=column(lambda c: c.shard_ends, bool))

@@ -19,14 +19,22 @@ from planner.specs import Cluster
 COLLECTIVES = {"all_reduce": (2.0, 2.0), "all_gather": (1.0, 1.0), "reduce_scatter": (1.0, 1.0)}
 
 
-def link_bandwidth(cluster: Cluster, profile: Profile, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes/s, latency s) for a group spanning `span` consecutive ranks."""
+def link_bandwidth(cluster: Cluster, profile: Profile, span: np.ndarray,
+                   group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes/s, latency s per ring step) for a group of `group` ranks spanning `span` consecutive
+    ranks. Bandwidth is the slowest link's. Latency follows NCCL's ring model (src/graph/tuning.cc:
+    of a ring's n-1 steps, nNodes-1 cross the network and pay its latency, the rest the
+    intra-node link's); a point-to-point (no `group`) pays the slower link's."""
     hw = cluster.hardware
     intra, inter = profile.link("intra"), profile.link("inter")
     inside = span <= cluster.devices_per_node
     bandwidth = np.where(inside, hw.intra_node_bandwidth_bytes_per_s * intra.efficiency,
                          hw.inter_node_bandwidth_bytes_per_s * inter.efficiency)
     latency = np.where(inside, intra.latency_s, inter.latency_s)
+    if group is not None:
+        steps = np.maximum(np.asarray(group) - 1, 1)
+        network_steps = np.minimum(np.ceil(span / cluster.devices_per_node) - 1, steps)
+        latency = ((steps - network_steps) * intra.latency_s + network_steps * inter.latency_s) / steps
     return bandwidth, latency
 
 

@@ -19,7 +19,7 @@ from planner.cost import comm
 from planner.cost.candidates import Candidates
 from planner.cost.compute import model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
-from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, stage_params
+from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
 from planner.cost.schedule import pipeline_seconds
 
@@ -155,8 +155,9 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
     times = {k: m * slowest[k] for k in ("compute", "recompute", "tp_comm")}
     times["pp_bubble"] = np.where(c.pp > 1, bubble, 0.0)
     times["pp_comm"] = _pp_seconds(ctx, regime, c)
-    times["dp_comm"] = _dp_seconds(ctx, regime, c, layout, slowest)
-    times["optimizer"], times["offload"] = _optimizer_seconds(ctx, regime, c, layout, slowest)
+    worst = _largest_stage_params(ctx, regime, c, layout)
+    times["dp_comm"] = _dp_seconds(ctx, regime, c, layout, worst, slowest)
+    times["optimizer"], times["offload"] = _optimizer_seconds(ctx, regime, c, worst, slowest)
     return times
 
 
@@ -165,7 +166,7 @@ def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     (Shoeybi et al. 2019 §3); sequence parallelism swaps each for an all-gather + reduce-scatter
     of the same volume (Korthikanti et al. 2022 §4.2.2). Exposed unless overlapped."""
     nbytes = regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
-    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp)
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp, c.tp)
     one = comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
     return 4 * one * (1 - ctx.profile.overlap("tp"))
 
@@ -183,18 +184,19 @@ def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     return np.where(c.pp > 1, exposed, 0.0)
 
 
-def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, slowest) -> np.ndarray:
+def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, worst: dict[str, np.ndarray],
+                slowest) -> np.ndarray:
     """ZeRO 0/1: one all-reduce of the gradients per step (DDP no_sync while accumulating), hidden
-    behind the last backward. ZeRO 2/3 (FSDP2): per micro-batch a reduce-scatter of fp32 gradients
-    and one (2) or two (3) all-gathers of compute-dtype parameters, hidden behind compute."""
-    worst = _largest_stage_params(ctx, regime, c, layout)
-    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.dp)
-    grad_bytes = FP32 * worst["trainable"]
+    behind the last backward. ZeRO 2/3 (FSDP2): per micro-batch a reduce-scatter of the gradients
+    (fp32 with fp32 master weights, else bf16) and one (2) or two (3) all-gathers of compute-dtype
+    parameters, hidden behind compute."""
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.dp, c.dp)
+    grad_bytes = reduce_bytes(ctx.workload) * worst["trainable"]
     param_bytes = regime.numerics.compute_bytes * (worst["trainable"] + worst["frozen"]) + worst["quantized"] * 0.5
     # DDP all-reduces 25 MB buckets (torch DDP bucket_cap_mb); FSDP2 gathers and scatters per unit
-    # (each decoder layer and the root)
+    # (each decoder layer, the root, and the embedding and head when sharded on their own)
     buckets = np.maximum(1, np.ceil(grad_bytes / DDP_BUCKET_BYTES))
-    units = np.maximum(layout.layers["first"], layout.layers["last"]) + 1
+    units = np.maximum(layout.layers["first"], layout.layers["last"]) + 1 + 2 * c.shard_ends
     all_reduce = comm.collective_seconds("all_reduce", grad_bytes, c.dp, bandwidth, latency, buckets)
     scatter = comm.collective_seconds("reduce_scatter", grad_bytes, c.dp, bandwidth, latency, units)
     gather = comm.collective_seconds("all_gather", param_bytes, c.dp, bandwidth, latency, units)
@@ -221,11 +223,10 @@ def _largest_stage_params(ctx: Context, regime: Regime, c: Candidates, layout: S
     return best
 
 
-def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, slowest):
+def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[str, np.ndarray], slowest):
     """Optimizer step: memory-bound over the local (sharded) parameters. Offload moves gradients
     to the host and parameters back over PCIe and runs the step on the host CPU."""
     w = ctx.workload
-    worst = _largest_stage_params(ctx, regime, c, layout)
     local = worst["trainable"] / np.where(c.zero >= 1, c.dp, 1)
     per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
     memory_eff = ctx.matmul_params.memory_efficiency

@@ -81,8 +81,9 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     replicated = first * np.where((t > 1) & ~ctx.spec.tie_word_embeddings & full & (c.zero < 2),
                                   emb.trainable_tp * (1 - 1 / t), 0.0)
     return {"trainable": trainable, "frozen": frozen, "quantized": quantized,
-            "per_layer": per_layer, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep,
+            "per_layer": per_layer, "per_layer_quantized": layer.quantized_tp / t, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep,
             "root": root, "root_trainable": first * emb_trainable + last * head_trainable,
+            "root_embedding": first * (emb.total - emb.quantized_tp) / tv, "root_head": last * (head.total + tied_copy) / tv,
             "head_trainable": last * head_trainable, "vocab_split": tv, "embedding_replicated_grad": replicated,
             "layer_padding": layer_pad, "root_padding": root_pad,
             "padding": (n * per_layer * layer_pad + root * root_pad) / np.maximum(stage, 1)}
@@ -112,7 +113,19 @@ def stage_memory(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
               "activations": at_peak("activations"), "logits": at_peak("logits"), "buffers": at_peak("buffers"),
               "allocated": totals.max(axis=0), "in_step": in_step, "peak_moment": peak, "host": store["host"]}
     result.update({f"moment:{m}": totals[i] for i, m in enumerate(MOMENTS)})
+    result["largest_block"] = _largest_block(ctx, parts)
     return result
+
+
+def _largest_block(ctx: Context, parts: StepParts) -> np.ndarray:
+    """The step's largest single allocation: the loss's logits block (the fp32 upcast of a chunk
+    in eager mode, the compute-dtype logits under torch.compile) or one gathered FSDP unit.
+    The caching allocator serves each step's block of that size from a segment that earlier,
+    smaller allocations of the same step have split (c10/cuda/CUDACachingAllocator.cpp), so its
+    reserved memory holds about one more such block beyond the allocated peak."""
+    w = ctx.workload
+    per_element = 1.0 if w.compile else FP32 / parts.compute_bytes
+    return np.maximum(parts.grad_logits * per_element / w.loss_chunks, parts.gathered_layer)
 
 
 def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,7 +157,7 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
     # pipeline, torch.distributed.pipelining turns off FSDP's gradient sync and resharding until the
     # last micro-batch, so the stage's gradients accumulate unsharded in the reduce dtype
     grads_held = np.where((c.num_micro_batches > 1) | (c.pp > 1), grads, 0.0)
-    grads_held = np.where(fsdp & (c.pp > 1), _reduce_bytes(w) * p["trainable"], grads_held)
+    grads_held = np.where(fsdp & (c.pp > 1), reduce_bytes(w) * p["trainable"], grads_held)
     if w.optimizer_in_backward:
         # each parameter steps in its post-accumulate-grad hook: gradients exist only while their layer's
         # backward runs and there is no separate optimizer step (torchtune optimizer_in_bwd)
@@ -184,6 +197,8 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         gb = 0.0 * gb
     grad_layer = gb * p["per_layer_trainable"] * layer_pad / shard
     boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
+    ends = fsdp & c.shard_ends  # the embedding and the head are FSDP units of their own
+    embedding_trainable = p["root_trainable"] - p["head_trainable"]
     return StepParts(
         layers=layers, others=(layout.in_flight[role] - layers) * kept, kept_layer=kept,
         embedding=has_emb * layout.chunks_in_flight[role] * per_micro_batch(regime.embedding.saved["none"]),
@@ -199,17 +214,27 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         compute_bytes=cb, autocast_casts=casts, cast_layer=np.where(casts, cb * trained_matmuls, 0.0),
         cast_head=np.where(casts, cb * head_weights, 0.0), fsdp=fsdp,
         zero2=(c.zero == 2) | (fsdp & (c.pp > 1)),
-        gathered_layer=cb * p["per_layer"] * layer_pad, gathered_root=cb * p["root"] * root_pad,
-        scatter_layer=_reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
-        scatter_root=_reduce_bytes(w) * p["root_trainable"] * root_pad,
-        root_grads=np.where(fsdp, cb * p["head_trainable"] * root_pad, 0.0),
-        root_grads_all=np.where(fsdp, cb * p["root_trainable"] * root_pad, 0.0),
+        gathered_layer=_gathered_bytes(cb, p["per_layer"], p["per_layer_quantized"]) * layer_pad,
+        gathered_root=np.where(ends, 0.0, cb * p["root"] * root_pad),
+        gathered_head=np.where(ends, cb * p["root_head"] * root_pad, 0.0),
+        gathered_embedding=np.where(ends, cb * p["root_embedding"] * root_pad, 0.0), ends=ends,
+        scatter_layer=reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
+        scatter_root=reduce_bytes(w) * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad,
+        root_grads=np.where(fsdp & ~ends, cb * p["head_trainable"] * root_pad, 0.0),
+        root_grads_all=np.where(fsdp, cb * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad, 0.0),
         layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
         boundary=boundary, layers_resident=layers,
         checkpointed=c.recompute != 0)
 
 
-def _reduce_bytes(w) -> int:
+def _gathered_bytes(compute_bytes: int, params: np.ndarray, quantized: np.ndarray) -> np.ndarray:
+    """One FSDP2 unit all-gathered: parameters in the compute dtype, NF4 weights as NF4 (torchao's
+    NF4Tensor all-gathers its packed data and scalers, fsdp_pre_all_gather / fsdp_post_all_gather,
+    and dequantises per linear at compute time)."""
+    return compute_bytes * (params - quantized) + NF4_BYTES_PER_PARAM * quantized
+
+
+def reduce_bytes(w) -> int:
     """FSDP2 reduce-scatters gradients in reduce_dtype: fp32 with fp32 master weights
     (MixedPrecisionPolicy(reduce_dtype=fp32)), the parameters' bf16 otherwise."""
     return FP32 if w.master_dtype == "fp32" else 2
@@ -244,6 +269,7 @@ def memory_breakdown(ctx: Context, regime: Regime, c: Candidates, layout: StageL
         best = {k: np.where(wins, stage[k], best[k]) for k in best}
         best["host"] = np.maximum(best["host"], np.where(exists, stage["host"], 0.0))
     mem = ctx.profile.memory(ctx.hardware.name, ctx.hardware.vendor)
-    best["reserved"] = best["allocated"] * (1 + mem.fragmentation) + mem.fixed_bytes
+    best["reserved"] = (best["allocated"] * (1 + mem.fragmentation) + mem.fixed_bytes
+                        + mem.largest_block_factor * best["largest_block"])
     best["overhead"] = best["reserved"] - best["allocated"]
     return best

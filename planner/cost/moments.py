@@ -62,7 +62,10 @@ class StepParts:
     fsdp: np.ndarray  # ZeRO 2/3 candidates (bool)
     zero2: np.ndarray
     gathered_layer: np.ndarray  # one layer's parameters gathered (FSDP2, padded)
-    gathered_root: np.ndarray
+    gathered_root: np.ndarray  # the root unit, gathered for the whole step
+    gathered_head: np.ndarray  # the LM head's own unit (shard_ends), gathered around its use
+    gathered_embedding: np.ndarray  # the embedding's own unit (shard_ends)
+    ends: np.ndarray  # shard_ends candidates (bool): the head's gradients are reduce-scattered at once
     scatter_layer: np.ndarray  # one layer's reduce-scatter input (reduce dtype, padded)
     scatter_root: np.ndarray
     root_grads: np.ndarray  # the LM head's unsharded gradients (FSDP2 root, compute dtype) during the layers
@@ -97,13 +100,16 @@ def _larger(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.
     return {k: np.where(a_wins, a[k], b[k]) for k in a}
 
 
-def _forward_copies(x: StepParts, backward: bool = False) -> np.ndarray:
+def _forward_copies(x: StepParts, backward: bool = False, head_gathered: bool = False) -> np.ndarray:
     """Parameter copies alive from the end of the forward until the first layer's backward. The
     autocast cache holds every weight's cast until the forward ends; after it, only the casts a
     saved tensor refers to remain (none of a checkpointed layer's: they are recomputed)."""
     layer_casts = np.where(backward & x.checkpointed, 0.0, x.layers * x.cast_layer)
     casts = layer_casts + x.cast_head
-    zero3 = x.gathered_root + x.gathered_layer  # the first backward layer, prefetched
+    # the first backward layer, prefetched. A separately sharded head stays gathered from its forward to its
+    # backward, which prefetches that layer (FSDP2: as traced by the oracle)
+    layer = np.where(x.ends & (not head_gathered), 0.0, x.gathered_layer)
+    zero3 = x.gathered_root + layer + x.gathered_head
     zero2 = x.gathered_root + x.layers * x.gathered_layer
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))
 
@@ -121,7 +127,7 @@ def _backward_head(x: StepParts) -> dict[str, np.ndarray]:
     c = x.compute_bytes
     grads, made = _stored(x, 0.0, x.grad_bytes * x.head_weights)
     temp = np.where(x.fsdp | x.autocast_casts, c * x.head_weights, 0.0) + made
-    copies = _forward_copies(x, backward=True) - np.where(x.fsdp, 0.0, x.cast_head)
+    copies = _forward_copies(x, backward=True, head_gathered=True) - np.where(x.fsdp, 0.0, x.cast_head)
     weight = _moment(grads, copies, saved + x.grad_logits + temp, 0.0)
     return _larger(loss, weight)
 
@@ -161,7 +167,7 @@ def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.
     their gradients, the layers below still hold their activations; `step` is its largest step."""
     above = x.layers - 1 - index
     below = x.others + np.minimum(index, x.layers_resident) * x.kept_layer + x.embedding + x.tied_grad
-    stored = np.where(x.fsdp, above * x.grad_layer, x.grad_head + above * x.grad_layer)
+    stored = np.where(x.fsdp & ~x.ends, above * x.grad_layer, x.grad_head + above * x.grad_layer)
     grads = np.where(x.grads_held > 0, x.grads_held, stored + step[0])
     return _moment(grads, _layer_copies(x, index, above), below + step[1], 0.0)
 
@@ -184,10 +190,12 @@ def _backward_embedding(x: StepParts) -> dict[str, np.ndarray]:
     # untied: the dense gradient, then stored; tied: added to the LM head's buffered one
     made = np.where(tied, 3 * x.tied_grad, x.embedding_grad)
     plain = _moment(grads, 0.0, made + x.incoming_grad, 0.0)
-    sharded, _ = _stored(x, (x.layers - 1) * x.grad_layer, 0.0)
-    first_layer = _moment(sharded, x.gathered_root + x.gathered_layer + x.scatter_layer,
-                          x.root_grads_all + x.layer_grads_unsharded, 0.0)
-    all_layers, _ = _stored(x, x.layers * x.grad_layer, 0.0)
-    root = _moment(all_layers, x.scatter_root, x.root_grads_all, 0.0)
+    head = np.where(x.ends, x.grad_head, 0.0)  # already reduce-scattered
+    sharded, _ = _stored(x, (x.layers - 1) * x.grad_layer + head, 0.0)
+    # a separately sharded embedding is gathered (prefetched) while the first layer's backward ends
+    first_layer = _moment(sharded, x.gathered_root + x.gathered_embedding + x.gathered_layer + x.scatter_layer,
+                          np.where(x.ends, 0.0, x.root_grads_all) + x.layer_grads_unsharded, 0.0)
+    all_layers, _ = _stored(x, x.layers * x.grad_layer + head, 0.0)
+    root = _moment(all_layers, x.scatter_root + x.gathered_embedding, x.root_grads_all, 0.0)
     fsdp = _larger(first_layer, root)
     return {k: np.where(x.fsdp, fsdp[k], plain[k]) for k in plain}

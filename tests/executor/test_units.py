@@ -101,6 +101,15 @@ def test_unsupported_options_are_refused_by_name(tmp_path, workload, config, nee
     assert needle in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
+def test_a_hand_edited_plan_with_invalid_degrees_is_refused(tmp_path):
+    """The executor runs the planner's own checks: a pipeline whose virtual stages do not divide
+    the layers would otherwise silently drop some."""
+    plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}, dp=1, pp=2).read_text())
+    plan["config"]["vpp"] = 3
+    spec, _, _, w, c = typed_plan(plan)
+    assert "layers not divisible by pp x vpp" in checks.unsupported_reason(spec, w, c, on_cuda=False)
+
+
 def test_world_mismatch_is_refused_with_the_fix(tmp_path):
     plan = json.loads(make_plan(tmp_path / "p.json", 2).read_text())
     _, _, cluster, _, config = typed_plan(plan)
