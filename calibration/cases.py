@@ -295,15 +295,12 @@ def _torchtune_checkpointing(case: Case) -> str:
     """The row does not say: torchtune's llama3_1 single-device configs enable activation checkpointing,
     unless the claimed tokens/s could not have been reached with it. Recomputation adds a forward
     (2N FLOPs per token) to 6N (full) or 4N (LoRA: no weight gradients of the base)."""
-    from planner.graph import count_params
-    from planner.hardware import load_hardware
+    from calibration.validate import fraction_of_peak
 
-    per_token = (6 if case.workload.method == "full" else 4) + 2
-    peak = load_hardware(case.hardware).peak_flops.get("bf16", 0.0)
-    needed = per_token * count_params(case.spec) * (case.claimed_tokens_per_s_per_device or 0.0)
-    if peak and needed > peak:
+    needed = fraction_of_peak(case, (6 if case.workload.method == "full" else 4) + 2)
+    if needed > 1:
         case.assumptions.append(f"activation checkpointing off: with it the claimed tokens/s would need "
-                                f"{needed / peak:.0%} of the GPU's peak bf16 FLOP/s")
+                                f"{needed:.0%} of the GPU's peak bf16 FLOP/s")
         return "none"
     case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
     return "full"

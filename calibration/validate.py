@@ -91,13 +91,18 @@ def plausibility(case: Case) -> dict[str, Any] | None:
     that exceeds the devices' peak, or when the memory claimed exceeds the device."""
     if case.spec is None or case.hardware is None:
         return None
-    hardware = load_hardware(case.hardware)
-    peak = hardware.peak_flops.get("bf16") or max(hardware.peak_flops.values())
     flags = {}
     if case.claimed_tokens_per_s_per_device:
-        required = 6 * count_params(case.spec) * case.claimed_tokens_per_s_per_device
-        flags["fraction_of_peak_6N"] = required / peak
+        flags["fraction_of_peak_6N"] = fraction_of_peak(case, 6)
     if case.memory_bytes:
-        flags["fraction_of_memory"] = case.memory_bytes / hardware.memory_bytes
+        flags["fraction_of_memory"] = case.memory_bytes / load_hardware(case.hardware).memory_bytes
     flags["plausible"] = all(v <= 1.0 for k, v in flags.items() if k.startswith("fraction"))
     return flags
+
+
+def fraction_of_peak(case: Case, flops_per_param: float) -> float:
+    """The share of the devices' peak (bf16, else their highest) that the claimed tokens/s needs at
+    `flops_per_param` FLOPs per parameter per token (6: forward and backward, Kaplan et al. 2020)."""
+    peak_flops = load_hardware(case.hardware).peak_flops
+    peak = peak_flops.get("bf16") or max(peak_flops.values())
+    return flops_per_param * count_params(case.spec) * (case.claimed_tokens_per_s_per_device or 0.0) / peak
