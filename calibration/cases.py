@@ -183,7 +183,9 @@ def _torchtune_features(row: dict[str, Any]) -> dict[str, Any]:
     notes, optimizer = row.get("notes") or "", str(row.get("optimizer") or "")
     explicit = "chunked CE" in notes
     chunked = ("chunked CE=True" in notes or "chunked CE, " in notes) if explicit else True
-    return {"master_dtype": "bf16", "loss_chunks": 8 if chunked else 1,
+    # without chunked output its TransformerDecoder returns `self.output(h).float()` (torchtune 0.4
+    # modules/transformer.py); the chunked loss upcasts each chunk itself
+    return {"master_dtype": "bf16", "loss_chunks": 8 if chunked else 1, "fp32_logits": not chunked,
             "activation_offload": "activation offloading=True" in notes or "activation offloading on" in notes,
             "optimizer_in_backward": "optimizer_in_bwd" in optimizer and "no optimizer_in_bwd" not in notes}
 

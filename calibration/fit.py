@@ -5,7 +5,13 @@ with bounds and a Gaussian prior on every parameter (in log space for scales) so
 move the parameters sensibly and many runs pin them down. Memory: the allocator/framework
 overhead (reserved = allocated × (1 + fragmentation) + fixed) on runs with a measured reserved peak.
 
-    python -m calibration.fit --out calibration/profiles/default.json
+    python -m calibration.fit --runs calibration/data/h100_runs --out calibration/profiles/default.json \
+        --cross-validate --jobs 2 --residuals calibration/data/loso_residuals.json
+
+The shipped profile is fitted from calibration/profiles/initial.json (hand-set starting values and
+prior centres), never from itself: refitting is then reproducible, and each leave-one-source-out
+fold's prior has not seen the source it holds out. `planner calibrate` fits a user's own runs with
+the shipped profile as the prior instead.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from planner.cost.context import Context
 from planner.cost.estimate import evaluate, tokens_per_second
 from planner.errors import PlannerError
 from planner.plan import check_config
-from planner.profile import DEFAULT_PROFILE, Profile
+from planner.profile import Profile
+
+INITIAL_PROFILE = Path(__file__).resolve().parent / "profiles" / "initial.json"
 
 
 @dataclass(frozen=True)
@@ -220,10 +228,10 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
     data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
     data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
     sources = sorted({p.case.publication for p in with_tps + with_mem})
-    data["fitted_on"] = {"summary": f"{len(with_tps)} throughput and {len(with_mem)} memory measurements "
-                                    f"from {len(sources)} sources",
-                         "sources": sources,
-                         "cases": sorted(p.case.id for p in with_tps + with_mem),
+    summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
+    data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"
+    data["fitted_on"] = {"summary": summary, "sources": sources,
+                         "cases": sorted({p.case.id for p in with_tps + with_mem}),
                          "date": _dt.date.today().isoformat()}
     return data
 
@@ -231,7 +239,8 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="fit the calibration profile to published runs")
     parser.add_argument("--cases", help="cases JSON (default: the shipped copy of the public cases)")
-    parser.add_argument("--base", default=str(DEFAULT_PROFILE), help="profile to start from")
+    parser.add_argument("--base", default=str(INITIAL_PROFILE),
+                        help="profile to start from and centre the priors on (default: calibration/profiles/initial.json)")
     parser.add_argument("--out", required=True, help="where to write the fitted profile")
     parser.add_argument("--runs", nargs="*", default=[], help="run record files or folders to fit on as well")
     parser.add_argument("--cross-validate", action="store_true",
@@ -242,21 +251,30 @@ def main(argv: list[str] | None = None) -> int:
     from planner.profile import load_profile
 
     cases, base = load_cases(args.cases) + load_run_records(args.runs), load_profile(args.base)
-    data = fit_profile(cases, base)
-    data["version"] = _dt.date.today().isoformat()
-    if args.cross_validate:
-        from calibration.crossval import leave_one_source_out, summarize
-
-        rows = leave_one_source_out(cases, base, jobs=args.jobs)
-        if args.residuals:
-            Path(args.residuals).write_text(json.dumps(rows, indent=1) + "\n")
-        summary = summarize(rows)
-        data["uncertainty"] = summary.pop("uncertainty")
-        data["validation"] = {"method": "leave-one-source-out", **summary}
-    Path(args.out).write_text(json.dumps(data, indent=2) + "\n")
+    write_profile(cases, base, Path(args.out), cross_validate=args.cross_validate, jobs=args.jobs,
+                  residuals=args.residuals)
     print(f"wrote {args.out}")
     return 0
 
+
+def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: bool = False, jobs: int = 1,
+                  residuals: str | None = None) -> dict[str, Any]:
+    """Fit `cases` starting from `base`, optionally cross-validate (leave one source out, each fold
+    from the same base), write the profile to `out` (named after the file) and return it."""
+    data = fit_profile(cases, base)
+    data["name"] = out.stem
+    data["version"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if cross_validate:
+        from calibration.crossval import leave_one_source_out, summarize
+
+        rows = leave_one_source_out(cases, base, jobs=jobs)
+        if residuals:
+            Path(residuals).write_text(json.dumps(rows, indent=1) + "\n")
+        summary = summarize(rows)
+        data["uncertainty"] = summary.pop("uncertainty")
+        data["validation"] = {"method": "leave-one-source-out", **summary}
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    return data
 
 
 def load_run_records(paths: list[str]) -> list[Case]:

@@ -48,6 +48,7 @@ COLUMNS: dict[str, str] = {
     "loss_chunks": "cross-entropy chunks (default 1)", "activation_offload": "true or false (default)",
     "optimizer_in_backward": "true or false (default)", "compile": "true or false (default): torch.compile",
     "loss_parallel": "true or false (default): cross-entropy on TP vocabulary shards",
+    "fp32_logits": "true or false (default): the model returns fp32 logits",
     "dp": "data parallel degree (default gpus / (tp x pp))", "tp": "tensor parallel degree (default 1)",
     "pp": "pipeline stages (default 1)", "micro_batch_size": "sequences per micro-batch (default 1)",
     "num_micro_batches": "micro-batches per step (default global_batch / (dp x micro_batch_size))",
@@ -73,7 +74,8 @@ CONFIG_COLUMNS = tuple(f.name for f in fields(ParallelConfig))
 MEASURED_COLUMNS = tuple(f.name for f in fields(Measured))
 WHOLE = {"seq_len": 1, "global_batch": 1, "lora_rank": 1, "loss_chunks": 1, "dp": 1, "tp": 1, "pp": 1,
          "micro_batch_size": 1, "num_micro_batches": 1, "vpp": 1, "zero": 0, "gpus": 1, "gpus_per_node": 1}
-FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "sequence_parallel", "shard_ends")
+FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "fp32_logits", "sequence_parallel",
+         "shard_ends")
 
 
 def run_from_flat(row: dict[str, Any], where: str, base_dir: Path | None = None) -> Run:

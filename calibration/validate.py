@@ -43,7 +43,8 @@ def request_for(case: Case, calibration: str | None = None) -> Request:
                    lora_targets=w.lora_targets, precision=w.precision, optimizer=w.optimizer,
                    optimizer_impl=w.optimizer_impl, attention=w.attention, master_dtype=w.master_dtype,
                    loss_chunks=w.loss_chunks, activation_offload=w.activation_offload,
-                   optimizer_in_backward=w.optimizer_in_backward, compile=w.compile, loss_parallel=w.loss_parallel, calibration=calibration)
+                   optimizer_in_backward=w.optimizer_in_backward, compile=w.compile, loss_parallel=w.loss_parallel, fp32_logits=w.fp32_logits,
+                   calibration=calibration)
 
 
 def predict_case(case: Case, calibration: str | None = None) -> Row:

@@ -60,6 +60,9 @@ def _numerics_reason(workload: Workload, config: ParallelConfig) -> str | None:
     if workload.loss_parallel and config.tp > 1:
         return ("loss_parallel (cross-entropy on vocabulary shards) is not implemented by the executor, which "
                 "gathers the logits; plan without --loss-parallel")
+    if workload.fp32_logits:
+        return ("fp32_logits describes a model that returns fp32 logits (torchtune's); the executor's transformers "
+                "models return them in the compute dtype and upcast in the loss; plan without --fp32-logits")
     if workload.optimizer_in_backward and (config.dp > 1 or config.pp > 1 or config.num_micro_batches > 1):
         return ("optimizer_in_backward runs only with dp = pp = 1 and one micro-batch (gradients must be final "
                 "when each parameter's hook fires); plan without --optimizer-in-backward")

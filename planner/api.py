@@ -51,6 +51,7 @@ class Request:
     optimizer_in_backward: bool = False
     compile: bool = False
     loss_parallel: bool = False
+    fp32_logits: bool = False
     calibration: str | None = None
     memory_margin: float | None = None  # None: from the calibration profile's residuals
 
@@ -88,7 +89,7 @@ def resolve(request: Request) -> Resolved:
                         master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
                         activation_offload=request.activation_offload,
                         optimizer_in_backward=request.optimizer_in_backward, compile=request.compile,
-                        loss_parallel=request.loss_parallel)
+                        loss_parallel=request.loss_parallel, fp32_logits=request.fp32_logits)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
     if request.memory_margin is not None and not 0 <= request.memory_margin < 1:

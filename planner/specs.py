@@ -137,6 +137,9 @@ class Workload:
     # cross-entropy on the vocabulary shards, logits split over TP (Megatron's vocab-parallel
     # cross-entropy, torchtitan's loss_parallel); without it the logits are gathered (the executor)
     loss_parallel: bool = False
+    # the model itself returns fp32 logits (torchtune's TransformerDecoder without chunked output:
+    # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)
+    fp32_logits: bool = False
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)

@@ -51,3 +51,31 @@ def test_synthetic_runs_recover_known_parameters_within_2_percent():
     fitted = np.exp(fit_parameters(prepared, base.data, PARAMS, "throughput"))
     assert fitted == pytest.approx(truth, rel=0.02)
     assert not np.allclose(start, truth, rtol=0.02)  # the fit had to move to get there
+
+
+def test_the_shipped_fit_starts_from_the_initial_guesses_not_from_itself(tmp_path):
+    """`python -m calibration.fit` centres its priors on calibration/profiles/initial.json: were it
+    to start from the shipped profile, each refit would lean on the last one, and each
+    leave-one-source-out fold's prior would already have seen the source it holds out."""
+    import json
+
+    from calibration.cases import load_cases
+    from calibration.fit import INITIAL_PROFILE, fit_profile, main
+    from planner.profile import Profile
+
+    cases = [c for c in load_cases() if c.id in ("c001", "c036")]
+    subset = tmp_path / "cases.json"
+    rows = json.loads(open("calibration/data/public_cases.json").read())
+    rows = rows["cases"] if isinstance(rows, dict) else rows
+    subset.write_text(json.dumps([r for r in rows if r["id"] in ("c001", "c036")]))  # one H100 run each
+    out = tmp_path / "fitted.json"
+    assert main(["--cases", str(subset), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    expected = fit_profile(cases, load_profile(str(INITIAL_PROFILE)))
+    shipped = fit_profile(cases, load_profile())
+    key = ("compute", "default", "*", "matmul_efficiency_max")
+    value = {name: _value(Profile(name, "", data), key) for name, data in
+             (("written", written), ("expected", expected), ("shipped", shipped))}
+    assert value["written"] == pytest.approx(value["expected"], rel=1e-9)
+    assert value["written"] != pytest.approx(value["shipped"], rel=1e-3)
+    assert "initial" in written["description"] and written["name"] == "fitted"

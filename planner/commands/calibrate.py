@@ -16,16 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--base", help="profile to start from and use as the prior (default: the shipped one)")
     parser.add_argument("--out", default="calibrated-profile.json", help="where to write the fitted profile")
     parser.add_argument("--cross-validate", action="store_true",
-                        help="also leave-one-source-out cross-validation: out-of-sample errors and intervals (slow)")
+                        help="also leave-one-source-out cross-validation: out-of-sample errors and intervals (slow; "
+                             "each fold starts from --base, so its errors are out of sample only for runs "
+                             "--base was not fitted on)")
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
-    import datetime as dt
-    import json
     from pathlib import Path
 
-    from calibration.fit import fit_profile, load_measurements
+    from calibration.fit import load_measurements, write_profile
     from calibration.validate import validate
     from planner.errors import InvalidRequest
     from planner.profile import load_profile
@@ -35,18 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if not usable:
         raise InvalidRequest("no usable measured runs to fit on; import some with `planner runs import` "
                              "or name --cases / --store")
-    base = load_profile(args.base)
-    data = fit_profile(usable, base)
-    data["name"] = Path(args.out).stem
-    data["version"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if args.cross_validate:
-        from calibration.crossval import leave_one_source_out, summarize
-
-        summary = summarize(leave_one_source_out(usable, base))
-        data["uncertainty"] = summary.pop("uncertainty")
-        data["validation"] = {"method": "leave-one-source-out", **summary}
     out = Path(args.out).expanduser()
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    data = write_profile(usable, load_profile(args.base), out, cross_validate=args.cross_validate)
     before, after = validate(usable, args.base), validate(usable, str(out))
     report = {"out": str(out), "runs": len(usable), "before": _stats(before), "after": _stats(after),
               "cross_validation": data.get("validation")}

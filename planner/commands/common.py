@@ -70,6 +70,8 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile (fused elementwise ops and loss)")
     parser.add_argument("--loss-parallel", action="store_true",
                         help="cross-entropy on TP vocabulary shards (Megatron, torchtitan); the executor gathers logits")
+    parser.add_argument("--fp32-logits", action="store_true",
+                        help="the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts")
     parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
     parser.add_argument("--memory-margin", type=float, metavar="FRACTION",
                         help="headroom to keep free (default: from the profile's cross-validated memory errors)")
@@ -105,7 +107,8 @@ def workload_options(args: argparse.Namespace) -> dict:
                 optimizer=args.optimizer, optimizer_impl=args.optimizer_impl, attention=args.attention,
                 master_dtype=args.master_dtype, loss_chunks=args.loss_chunks,
                 activation_offload=args.activation_offload, optimizer_in_backward=args.optimizer_in_backward,
-                compile=args.compile, loss_parallel=args.loss_parallel, calibration=args.calibration,
+                compile=args.compile, loss_parallel=args.loss_parallel,
+                fp32_logits=args.fp32_logits, calibration=args.calibration,
                 memory_margin=args.memory_margin)
 
 

@@ -37,7 +37,7 @@ CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "buffers"
 
 
 def loss_bytes_per_token(compute_bytes: int, vocab: int, chunks: int = 1, compiled: bool = False,
-                         phase: str = "backward") -> float:
+                         phase: str = "backward", vocab_parallel: bool = False, fp32_logits: bool = False) -> float:
     """transformers ForCausalLMLoss upcasts logits to fp32 and runs cross_entropy (log_softmax +
     nll). Forward: the logits (C bytes), the fp32 copy of the chunk being processed and the saved
     fp32 log_softmax outputs (4): C + 4 + 4/k bytes per vocabulary entry per token for k chunks
@@ -45,12 +45,23 @@ def loss_bytes_per_token(compute_bytes: int, vocab: int, chunks: int = 1, compil
     (`loss = model(...).loss`), so backward starts with the saved log_softmax outputs and, for the
     chunk in flight, the gradient flowing into it and the one it produces: 4 + 8/k. Under
     torch.compile the cross-entropy fuses: it keeps the logits and a log-sum-exp per token and
-    writes the gradient in the logits' dtype, C·(1 + 1/k)."""
+    writes the gradient in the logits' dtype, C·(1 + 1/k).
+
+    On vocabulary shards (torch.distributed.tensor.parallel.loss_parallel, loss.py) the log-softmax
+    is decomposed: the fp32 copy, `shifted = x - max` and `exp(shifted)` or the result are alive
+    together, C + 4 + 8/k; its fused nll + log-softmax backward holds zeros_like(x),
+    exp(x) + that and the product beside the saved output, 4 + 12/k (traced per op).
+
+    A model that returns fp32 logits (`fp32_logits`) needs no copy of them: its logits are 4 bytes
+    and the loss's upcast is a no-op (4 + 4 eager, 4·(1 + 1/k) compiled)."""
+    logits = FP32 if fp32_logits else compute_bytes
     if compiled:
-        return compute_bytes * (1 + 1 / chunks) * vocab
+        return logits * (1 + 1 / chunks) * vocab
+    upcast_copy = 0 if fp32_logits else FP32
+    decomposed = FP32 if vocab_parallel else 0  # loss_parallel's shifted logits
     if phase == "forward":
-        return (compute_bytes + FP32 + FP32 / chunks) * vocab
-    return (FP32 + 2 * FP32 / chunks) * vocab
+        return (logits + FP32 + (upcast_copy + decomposed) / chunks) * vocab
+    return (FP32 + (2 * FP32 + decomposed) / chunks) * vocab
 
 
 def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
@@ -119,12 +130,13 @@ def stage_memory(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
 
 def _largest_block(ctx: Context, parts: StepParts) -> np.ndarray:
     """The step's largest single allocation: the loss's logits block (the fp32 upcast of a chunk
-    in eager mode, the compute-dtype logits under torch.compile) or one gathered FSDP unit.
+    in eager mode or from a model returning fp32 logits, the compute-dtype logits under torch.compile)
+    or one gathered FSDP unit.
     The caching allocator serves each step's block of that size from a segment that earlier,
     smaller allocations of the same step have split (c10/cuda/CUDACachingAllocator.cpp), so its
     reserved memory holds about one more such block beyond the allocated peak."""
     w = ctx.workload
-    per_element = 1.0 if w.compile else FP32 / parts.compute_bytes
+    per_element = 1.0 if w.compile and not w.fp32_logits else FP32 / parts.compute_bytes
     return np.maximum(parts.grad_logits * per_element / w.loss_chunks, parts.gathered_layer)
 
 
@@ -181,8 +193,11 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     kept = np.select([c.recompute == 0, c.recompute == 1], [saved["none"], saved["selective"]], saved["full"])
     layers, has_emb, has_head = layout.layers[role], layout.has_embedding[role], layout.has_head[role]
     vocab, hidden = spec.vocab_size, spec.hidden_size
-    logit_split = np.where(w.loss_parallel, t, 1)  # vocab-parallel cross-entropy keeps the logits split
-    loss = {phase: has_head * tokens * loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase) / logit_split
+    vocab_parallel = w.loss_parallel & (t > 1)  # the cross-entropy runs on the logits' TP shards
+    logit_split = np.where(vocab_parallel, t, 1)
+    loss = {phase: has_head * tokens / logit_split * np.where(
+                vocab_parallel, loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase, True, w.fp32_logits),
+                loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase, False, w.fp32_logits))
             for phase in ("forward", "backward")}
     fsdp, gb = c.zero >= 2, store["grad_bytes"]
     shard = store["shard"]

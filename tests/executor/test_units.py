@@ -110,6 +110,15 @@ def test_a_hand_edited_plan_with_invalid_degrees_is_refused(tmp_path):
     assert "layers not divisible by pp x vpp" in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
+def test_a_plan_for_a_model_returning_fp32_logits_is_refused(tmp_path):
+    """The executor's transformers models upcast in the loss; a plan priced for fp32 logits from
+    the model (torchtune's) would be trained with a different memory profile than predicted."""
+    plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}).read_text())
+    plan["workload"]["fp32_logits"] = True
+    spec, _, _, w, c = typed_plan(plan)
+    assert "plan without --fp32-logits" in checks.unsupported_reason(spec, w, c, on_cuda=False)
+
+
 def test_world_mismatch_is_refused_with_the_fix(tmp_path):
     plan = json.loads(make_plan(tmp_path / "p.json", 2).read_text())
     _, _, cluster, _, config = typed_plan(plan)
