@@ -135,7 +135,8 @@ class Workload:
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready; no held gradients
     compile: bool = False  # torch.compile: fused elementwise ops and a fused cross-entropy
     # cross-entropy on the vocabulary shards, logits split over TP (Megatron's vocab-parallel
-    # cross-entropy, torchtitan's loss_parallel); without it the logits are gathered (the executor)
+    # cross-entropy, torchtitan's loss_parallel); without it the logits are gathered (the executor).
+    # Its temporaries are those of torch's loss_parallel; Megatron's works in place and holds less.
     loss_parallel: bool = False
     # the model itself returns fp32 logits (torchtune's TransformerDecoder without chunked output:
     # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)

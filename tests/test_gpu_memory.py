@@ -35,7 +35,7 @@ def test_eager_allocated_peak_within_one_percent_of_the_gpu(name, record):
 @pytest.mark.parametrize("name,record", COMPILED, ids=[name for name, _ in COMPILED])
 def test_compiled_runs_within_ten_percent_and_not_under_predicted(name, record):
     """torch.compile keeps fewer activations than eager (Inductor's partitioner recomputes pointwise
-    ops; planner/graph.py `Numerics.compiled`). The model keeps what the partitioner keeps for
+    ops; planner/ops.py `Numerics.compiled`). The model keeps what the partitioner keeps for
     plain layers within 4 %; under selective recomputation it stays above, by 8 %."""
     measured = record["measured"]["peak_allocated_bytes"]
     ratio = predicted_allocated_bytes(record) / measured

@@ -69,7 +69,8 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
                         help="step each parameter as soon as its gradient is ready (needs one micro-batch)")
     parser.add_argument("--compile", action="store_true", help="torch.compile (fused elementwise ops and loss)")
     parser.add_argument("--loss-parallel", action="store_true",
-                        help="cross-entropy on TP vocabulary shards (Megatron, torchtitan); the executor gathers logits")
+                        help="cross-entropy on TP vocabulary shards (torch's loss_parallel, as torchtitan; Megatron's "
+                             "in-place one holds less); the executor gathers logits")
     parser.add_argument("--fp32-logits", action="store_true",
                         help="the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts")
     parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")

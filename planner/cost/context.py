@@ -12,7 +12,8 @@ import numpy as np
 
 from planner.cost.candidates import Candidates
 from planner.cost.summary import PartSummary, summarize
-from planner.graph import Numerics, build_graph, numerics_for
+from planner.graph import build_graph, numerics_for
+from planner.ops import Numerics
 from planner.profile import ComputeParams, Profile
 from planner.specs import Cluster, ModelSpec, Workload
 

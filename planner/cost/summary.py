@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.graph import ModelGraph, Op, Saved
+from planner.graph import ModelGraph
+from planner.ops import Op, Saved
 
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 
