@@ -33,7 +33,7 @@ from planner.api import resolve
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
 from planner.cost.estimate import evaluate, tokens_per_second
-from planner.errors import PlannerError
+from planner.errors import InvalidRequest, PlannerError
 from planner.plan import check_config
 from planner.profile import Profile
 
@@ -261,6 +261,8 @@ def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: b
                   residuals: str | None = None) -> dict[str, Any]:
     """Fit `cases` starting from `base`, optionally cross-validate (leave one source out, each fold
     from the same base), write the profile to `out` (named after the file) and return it."""
+    if not out.parent.is_dir():  # before the minutes of fitting, not after
+        raise InvalidRequest(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
     data = fit_profile(cases, base)
     data["name"] = out.stem
     data["version"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -86,3 +86,8 @@ def test_predict_not_fitting_still_prints(cli):
     assert proc.returncode == 0
     data = json.loads(proc.stdout)
     assert data["fits"] is False and "GiB" in data["reason"]
+
+
+def test_calibrate_into_a_missing_folder_says_so_before_fitting(cli, tmp_path):
+    line = one_line_error(cli("calibrate", "--out", str(tmp_path / "nowhere" / "profile.json")))
+    assert "does not exist" in line and "nowhere" in line
