@@ -248,6 +248,9 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
     extras["compile"] = _compiled(row)
     extras["loss_parallel"] = _loss_parallel(row)
+    extras["attention"] = _attention(row)
+    if extras["attention"] != "sdpa":
+        notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
         notes.append("chunked cross-entropy (torchtune Llama 3.1 configs of that commit)")
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
@@ -314,6 +317,14 @@ def _loss_parallel(row: dict[str, Any]) -> bool:
     loss_parallel keeps the output projection's result sharded); other frameworks gather logits."""
     framework = str(row.get("framework") or "").lower()
     return "megatron" in framework or "torchtitan" in framework
+
+
+def _attention(row: dict[str, Any]) -> str:
+    """Megatron-LM of 2021 (Narayanan et al. 2021, and DeepSpeed's ZeRO-3 runs of the same GPT
+    models) materialised the attention scores: baddbmm, FusedScaleMaskSoftmax, dropout, bmm
+    (megatron/model/transformer.py ParallelAttention); FlashAttention came to Megatron-LM in 2023.
+    The other frameworks ran flash kernels (flash-attn, SDPA)."""
+    return "fused-softmax" if "Megatron-LM" in str(row.get("framework")) and "2021" in str(row.get("source")) else "sdpa"
 
 
 def _sequence_parallel(row: dict[str, Any], tp: int) -> bool:

@@ -44,7 +44,7 @@ COLUMNS: dict[str, str] = {
     "method": "full (default), lora or qlora", "precision": "bf16 (default), fp16, fp8 or fp32",
     "optimizer": "adamw (default), adamw8bit or sgd", "optimizer_impl": "foreach (default), fused or forloop",
     "lora_rank": "LoRA rank (default 16)", "lora_targets": "comma list of q,k,v,o,gate,up,down (default all)",
-    "attention": "sdpa (default) or eager", "master_dtype": "fp32 (default) or bf16",
+    "attention": "sdpa (default), eager or fused-softmax", "master_dtype": "fp32 (default) or bf16",
     "loss_chunks": "cross-entropy chunks (default 1)", "activation_offload": "true or false (default)",
     "optimizer_in_backward": "true or false (default)", "compile": "true or false (default): torch.compile",
     "loss_parallel": "true or false (default): cross-entropy on TP vocabulary shards",

@@ -60,6 +60,9 @@ def _numerics_reason(workload: Workload, config: ParallelConfig) -> str | None:
     if workload.loss_parallel and config.tp > 1:
         return ("loss_parallel (cross-entropy on vocabulary shards) is not implemented by the executor, which "
                 "gathers the logits; plan without --loss-parallel")
+    if workload.attention == "fused-softmax":
+        return ("attention fused-softmax describes Megatron-LM's attention; the executor runs transformers' sdpa or "
+                "eager attention; plan with --attention sdpa")
     if workload.fp32_logits:
         return ("fp32_logits describes a model that returns fp32 logits (torchtune's); the executor's transformers "
                 "models return them in the compute dtype and upcast in the loss; plan without --fp32-logits")

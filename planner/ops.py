@@ -55,6 +55,7 @@ class Op:
     flops_per_token: float = 0.0  # forward, unsharded
     flops_per_token_seq: float = 0.0  # forward attention FLOPs per token per unit of sequence
     io_bytes_per_token: float = 0.0  # memory-bound traffic (read + write) of non-matmul ops
+    io_bytes_per_token_seq: float = 0.0  # ... on materialised attention scores: also × sequence length
     out_bytes_per_token: float = 0.0
     saved: tuple[Saved, ...] = ()
     trainable: bool = True
@@ -150,12 +151,35 @@ def masked_attention(spec: ModelSpec, workload: Workload) -> bool:
     return workload.attention == "sdpa" and window is not None and workload.seq_len >= window
 
 
+def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, float]:
+    """(saved, forward traffic) in bytes per attention score per head when scores are materialised.
+
+    eager (transformers eager_attention_forward, modeling_llama.py): QK^T writes the scores (c),
+    `* scaling` and `+ attention_mask` read and write them (4c), softmax(dtype=float32) reads c and
+    writes fp32 (on CUDA one kernel, _softmax with half_to_float), `.to(dtype)` reads fp32 and writes
+    c, PV reads c: 8c + 8. Softmax saves its fp32 output, PV its input (the cast).
+    fused-softmax (Megatron-LM ParallelAttention before FlashAttention, 2021): baddbmm writes the
+    scaled scores (c), FusedScaleMaskSoftmax reads and writes them (2c), PV reads c: 4c; softmax
+    saves its output, which PV also saves (one tensor). As Korthikanti et al. 2022 Eq. 1 counts.
+    Attention dropout (CUDA native_dropout) reads and writes the probabilities and writes a bool
+    mask (2c + 1); it saves the mask and PV saves its output instead (1 + c)."""
+    c = n.compute_bytes
+    if workload.attention == "eager":
+        saved, traffic = FP32_BYTES + c, 8 * c + 8
+    else:
+        saved, traffic = c, 4 * c
+    if dropout:
+        saved += 1 + (c if workload.attention == "fused-softmax" else 0)
+        traffic += 2 * c + 1
+    return saved, traffic
+
+
 def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
     """SDPA (flash / memory-efficient kernels): keeps q, k, v, the output and the fp32 log-sum-exp
     (one per head per token). GQA runs natively (enable_gqa), so k and v stay kv-sized, unless a
     mask is passed: then transformers repeats k and v for every head (repeat_kv,
-    sdpa_attention.use_gqa_in_sdpa) and SDPA keeps the copies. Eager attention also keeps the fp32
-    softmax output, its bf16 cast, and the dropout mask and output."""
+    sdpa_attention.use_gqa_in_sdpa) and SDPA keeps the copies. Materialised scores (eager,
+    fused-softmax) keep q, k, v and the scores' softmax (`score_bytes`) and move them through HBM."""
     c, a = n.compute_bytes, spec.num_heads
     q, kv = spec.q_dim, spec.kv_dim
     k_and_v = [Saved("attn.k", c * kv), Saved("v_proj.out", c * kv)]
@@ -165,12 +189,13 @@ def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
         k_and_v = [Saved("attn.k", c * q), Saved("attn.v", c * q), Saved("attn.mask", c * workload.seq_len, "none")]
     saved = [Saved("attn.q", c * q), *k_and_v,
              Saved("attn.out", c * q), Saved("attn.lse", FP32_BYTES * a, selective=True)]
-    if workload.attention == "eager":
-        per_score = FP32_BYTES + c + ((1 + c) if spec.dropout > 0 else 0)
+    score_traffic = 0.0
+    if workload.attention != "sdpa":
+        per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0)
         saved = saved[:3] + [Saved("attn.scores", per_score * a, times_seq=True)]
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)
     # backward: the output's gradient and those of q, k and v
     grads = (Saved("attention.grad", c * (2 * q + 2 * kv)),)
     return Op("attention", "attention", flops_per_token_seq=4 * q, io_bytes_per_token=c * (2 * q + 2 * kv),
-              out_bytes_per_token=c * q, saved=tuple(saved), grads=grads)
+              io_bytes_per_token_seq=score_traffic * a, out_bytes_per_token=c * q, saved=tuple(saved), grads=grads)

@@ -15,6 +15,10 @@ from planner.errors import InvalidRequest
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# sdpa: flash / memory-efficient kernels (scores never written out); eager: transformers'
+# eager_attention_forward (materialised scores, fp32 softmax); fused-softmax: Megatron-LM before
+# FlashAttention (materialised scores, FusedScaleMaskSoftmax in the compute dtype)
+ATTENTION_IMPLS = ("sdpa", "eager", "fused-softmax")
 OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -128,7 +132,7 @@ class Workload:
     optimizer_impl: str = "foreach"  # PyTorch AdamW default on GPU (foreach=True)
     lora_rank: int = 16
     lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) | eager (materialised scores)
+    attention: str = "sdpa"  # one of ATTENTION_IMPLS
     master_dtype: str = "fp32"  # fp32 master weights and moments, or bf16 for all of them (torchtune's default)
     loss_chunks: int = 1  # cross-entropy over this many sequence chunks (torchtune CEWithChunkedOutputLoss)
     activation_offload: bool = False  # saved activations kept in host memory (torch save_on_cpu)
@@ -149,7 +153,7 @@ class Workload:
         _require_choice("--precision", self.precision, PRECISIONS)
         _require_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS)
-        _require_choice("attention", self.attention, ("sdpa", "eager"))
+        _require_choice("--attention", self.attention, ATTENTION_IMPLS)
         _require_choice("--master-dtype", self.master_dtype, ("fp32", "bf16"))
         _require_positive("--loss-chunks", self.loss_chunks)
         if self.master_dtype == "bf16" and self.precision == "fp32":

@@ -54,10 +54,10 @@ def test_foreach_adamw_adds_one_fp32_copy_of_the_parameters():
     assert foreach["memory"]["breakdown"]["optimizer"] - fused["memory"]["breakdown"]["optimizer"] == pytest.approx(4 * LLAMA8B)
 
 
-def gpt_layer_saved(tp=1, sp=False, recompute="none"):
+def gpt_layer_saved(tp=1, sp=False, recompute="none", attention="fused-softmax"):
     # Megatron's GPT uses the exact GeLU (one saved tensor); gpt2's gelu_new keeps four
     spec = replace(load_model("gpt2-xl"), activation="gelu")
-    workload = Workload(seq_len=1024, global_batch=1, attention="eager", precision="fp16")
+    workload = Workload(seq_len=1024, global_batch=1, attention=attention, precision="fp16")
     numerics = numerics_for(workload, params_sharded=True)  # parameters in fp16: no autocast casts
     layer, _, _ = summarize(build_graph(spec, workload, numerics))
     return spec, layer.saved[recompute]
@@ -65,16 +65,23 @@ def gpt_layer_saved(tp=1, sp=False, recompute="none"):
 
 @pytest.mark.parametrize("tp,sp", [(1, False), (4, False), (4, True)])
 def test_gpt_layer_activations_match_korthikanti(tp, sp):
-    """Korthikanti et al. 2022 (arXiv 2205.05198) Eq. 1-3: a GPT layer keeps
-    s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes with TP (34/t + 5as/ht with sequence parallelism).
-    transformers' eager GPT-2 attention adds what Megatron fuses away: the fp32 softmax output
-    (4·a·s²·b) and LayerNorm's fp32 mean/rstd (2 x 8 bytes per token)."""
+    """Korthikanti et al. 2022 (arXiv 2205.05198) Eq. 1-3: a Megatron GPT layer keeps
+    s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes with TP (34/t + 5as/ht with sequence parallelism);
+    the paper leaves out LayerNorm's fp32 mean/rstd (2 x 8 bytes per token)."""
     spec, saved = gpt_layer_saved(tp, sp)
     s, b, h, a = 1024, 2, spec.hidden_size, spec.num_heads
     ours = saved.evaluate(s * b, s, tp, tp if sp else 1)
     korthikanti = s * b * h * ((10 / (tp if sp else 1)) + 24 / tp + 5 * a * s / (h * tp))
-    hf_extras = 4 * a * s * s * b / tp + 16 * s * b / (tp if sp else 1)
-    assert ours == pytest.approx(korthikanti + hf_extras)
+    assert ours == pytest.approx(korthikanti + 16 * s * b / (tp if sp else 1))
+
+
+def test_eager_attention_keeps_the_fp32_softmax_instead():
+    """transformers' eager attention (softmax(dtype=float32)) keeps the fp32 probabilities where
+    Megatron's fused softmax keeps them in the compute dtype: 2 more bytes per score."""
+    spec, fused = gpt_layer_saved()
+    _, eager = gpt_layer_saved(attention="eager")
+    s, b, a = 1024, 2, spec.num_heads
+    assert eager.evaluate(s * b, s, 1, 1) - fused.evaluate(s * b, s, 1, 1) == pytest.approx(2 * a * s * s * b)
 
 
 def test_full_recompute_keeps_the_layer_input():

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from planner.specs import ATTENTION_IMPLS
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -58,8 +60,9 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
     parser.add_argument("--optimizer-impl", choices=("foreach", "fused", "forloop"), default="foreach",
                         help="PyTorch AdamW implementation (default foreach, the GPU default)")
-    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
-                        help="sdpa (flash / memory-efficient kernels) or eager (materialised scores)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa",
+                        help="sdpa (flash / memory-efficient kernels, default), eager (transformers' materialised "
+                             "scores) or fused-softmax (Megatron-LM's before FlashAttention)")
     parser.add_argument("--master-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 master weights and AdamW moments (default), or bf16 for all (torchtune's default)")
     parser.add_argument("--loss-chunks", type=positive_int, default=1,

@@ -7,7 +7,8 @@ per hardware and dtype (calibration profile).
 
 Backward costs 2× forward for trained linears (grad input + grad weight; Narayanan et al. 2021
 §3.5) and 1× for frozen ones (grad input only); FlashAttention's backward ~2.5× its forward
-(Dao 2023, FlashAttention-2 §3: 5 matmuls vs 2), a profile parameter.
+(Dao 2023, FlashAttention-2 §3: 5 matmuls vs 2), a profile parameter; materialised attention
+scores (eager, Megatron's fused softmax) 2× (4 batched GEMMs vs 2).
 """
 
 from __future__ import annotations
@@ -56,10 +57,7 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
         fwd_mm += seconds
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
-    attn = ctx.attention_params
-    causal = ctx.profile.attention("causal_fraction")
-    attn_flops = part.attention_flops_per_token_seq * tokens * w.seq_len / t * causal
-    fwd_attn = attn_flops / (ctx.attention_peak_flops * attn.attention_efficiency)
+    fwd_attn = _attention_seconds(ctx, part.attention_flops_per_token_seq * tokens * w.seq_len / t)
     io = part.io_bytes.evaluate(tokens, w.seq_len, t, sp_div)
     io = io + loss_io_bytes_per_token(ctx, loss_vocab) * tokens / t
     if w.compile:  # inductor fuses chains of elementwise ops: fewer round trips through HBM
@@ -68,9 +66,24 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     # host-side cost of launching the part's kernels: about twice as many in backward; fused under compile
     overhead = mm.layer_overhead_s * (mm.compiled_io_factor if w.compile else 1.0) * (1.0 if part.matmuls else 0.0)
     forward = fwd_mm + fwd_attn + fwd_mem + overhead
-    backward = bwd_mm + ctx.profile.attention("backward_factor") * fwd_attn + 2 * fwd_mem + 2 * overhead
+    # flash backward recomputes the scores (profile factor); materialised: 4 GEMMs for forward's 2
+    attn_backward = ctx.profile.attention("backward_factor") if w.attention == "sdpa" else 2.0
+    backward = bwd_mm + attn_backward * fwd_attn + 2 * fwd_mem + 2 * overhead
     recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem + overhead], 0.0)
     return PartTimes(forward, backward, recompute, fwd_mem)
+
+
+def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> np.ndarray:
+    """Forward attention of one micro-batch. Flash kernels skip the masked half of a causal
+    sequence (profile `causal_fraction`) at their own fitted efficiency; materialised scores
+    (eager, fused-softmax) are two batched GEMMs over every (query, key) pair, at a GEMM's
+    efficiency for their size; their softmax's memory traffic is in the part's io bytes."""
+    if ctx.workload.attention == "sdpa":
+        flops = full_flops * ctx.profile.attention("causal_fraction")
+        return flops / (ctx.attention_peak_flops * ctx.attention_params.attention_efficiency)
+    mm = ctx.matmul_params
+    per_gemm = np.maximum(full_flops / 2, 1.0)  # parts without attention: 0 s, not 0/0
+    return full_flops / (ctx.matmul_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
 
 
 def loss_io_bytes_per_token(ctx: Context, vocab: int) -> float:

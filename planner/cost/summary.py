@@ -134,7 +134,8 @@ def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> 
                              op.trainable, op.tp_split, recomputed_selective=op.name not in kept and not op.lora_of)
                       for op in ops if op.kind in ("matmul", "experts")),
         attention_flops_per_token_seq=sum(op.flops_per_token_seq for op in ops),
-        io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") for op in ops), Bytes()),
+        io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") + Bytes(seq=op.io_bytes_per_token_seq)
+                      for op in ops), Bytes()),
         saved={policy: _saved_bytes(ops, policy, layer_input) for policy in RECOMPUTE_POLICIES},
         backward=backward_steps(ops, layer_input) if layer_input is not None else (),
     )

@@ -119,6 +119,14 @@ def test_a_plan_for_a_model_returning_fp32_logits_is_refused(tmp_path):
     assert "plan without --fp32-logits" in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
+def test_a_plan_priced_for_megatrons_attention_is_refused(tmp_path):
+    """fused-softmax prices Megatron-LM's attention, which transformers has no implementation of."""
+    plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}).read_text())
+    plan["workload"]["attention"] = "fused-softmax"
+    spec, _, _, w, c = typed_plan(plan)
+    assert "plan with --attention sdpa" in checks.unsupported_reason(spec, w, c, on_cuda=False)
+
+
 def test_world_mismatch_is_refused_with_the_fix(tmp_path):
     plan = json.loads(make_plan(tmp_path / "p.json", 2).read_text())
     _, _, cluster, _, config = typed_plan(plan)
