@@ -86,6 +86,7 @@ def time_parameters(hardware_names: list[str]) -> list[Parameter]:
         Parameter(("overlap", "dp"), 0.8, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "zero"), 0.8, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "pp"), 0.5, 0.0, 1.0, 0.3, log=False),
+        Parameter(("overlap", "hidden_cost"), 0.2, 0.0, 1.0, 0.3, log=False),
     ]
     return params
 

@@ -77,6 +77,11 @@ class Profile:
     def overlap(self, kind: str) -> float:
         return float(self.data["overlap"][kind])
 
+    def hidden_comm_cost(self) -> float:
+        """Seconds a collective hidden behind compute still adds per second it runs (its kernels take
+        SMs and HBM bandwidth from the compute); 0 in profiles from before it existed."""
+        return float(self.data["overlap"].get("hidden_cost", 0.0))
+
     def memory(self, hardware: str, vendor: str) -> MemoryParams:
         table = self.data["memory"]
         entry = table.get(hardware) or table.get(vendor) or table["default"]

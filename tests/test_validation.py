@@ -7,7 +7,7 @@ when the model improves, never raise them to hide a regression."""
 import pytest
 
 from calibration.cases import load_cases
-from calibration.validate import plausibility, validate
+from calibration.validate import plausibility, predict_case, validate
 
 from conftest import SHARED_CASES
 
@@ -21,8 +21,8 @@ def result():
 def test_throughput_error(result):
     stats = result["throughput"]
     assert stats["n"] >= 70
-    assert stats["median_abs"] <= 0.08
-    assert stats["p90_abs"] <= 0.22
+    assert stats["median_abs"] <= 0.07
+    assert stats["p90_abs"] <= 0.19
 
 
 def test_memory_error(result):
@@ -64,3 +64,18 @@ def test_checkpointing_is_inferred_from_what_the_throughput_allows():
     assert cases["c115"].config.recompute == "full" and cases["c117"].config.recompute == "full"
     # the A6000 full fine-tune then has no room for its paged optimizer's states: not modelled
     assert cases["c114"].excluded and "paged" in cases["c114"].excluded
+
+
+def test_megatron_2021_rows_materialise_their_attention_scores():
+    """Narayanan et al. 2021 ran Megatron-LM's attention before FlashAttention (baddbmm,
+    FusedScaleMaskSoftmax, dropout, bmm): per layer its scores cost time that grows with the
+    sequence, which flash kernels never spend. Read that way, the weak-scaling table (1.7B to 1T)
+    has no trend of error with model size left: the small models' lower achieved FLOP/s is the
+    softmax traffic over a·s scores per token, small against 24·h² FLOPs only when h is large."""
+    cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
+    table = [c for c in cases.values() if c.source.startswith("Narayanan et al. 2021, 'Effici")]
+    assert len(table) == 10 and {c.workload.attention for c in table} == {"fused-softmax"}
+    assert {c.workload.attention for c in cases.values() if c.workload and "Narayanan" not in c.source} == {"sdpa"}
+    errors = {c.spec.hidden_size: predict_case(c).throughput_error for c in table}
+    smallest, largest = errors[min(errors)], errors[max(errors)]
+    assert abs(smallest - largest) <= 0.10  # with flash-attention timing: +34 % vs -8 %

@@ -167,8 +167,8 @@ def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     of the same volume (Korthikanti et al. 2022 §4.2.2). Exposed unless overlapped."""
     nbytes = regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp, c.tp)
-    one = comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
-    return 4 * one * (1 - ctx.profile.overlap("tp"))
+    four = 4 * comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
+    return _exposed(ctx, four, ctx.profile.overlap("tp") * four)
 
 
 def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
@@ -179,9 +179,17 @@ def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     span = c.tp * c.dp * c.pp
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, span)
     one = comm.p2p_seconds(nbytes, bandwidth, latency)
-    hidden = ctx.profile.overlap("pp")
-    exposed = 2 * (c.pp - 1) * one + 2 * c.num_micro_batches * one * (1 - hidden)
+    steady = 2 * c.num_micro_batches * one
+    exposed = 2 * (c.pp - 1) * one + _exposed(ctx, steady, ctx.profile.overlap("pp") * steady)
     return np.where(c.pp > 1, exposed, 0.0)
+
+
+def _exposed(ctx: Context, comm_s: np.ndarray, hideable_s: np.ndarray) -> np.ndarray:
+    """Collective seconds on the critical path: what compute cannot hide (at most `hideable_s`),
+    plus the price of what it does hide. NCCL runs a collective as kernels on the GPU's SMs (one
+    block per channel, up to 32 channels), which the overlapped compute then lacks."""
+    hidden = np.minimum(comm_s, hideable_s)
+    return comm_s - hidden + ctx.profile.hidden_comm_cost() * hidden
 
 
 def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, worst: dict[str, np.ndarray],
@@ -203,9 +211,9 @@ def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     m = c.num_micro_batches
     per_micro_compute = slowest["total"]
     backward_share = per_micro_compute * 2 / 3
-    zero01 = np.maximum(0.0, all_reduce - ctx.profile.overlap("dp") * backward_share)
+    zero01 = _exposed(ctx, all_reduce, ctx.profile.overlap("dp") * backward_share)
     per_micro = scatter + np.where(c.zero == 3, 2, 1) * gather
-    zero23 = m * np.maximum(0.0, per_micro - ctx.profile.overlap("zero") * per_micro_compute)
+    zero23 = m * _exposed(ctx, per_micro, ctx.profile.overlap("zero") * per_micro_compute)
     return np.where(c.zero >= 2, zero23, zero01)
 
 
