@@ -57,7 +57,7 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
         fwd_mm += seconds
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
-    fwd_attn = _attention_seconds(ctx, part.attention_flops_per_token_seq * tokens * w.seq_len / t)
+    fwd_attn, bwd_attn = _attention_seconds(ctx, part.attention_flops_per_token_seq * tokens * w.seq_len / t)
     io = part.io_bytes.evaluate(tokens, w.seq_len, t, sp_div)
     io = io + loss_io_bytes_per_token(ctx, loss_vocab) * tokens / t
     if w.compile:  # inductor fuses chains of elementwise ops: fewer round trips through HBM
@@ -66,24 +66,25 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     # host-side cost of launching the part's kernels: about twice as many in backward; fused under compile
     overhead = mm.layer_overhead_s * (mm.compiled_io_factor if w.compile else 1.0) * (1.0 if part.matmuls else 0.0)
     forward = fwd_mm + fwd_attn + fwd_mem + overhead
-    # flash backward recomputes the scores (profile factor); materialised: 4 GEMMs for forward's 2
-    attn_backward = ctx.profile.attention("backward_factor") if w.attention == "sdpa" else 2.0
-    backward = bwd_mm + attn_backward * fwd_attn + 2 * fwd_mem + 2 * overhead
+    backward = bwd_mm + bwd_attn + 2 * fwd_mem + 2 * overhead
     recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem + overhead], 0.0)
     return PartTimes(forward, backward, recompute, fwd_mem)
 
 
-def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> np.ndarray:
-    """Forward attention of one micro-batch. Flash kernels skip the masked half of a causal
-    sequence (profile `causal_fraction`) at their own fitted efficiency; materialised scores
-    (eager, fused-softmax) are two batched GEMMs over every (query, key) pair, at a GEMM's
-    efficiency for their size; their softmax's memory traffic is in the part's io bytes."""
+def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, backward) attention of one micro-batch. Flash kernels skip the masked half of a
+    causal sequence (profile `causal_fraction`) at their own fitted efficiency, and their backward
+    recomputes the scores (profile `backward_factor`). Materialised scores (eager, fused-softmax)
+    are two batched GEMMs over every (query, key) pair, at a GEMM's efficiency for their size, and
+    four in backward; their softmax's memory traffic is in the part's io bytes."""
     if ctx.workload.attention == "sdpa":
         flops = full_flops * ctx.profile.attention("causal_fraction")
-        return flops / (ctx.attention_peak_flops * ctx.attention_params.attention_efficiency)
+        forward = flops / (ctx.attention_peak_flops * ctx.attention_params.attention_efficiency)
+        return forward, ctx.profile.attention("backward_factor") * forward
     mm = ctx.matmul_params
     per_gemm = np.maximum(full_flops / 2, 1.0)  # parts without attention: 0 s, not 0/0
-    return full_flops / (ctx.matmul_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
+    forward = full_flops / (ctx.matmul_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
+    return forward, 2.0 * forward
 
 
 def loss_io_bytes_per_token(ctx: Context, vocab: int) -> float:
