@@ -34,6 +34,7 @@ from planner.cost.candidates import Candidates
 from planner.cost.context import Context
 from planner.cost.estimate import evaluate, tokens_per_second
 from planner.errors import InvalidRequest, PlannerError
+from planner.hardware import chip_of, presets
 from planner.plan import check_config
 from planner.profile import Profile
 
@@ -59,23 +60,40 @@ class Parameter:
         return float(np.exp(internal)) if self.log else internal
 
 
-def time_parameters(hardware_names: list[str]) -> list[Parameter]:
-    """Compute efficiency per hardware (its maximum), shared shape and link/overlap parameters."""
-    # Each hardware's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): hardware
-    # differ by tens of percent; with the data's 10 % noise one run of new hardware moves its delta
-    # 90 % of the way, and hardware never measured takes the shared value.
-    # The per-layer launch overhead differs more between hardware (a CPU core vs a GPU's launch
-    # queue: milliseconds vs tens of microseconds), hence its wider prior.
-    per_hardware = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
-                    "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
-    shared = {key: ("compute", "default", "*", key) for key in per_hardware}
+# what each chip has of its own: (lower, upper, prior sigma of log(chip / shared))
+PER_CHIP_KEYS = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
+                 "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
+
+
+def time_parameters(chips: dict[str, str]) -> list[Parameter]:
+    """Compute efficiency per chip and per part, shared shape and link/overlap parameters.
+    `chips` maps each hardware part of the runs to its chip (to itself when it has none)."""
+    # Each chip's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): chips
+    # differ by tens of percent; with the data's 10 % noise one run of a new chip moves its delta
+    # 90 % of the way, and a chip never measured takes the shared value.
+    # The per-layer launch overhead differs more (a CPU core vs a GPU's launch queue: milliseconds
+    # vs tens of microseconds), hence its wider prior.
+    per_chip = PER_CHIP_KEYS
+    shared = {key: ("compute", "default", "*", key) for key in per_chip}
     params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
               Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
               Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
               Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
-    for name in sorted(hardware_names):
-        params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
-                   for key, (lower, upper, sigma) in per_hardware.items()]
+    for chip in sorted(set(chips.values())):
+        params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
+                   for key, (lower, upper, sigma) in per_chip.items()]
+    # Parts of one chip (H100 80GB, H100 96GB at 500 W, H200) run the same kernels on the same
+    # silicon; their peaks and bandwidths are in their hardware files, so they differ from their
+    # chip by a few percent (power limits, clocks): without that tight prior, a source that is
+    # alone on a part (one framework and vintage) would set that part's efficiency by itself. Launch
+    # overhead belongs to the host, not the chip.
+    per_part_sigma = {"matmul_efficiency_max": 0.05, "attention_efficiency": 0.05, "memory_efficiency": 0.05,
+                      "layer_overhead_s": 1.0}
+    for name, chip in sorted(chips.items()):
+        if chip != name:
+            params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, per_part_sigma[key],
+                                 relative_to=("compute", chip, "*", key))
+                       for key, (lower, upper, _) in per_chip.items()]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
@@ -124,7 +142,8 @@ def prepare(cases: list[Case], base: Profile) -> list[Prepared]:
 
 
 def with_values(data: dict[str, Any], params: list[Parameter], values: np.ndarray) -> dict[str, Any]:
-    """The profile data with the parameters set (shared ones first, then those relative to them)."""
+    """The profile data with the parameters set (shared ones first, then those relative to them:
+    a chip's before its parts', as `time_parameters` lists them)."""
     out = copy.deepcopy(data)
     ordered = sorted(zip(params, values, strict=True), key=lambda pv: pv[0].relative_to is not None)
     for param, value in ordered:
@@ -189,13 +208,13 @@ def _residual_fn(prepared, base_data, params, target: str):
 
 
 def _jacobian_sparsity(prepared, params) -> np.ndarray:
-    """A hardware's own parameters move only its runs' residuals; least_squares then perturbs
-    several of them at once when estimating the Jacobian."""
-    names = [p.case.hardware_name for p in prepared]
+    """A chip's or a part's own parameters move only its runs' residuals; least_squares then
+    perturbs several of them at once when estimating the Jacobian."""
+    keys = [(p.context.hardware.name, chip_of(p.context.hardware)) for p in prepared]
     data_rows = np.ones((len(prepared), len(params)), dtype=bool)
     for j, param in enumerate(params):
-        if param.relative_to is not None:  # a hardware's own parameter
-            data_rows[:, j] = [name == param.path[1] for name in names]
+        if param.relative_to is not None:  # a chip's or a part's own parameter
+            data_rows[:, j] = [param.path[1] in key for key in keys]
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
 
 
@@ -208,6 +227,24 @@ def fit_parameters(prepared, base_data, params, target: str) -> np.ndarray:
     result = least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200,
                            jac_sparsity=sparsity, tr_solver="lsmr")
     return result.x
+
+
+def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str]) -> dict[str, Any]:
+    """Parts the runs did not measure, but whose chip they did (an H200 in the shipped profile when
+    `planner calibrate` fits H100 runs), move by the factor their chip moved: the part's own entry
+    would otherwise hide the chip's new values from it."""
+    for name, entry in after["compute"].items():
+        preset = presets().get(name)
+        chip = preset.chip if preset is not None else ""
+        if name in fitted or chip not in fitted.values():
+            continue
+        for key, value in entry.get("*", {}).items():
+            old, new = (_get(d, ("compute", chip, "*", key), _get(d, ("compute", "default", "*", key), np.nan))
+                        for d in (before, after))
+            if key in PER_CHIP_KEYS and np.isfinite(new / old):
+                lower, upper, _ = PER_CHIP_KEYS[key]
+                entry["*"][key] = float(np.clip(value * new / old, lower, upper))
+    return after
 
 
 def _get(data: dict[str, Any], path: tuple[str, ...], default: float) -> float:
@@ -225,8 +262,10 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
     with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
     with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
     data = copy.deepcopy(base.data)
-    time_params = time_parameters(sorted({p.case.hardware_name for p in with_tps}))
+    chips = {p.context.hardware.name: chip_of(p.context.hardware) for p in with_tps}
+    time_params = time_parameters(chips)
     data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
+    data = _parts_follow_their_chips(base.data, data, chips)
     data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
     sources = sorted({p.case.publication for p in with_tps + with_mem})
     summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"

@@ -170,7 +170,7 @@ def list_models() -> list[dict[str, Any]]:
 
 
 def list_hardware() -> list[dict[str, Any]]:
-    return [{"name": h.name, "memory_bytes": h.memory_bytes, "peak_flops": dict(h.peak_flops),
+    return [{"name": h.name, "chip": h.chip, "memory_bytes": h.memory_bytes, "peak_flops": dict(h.peak_flops),
              "hbm_bandwidth_bytes_per_s": h.hbm_bandwidth_bytes_per_s, "devices_per_node": h.devices_per_node,
              "description": h.description, "source": h.source} for h in presets().values()]
 

@@ -51,6 +51,15 @@ def load_hardware(ref: str | Hardware) -> Hardware:
     raise unknown_name("hardware", ref, known, hint="(see `planner hardware`, or pass a hardware JSON path)")
 
 
+def chip_of(hardware: Hardware) -> str:
+    """The chip whose calibrated efficiencies a part shares: its own `chip`, else its preset's (plans
+    and run records written before parts named their chip), else the part itself."""
+    if hardware.chip:
+        return hardware.chip
+    preset = presets().get(hardware.name)
+    return preset.chip if preset is not None and preset.chip else hardware.name
+
+
 def flavor_devices(flavor: str) -> int:
     """Number of MI250 GCDs in a MoAI flavor such as `8xLarge.4096GB` or the short `8xlarge`."""
     text = flavor.strip()
@@ -95,3 +104,5 @@ def _check_hardware(hardware: Hardware, where: str) -> None:
     for dtype, value in hardware.peak_flops.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidRequest(f"{where}: peak_flops.{dtype} must be a positive number, got {value!r}")
+    if not isinstance(hardware.chip, str):
+        raise InvalidRequest(f"{where}: chip must be the silicon's name as text (GH100, GA100, ...), got {hardware.chip!r}")

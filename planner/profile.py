@@ -5,8 +5,10 @@
   compute.<hardware>.<dtype>: matmul_efficiency_max, matmul_half_flops (GEMM size at which half
       the maximum is reached), attention_efficiency, memory_efficiency (fraction of HBM bandwidth
       that memory-bound ops reach), compiled_io_factor (share of that traffic left under
-      torch.compile), layer_overhead_s (launching a layer's kernels, per micro-batch). Lookup falls back hardware.dtype -> hardware.* -> vendor.* ->
-      default.dtype -> default.*
+      torch.compile), layer_overhead_s (launching a layer's kernels, per micro-batch). <hardware> is
+      a part (h100-sxm-80gb), its chip (GH100: what the parts of one silicon share) or a vendor;
+      lookup falls back hardware.dtype -> hardware.* -> chip.dtype -> chip.* -> vendor.dtype ->
+      vendor.* -> default.dtype -> default.*
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
   overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
   memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
@@ -62,11 +64,11 @@ class Profile:
     path: str
     data: dict[str, Any]
 
-    def compute(self, hardware: str, vendor: str, dtype: str) -> ComputeParams:
+    def compute(self, hardware: str, vendor: str, dtype: str, chip: str = "") -> ComputeParams:
         table = self.data["compute"]
         merged: dict[str, float] = {}
         for key in (("default", "*"), ("default", dtype), (vendor, "*"), (vendor, dtype),
-                    (hardware, "*"), (hardware, dtype)):
+                    (chip, "*"), (chip, dtype), (hardware, "*"), (hardware, dtype)):
             merged.update(table.get(key[0], {}).get(key[1], {}))
         return ComputeParams(**{k: float(merged[k]) for k in COMPUTE_KEYS})
 

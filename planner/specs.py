@@ -92,6 +92,9 @@ class Hardware:
     host_memory_bytes_per_node: int
     host_memory_bandwidth_bytes_per_s: float
     vendor: str = "nvidia"
+    # the silicon (GH100, GA100, ...): SKUs of one chip share the calibration's efficiencies, their
+    # clocks, memory and links being in the fields above; "" when a part is its own chip
+    chip: str = ""
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:

@@ -79,3 +79,54 @@ def test_the_shipped_fit_starts_from_the_initial_guesses_not_from_itself(tmp_pat
     assert value["written"] == pytest.approx(value["expected"], rel=1e-9)
     assert value["written"] != pytest.approx(value["shipped"], rel=1e-3)
     assert "initial" in written["description"] and written["name"] == "fitted"
+
+
+def test_parts_of_one_chip_share_its_calibration():
+    """H100 80GB, H100 96GB at 500 W and H200 are one silicon (GH100): a run on one part moves the
+    others' predictions with it, a part of another chip (A100) much less. Without that, a source
+    alone on one part (one framework, one vintage) would set that part's efficiency by itself.
+    (One run moves the shared efficiencies too, so the A100 follows part of the way.)"""
+    from calibration.fit import INITIAL_PROFILE, fit_profile
+    from planner.hardware import chip_of, load_hardware
+
+    assert {chip_of(load_hardware(n)) for n in ("h100-sxm-80gb", "h100-sxm-96gb-500w", "h200-141gb")} == {"GH100"}
+    base = load_profile(str(INITIAL_PROFILE))
+    runs = {c.hardware: c for c in synthetic_runs() if c.workload.seq_len == 8192}
+    runs["h200-141gb"] = Case(**{**runs["h100-sxm-80gb"].__dict__, "id": "h200", "hardware": "h200-141gb"})
+    before = {name: predictions(prepare([case], base), base.data)[0][0] for name, case in runs.items()}
+    measured = runs["h100-sxm-80gb"]
+    measured.tokens_per_s_per_device = 0.7 * before["h100-sxm-80gb"]  # a slower stack than the prior
+    fitted = fit_profile([measured], base)
+    ratio = {name: predictions(prepare([case], base), fitted)[0][0] / before[name] for name, case in runs.items()}
+    assert ratio["h100-sxm-80gb"] < 0.85
+    assert ratio["h200-141gb"] == pytest.approx(ratio["h100-sxm-80gb"], rel=0.05)
+    assert ratio["h200-141gb"] < ratio["a100-80gb"] - 0.03
+
+
+def test_records_written_before_parts_named_their_chip_take_their_presets_chip():
+    from planner.hardware import chip_of, load_hardware
+    from planner.specs import Hardware
+
+    stored = {**load_hardware("h100-sxm-80gb").to_dict(), "chip": ""}
+    assert chip_of(Hardware.from_dict(stored)) == "GH100"
+    custom = {**stored, "name": "my-lab-gpu"}
+    assert chip_of(Hardware.from_dict(custom)) == "my-lab-gpu"  # its own chip: calibrated on its own
+
+
+
+def test_calibrating_runs_of_one_part_moves_the_other_parts_of_its_chip_in_the_profile():
+    """`planner calibrate` fits on the shipped profile, which has its own entry for every part it
+    was fitted on: an H100 run that is slower than predicted must still slow the H200 down."""
+    from calibration.fit import fit_profile
+
+    base = load_profile()
+    assert "h200-141gb" in base.data["compute"]
+    case = next(c for c in synthetic_runs() if c.hardware == "h100-sxm-80gb" and c.workload.seq_len == 8192)
+    on_h200 = Case(**{**case.__dict__, "id": "h200", "hardware": "h200-141gb"})
+    before = {c.hardware: predictions(prepare([c], base), base.data)[0][0] for c in (case, on_h200)}
+    case.tokens_per_s_per_device = 0.7 * before["h100-sxm-80gb"]
+    fitted = fit_profile([case], base)
+    after = {c.hardware: predictions(prepare([c], base), fitted)[0][0] for c in (case, on_h200)}
+    assert after["h100-sxm-80gb"] / before["h100-sxm-80gb"] < 0.85
+    assert after["h200-141gb"] / before["h200-141gb"] == pytest.approx(
+        after["h100-sxm-80gb"] / before["h100-sxm-80gb"], rel=0.05)

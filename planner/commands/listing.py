@@ -30,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    print(table(["name", "memory GiB", "bf16 TFLOP/s", "fp8 TFLOP/s", "HBM TB/s", "per node", "description"],
-                [[r["name"], gib(r["memory_bytes"]), f"{r['peak_flops'].get('bf16', 0) / 1e12:.1f}",
+    print(table(["name", "chip", "memory GiB", "bf16 TFLOP/s", "fp8 TFLOP/s", "HBM TB/s", "per node", "description"],
+                [[r["name"], r.get("chip") or "-", gib(r["memory_bytes"]), f"{r['peak_flops'].get('bf16', 0) / 1e12:.1f}",
                   f"{r['peak_flops']['fp8'] / 1e12:.1f}" if "fp8" in r["peak_flops"] else "-",
-                  f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}", r["devices_per_node"], r["description"][:60]]
-                 for r in rows], align="lrrrrrl"))
+                  f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}", r["devices_per_node"], r["description"][:52]]
+                 for r in rows], align="llrrrrrl"))
     flavors = ", ".join(f"{f} ({flavor_devices(f)})" for f in MOAI_FLAVORS)
     print(f"\nMoAI flavors (--flavor; devices = {FLAVOR_DEVICE}): {flavors}")
     print("Also: --gpu path/to/hardware.json with the same keys as the presets.")

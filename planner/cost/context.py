@@ -13,6 +13,7 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.summary import PartSummary, summarize
 from planner.graph import build_graph, numerics_for
+from planner.hardware import chip_of
 from planner.ops import Numerics
 from planner.profile import ComputeParams, Profile
 from planner.specs import Cluster, ModelSpec, Workload
@@ -65,12 +66,13 @@ class Context:
 
     @cached_property
     def matmul_params(self) -> ComputeParams:
-        return self.profile.compute(self.hardware.name, self.hardware.vendor, MATMUL_DTYPE[self.workload.precision])
+        return self.profile.compute(self.hardware.name, self.hardware.vendor, MATMUL_DTYPE[self.workload.precision],
+                                    chip_of(self.hardware))
 
     @cached_property
     def attention_params(self) -> ComputeParams:
         return self.profile.compute(self.hardware.name, self.hardware.vendor,
-                                    ATTENTION_DTYPE[self.workload.precision])
+                                    ATTENTION_DTYPE[self.workload.precision], chip_of(self.hardware))
 
     @cached_property
     def matmul_peak_flops(self) -> float:
