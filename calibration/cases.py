@@ -81,7 +81,20 @@ def load_cases(path: str | Path | None = None) -> list[Case]:
     for case, row in zip(cases, rows, strict=True):
         if case.memory_bytes and row.get("source") in allocated_tables:
             case.memory_kind = "allocated"
+        case.excluded = case.excluded or _impossible_memory(case)
     return cases
+
+
+def _impossible_memory(case: Case) -> str | None:
+    """A memory claim below what the stated configuration must hold: the configuration that ran
+    was another one (its throughput too), so the case is kept, flagged, out of the statistics."""
+    from calibration.validate import memory_floor_bytes  # validate builds on this module
+
+    floor = memory_floor_bytes(case) if case.memory_bytes else None
+    if floor is None or floor <= case.memory_bytes:
+        return None
+    return (f"impossible memory claim: {case.memory_bytes / GIB:.1f} GiB is below the {floor / GIB:.1f} GiB its "
+            "stated configuration holds at the end of the forward pass (weights, layer inputs, logits)")
 
 
 def adapt(row: dict[str, Any]) -> Case:

@@ -88,17 +88,44 @@ def _by_group(rows: list[Row], key) -> dict[str, Any]:
 
 
 def plausibility(case: Case) -> dict[str, Any] | None:
-    """A claim needs at least 6·N FLOPs per token (no attention, no recomputation): flag it when
-    that exceeds the devices' peak, or when the memory claimed exceeds the device."""
+    """A claim needs at least 6·N FLOPs per token (no attention, no recomputation; 4·N when LoRA /
+    QLoRA freeze the weights, which then get no weight gradients): flag it when that exceeds the
+    devices' peak, when the memory claimed exceeds the device, or when it is below what its own
+    configuration must hold (`memory_floor_bytes`)."""
     if case.spec is None or case.hardware is None:
         return None
     flags = {}
     if case.claimed_tokens_per_s_per_device:
-        flags["fraction_of_peak_6N"] = fraction_of_peak(case, 6)
+        frozen = case.workload is not None and case.workload.method != "full"
+        flags["fraction_of_peak_min_flops"] = fraction_of_peak(case, 4 if frozen else 6)
     if case.memory_bytes:
         flags["fraction_of_memory"] = case.memory_bytes / load_hardware(case.hardware).memory_bytes
+        floor = memory_floor_bytes(case)
+        if floor is not None:
+            flags["fraction_floor_of_claim"] = floor / case.memory_bytes
     flags["plausible"] = all(v <= 1.0 for k, v in flags.items() if k.startswith("fraction"))
     return flags
+
+
+def memory_floor_bytes(case: Case) -> float | None:
+    """Bytes a single-device run certainly holds at the end of its forward pass, whatever the
+    framework: the weights as stored (the planner's parameter bytes: bf16, NF4, fp32 masters),
+    every layer's input (each recompute policy keeps at least that until backward, unless it is
+    offloaded to the host) and the model's output logits (all of torchtune's chunks are alive
+    together). A claimed peak below it did not come from the configuration stated. Sharded runs
+    are not checked. None when the case cannot be predicted."""
+    if case.spec is None or case.workload is None or case.config is None or case.devices != 1:
+        return None
+    try:
+        weights = predict(request_for(case), case.config)["memory"]["breakdown"]["params"]
+    except PlannerError:
+        return None
+    w, spec = case.workload, case.spec
+    compute_bytes = 4 if w.precision == "fp32" else 2
+    tokens = case.config.micro_batch_size * w.seq_len
+    layer_inputs = 0 if w.activation_offload else spec.num_layers * tokens * spec.hidden_size * compute_bytes
+    logits = tokens * spec.vocab_size * (4 if w.fp32_logits else compute_bytes)
+    return float(weights + layer_inputs + logits)
 
 
 def fraction_of_peak(case: Case, flops_per_param: float) -> float:

@@ -42,8 +42,29 @@ def test_moai_param_guide_claims_are_flagged_impossible():
     cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
     for case_id in ("c149", "c150", "c151"):
         flags = plausibility(cases[case_id])
-        assert flags["plausible"] is False and flags["fraction_of_peak_6N"] > 1.0
+        assert flags["plausible"] is False and flags["fraction_of_peak_min_flops"] > 1.0
     assert plausibility(cases["c152"])["plausible"] is True  # the 70B tutorial run is self-consistent
+
+
+def test_a_memory_claim_below_what_its_configuration_holds_is_impossible():
+    """torchtune's RTX 4090 LoRA row (c115) claims 16.2 GiB for Llama-3.1-8B, batch 2 x 2048 packed,
+    with checkpointing: the bf16 weights (16.06 GB), the 32 layer inputs (1.07 GB) and the chunked
+    bf16 logits (1.05 GB) alone are 16.9 GiB. Whatever ran, it was not that configuration; the case
+    is flagged and kept out of the statistics. Every other single-device memory claim, and every
+    one of our own H100 runs, is above its floor."""
+    from calibration.fit import load_run_records
+    from calibration.validate import memory_floor_bytes
+
+    cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
+    c115 = cases["c115"]
+    layer_inputs, logits = 32 * 2 * 2048 * 4096 * 2, 2 * 2048 * 128256 * 2
+    assert memory_floor_bytes(c115) >= 2 * 8.03e9 + layer_inputs + logits
+    assert "impossible memory claim" in c115.excluded and not plausibility(c115)["plausible"]
+    others = [c for c in cases.values() if c.id != "c115" and c.memory_bytes and memory_floor_bytes(c)]
+    runs = [c for c in load_run_records(["calibration/data/h100_runs"]) if c.memory_bytes]
+    assert len(others) >= 10 and len(runs) >= 10
+    for case in others + runs:
+        assert memory_floor_bytes(case) < case.memory_bytes, case.id
 
 
 def test_a_table_reports_one_kind_of_memory():
