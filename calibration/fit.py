@@ -73,15 +73,14 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
     # 90 % of the way, and a chip never measured takes the shared value.
     # The per-layer launch overhead differs more (a CPU core vs a GPU's launch queue: milliseconds
     # vs tens of microseconds), hence its wider prior.
-    per_chip = PER_CHIP_KEYS
-    shared = {key: ("compute", "default", "*", key) for key in per_chip}
+    shared = {key: ("compute", "default", "*", key) for key in PER_CHIP_KEYS}
     params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
               Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
               Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
               Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
     for chip in sorted(set(chips.values())):
         params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
-                   for key, (lower, upper, sigma) in per_chip.items()]
+                   for key, (lower, upper, sigma) in PER_CHIP_KEYS.items()]
     # Parts of one chip (H100 80GB, H100 96GB at 500 W, H200) run the same kernels on the same
     # silicon; their peaks and bandwidths are in their hardware files, so they differ from their
     # chip by a few percent (power limits, clocks): without that tight prior, a source that is
@@ -93,7 +92,7 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
         if chip != name:
             params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, per_part_sigma[key],
                                  relative_to=("compute", chip, "*", key))
-                       for key, (lower, upper, _) in per_chip.items()]
+                       for key, (lower, upper, _) in PER_CHIP_KEYS.items()]
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
@@ -234,16 +233,15 @@ def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fit
     `planner calibrate` fits H100 runs), move by the factor their chip moved: the part's own entry
     would otherwise hide the chip's new values from it."""
     for name, entry in after["compute"].items():
-        preset = presets().get(name)
-        chip = preset.chip if preset is not None else ""
-        if name in fitted or chip not in fitted.values():
+        part = presets().get(name)
+        if part is None or name in fitted or chip_of(part) not in fitted.values():
             continue
+        # the chip's values as the planner reads them (falling back to the shared ones)
+        old, new = (_profile(d).compute(chip_of(part), part.vendor, "*") for d in (before, after))
         for key, value in entry.get("*", {}).items():
-            old, new = (_get(d, ("compute", chip, "*", key), _get(d, ("compute", "default", "*", key), np.nan))
-                        for d in (before, after))
-            if key in PER_CHIP_KEYS and np.isfinite(new / old):
+            if key in PER_CHIP_KEYS:
                 lower, upper, _ = PER_CHIP_KEYS[key]
-                entry["*"][key] = float(np.clip(value * new / old, lower, upper))
+                entry["*"][key] = float(np.clip(value * getattr(new, key) / getattr(old, key), lower, upper))
     return after
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from calibration.cases import Case
 from planner.api import Request, predict
 from planner.errors import PlannerError
-from planner.graph import count_params
+from planner.graph import count_params, numerics_for
 from planner.hardware import load_hardware
 
 
@@ -121,10 +121,10 @@ def memory_floor_bytes(case: Case) -> float | None:
     except PlannerError:
         return None
     w, spec = case.workload, case.spec
-    compute_bytes = 4 if w.precision == "fp32" else 2
+    numerics = numerics_for(w, params_sharded=False)  # the dtypes of the residual stream and logits
     tokens = case.config.micro_batch_size * w.seq_len
-    layer_inputs = 0 if w.activation_offload else spec.num_layers * tokens * spec.hidden_size * compute_bytes
-    logits = tokens * spec.vocab_size * (4 if w.fp32_logits else compute_bytes)
+    layer_inputs = 0 if w.activation_offload else spec.num_layers * tokens * spec.hidden_size * numerics.residual_bytes
+    logits = tokens * spec.vocab_size * (4 if w.fp32_logits else numerics.compute_bytes)
     return float(weights + layer_inputs + logits)
 
 

@@ -105,4 +105,5 @@ def _check_hardware(hardware: Hardware, where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InvalidRequest(f"{where}: peak_flops.{dtype} must be a positive number, got {value!r}")
     if not isinstance(hardware.chip, str):
-        raise InvalidRequest(f"{where}: chip must be the silicon's name as text (GH100, GA100, ...), got {hardware.chip!r}")
+        raise InvalidRequest(f"{where}: chip must be the silicon's name as text (GH100, GA100, ...), "
+                             f"got {hardware.chip!r}")

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     print(table(["name", "chip", "memory GiB", "bf16 TFLOP/s", "fp8 TFLOP/s", "HBM TB/s", "per node", "description"],
-                [[r["name"], r.get("chip") or "-", gib(r["memory_bytes"]), f"{r['peak_flops'].get('bf16', 0) / 1e12:.1f}",
+                [[r["name"], r["chip"] or "-", gib(r["memory_bytes"]),
+                  f"{r['peak_flops'].get('bf16', 0) / 1e12:.1f}",
                   f"{r['peak_flops']['fp8'] / 1e12:.1f}" if "fp8" in r["peak_flops"] else "-",
                   f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}", r["devices_per_node"], r["description"][:52]]
                  for r in rows], align="llrrrrrl"))

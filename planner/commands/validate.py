@@ -104,6 +104,6 @@ def _check(cases, args) -> int:
                      "verdict"], rows, align="lllrrrl"))
         bad = [r for r in out if not r["plausible"]]
         print(f"{len(bad)} of {len(out)} claims are impossible: above the hardware (6N FLOPs per token, 4N with "
-              "frozen weights, is a lower bound), or below the memory their own configuration must hold (single-device runs: weights, "
-              "layer inputs, logits)")
+              "frozen weights, is a lower bound), or below the memory their own configuration must hold "
+              "(single-device runs: weights, layer inputs, logits)")
     return 0
