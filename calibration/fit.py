@@ -96,7 +96,7 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
     params += [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
-        Parameter(("compute", "default", "fp8", "matmul_efficiency_max"), 0.45, 0.05, 1.0, 0.5),
+        Parameter(("compute", "default", "fp8", "matmul_dtype_factor"), 0.65, 0.1, 1.5, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
         Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
         Parameter(("overlap", "tp"), 0.1, 0.0, 0.95, 0.3, log=False),

@@ -122,6 +122,10 @@ class _BlockBuilder:
             input_bytes = self.n.residual_bytes if column else self.n.compute_bytes
         op = linear_op(self.n, name, in_features, out_features, bias, input_key,
                        split="sp" if column else "tp", input_bytes=input_bytes)
+        # fp8 training swaps the layers' linears for float8 ones, except those with a dimension not a
+        # multiple of 16, which float8 GEMMs cannot take (torchao float8_linear_utils.module_filter_fn)
+        float8 = self.workload.precision == "fp8" and in_features % 16 == 0 and out_features % 16 == 0
+        op = replace(op, float8=float8)
         base = self.add(op, after=after)
         target = next((t for t, n in LORA_TARGET_OPS.items() if n == name), None)
         if target in self.lora_targets or (name == "qkv_proj" and self.lora_targets & {"q", "k", "v"}):

@@ -51,6 +51,8 @@ class Op:
     params: int = 0
     tp_split: bool = True  # params and FLOPs divided by the TP degree
     gemm: tuple[int, int] = (0, 0)  # (in_features, out_features) of a linear
+    row_parallel: bool = False  # TP splits the linear's input features (RowwiseParallel), not its output's
+    float8: bool = False  # runs as a float8 linear (fp8 training)
     tokens_factor: float = 1.0  # tokens each token becomes (MoE: experts per token)
     flops_per_token: float = 0.0  # forward, unsharded
     flops_per_token_seq: float = 0.0  # forward attention FLOPs per token per unit of sequence
@@ -101,8 +103,8 @@ def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias:
     grads = (Saved(f"{name}.grad_out", c * out_features, out_split),
              Saved(f"{name}.grad_in", (c + (FP32_BYTES if cast else 0)) * in_features, split))
     return Op(name, "matmul", params=in_features * out_features + (out_features if bias else 0),
-              gemm=(in_features, out_features), flops_per_token=2 * in_features * out_features,
-              out_bytes_per_token=c * out_features,
+              gemm=(in_features, out_features), row_parallel=split == "tp",
+              flops_per_token=2 * in_features * out_features, out_bytes_per_token=c * out_features,
               saved=(Saved(key, c * in_features, split, for_weight_grad=True),),
               quantizable=True, grads=grads,
               param_dims=((out_features, in_features * out_features),) + (((out_features, out_features),) if bias else ()))

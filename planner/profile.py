@@ -70,7 +70,12 @@ class Profile:
         for key in (("default", "*"), ("default", dtype), (vendor, "*"), (vendor, dtype),
                     (chip, "*"), (chip, dtype), (hardware, "*"), (hardware, dtype)):
             merged.update(table.get(key[0], {}).get(key[1], {}))
-        return ComputeParams(**{k: float(merged[k]) for k in COMPUTE_KEYS})
+        params = {k: float(merged[k]) for k in COMPUTE_KEYS}
+        # A dtype's GEMMs reach a fraction of its own peak that is this factor times what the part's
+        # bf16 GEMMs reach of theirs (compute.<level>.<dtype>.matmul_dtype_factor): a factor, not an
+        # efficiency, so that it still applies on a chip whose own efficiency was fitted.
+        params["matmul_efficiency_max"] *= float(merged.get("matmul_dtype_factor", 1.0))
+        return ComputeParams(**params)
 
     def link(self, tier: str) -> LinkParams:
         entry = self.data["links"][tier]

@@ -19,9 +19,11 @@ import numpy as np
 
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context, Regime
-from planner.cost.summary import PartSummary
+from planner.cost.summary import Matmul, PartSummary
 
 FP32 = 4
+BF16 = 2
+FLOAT8 = 1
 
 
 @dataclass
@@ -31,7 +33,6 @@ class PartTimes:
     forward: np.ndarray
     backward: np.ndarray
     recompute: np.ndarray  # extra forward work under the candidate's recompute policy
-    memory_bound_forward: np.ndarray
 
 
 def gemm_efficiency(flops: np.ndarray, eff_max: float, half_flops: float) -> np.ndarray:
@@ -43,32 +44,56 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     tokens = c.micro_batch_size * w.seq_len
     t = c.tp
     sp_div = np.where(c.sequence_parallel, t, 1)
-    mm = ctx.matmul_params
-    fwd_mm = np.zeros(len(c), float)
-    bwd_mm = np.zeros(len(c), float)
-    selective_mm = np.zeros(len(c), float)
+    mm = ctx.compute_params
+    fwd_mm, bwd_mm, selective_mm = (np.zeros(len(c), float) for _ in range(3))
+    cast_fwd, cast_bwd = np.zeros(len(c), float), np.zeros(len(c), float)  # bytes
     for matmul in part.matmuls:
         shard = np.where(matmul.tp_split, t, 1)
         flops = matmul.flops_per_token * tokens / shard
         # a routed expert sees tokens·k/E tokens; its GEMM is that much smaller
         gemm_tokens = tokens * matmul.tokens_factor / (spec.num_experts if matmul.name == "experts" else 1)
         size = 2 * gemm_tokens * matmul.in_features * matmul.out_features / shard
-        seconds = flops / (ctx.matmul_peak_flops * gemm_efficiency(size, mm.matmul_efficiency_max, mm.matmul_half_flops))
+        peak, params = (ctx.float8_peak_flops, ctx.float8_params) if matmul.float8 else (ctx.compute_peak_flops, mm)
+        seconds = flops / (peak * gemm_efficiency(size, params.matmul_efficiency_max, params.matmul_half_flops))
         fwd_mm += seconds
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
+        if matmul.float8:
+            forward_bytes, backward_bytes = float8_cast_bytes(matmul, gemm_tokens, shard, w.compile)
+            cast_fwd += forward_bytes
+            cast_bwd += backward_bytes
+            selective_mm += forward_bytes * matmul.recomputed_selective / ctx.memory_bytes_per_s
     fwd_attn, bwd_attn = _attention_seconds(ctx, part.attention_flops_per_token_seq * tokens * w.seq_len / t)
     io = part.io_bytes.evaluate(tokens, w.seq_len, t, sp_div)
     io = io + loss_io_bytes_per_token(ctx, loss_vocab) * tokens / t
     if w.compile:  # inductor fuses chains of elementwise ops: fewer round trips through HBM
         io = io * mm.compiled_io_factor
-    fwd_mem = io / (ctx.hardware.hbm_bandwidth_bytes_per_s * mm.memory_efficiency)
+    fwd_mem = io / ctx.memory_bytes_per_s
     # host-side cost of launching the part's kernels: about twice as many in backward; fused under compile
     overhead = mm.layer_overhead_s * (mm.compiled_io_factor if w.compile else 1.0) * (1.0 if part.matmuls else 0.0)
-    forward = fwd_mm + fwd_attn + fwd_mem + overhead
-    backward = bwd_mm + bwd_attn + 2 * fwd_mem + 2 * overhead
+    forward = fwd_mm + fwd_attn + fwd_mem + cast_fwd / ctx.memory_bytes_per_s + overhead
+    backward = bwd_mm + bwd_attn + 2 * fwd_mem + cast_bwd / ctx.memory_bytes_per_s + 2 * overhead
     recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem + overhead], 0.0)
-    return PartTimes(forward, backward, recompute, fwd_mem)
+    return PartTimes(forward, backward, recompute)
+
+
+def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray,
+                      compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(forward, backward) memory traffic of casting a float8 linear's operands with tensorwise
+    scaling, as torchao's roofline counts it (torchao/testing/training/roofline_utils.py,
+    get_float8_mem_sympy): the input and the output's gradient each take an amax pass over their
+    bf16 values (fused into the op that produced them under torch.compile) and one cast that reads
+    bf16 and writes both float8 layouts (row- and column-major, for the two GEMMs that use them);
+    the weight takes an amax pass and one cast per GEMM that uses it (forward, then backward's
+    grad-input). The TP-split side of the GEMM is the local shard."""
+    in_shard = np.where(matmul.row_parallel, shard, 1)
+    out_shard = np.where(matmul.row_parallel, 1, shard)
+    inputs = tokens * matmul.in_features / in_shard
+    grad_outputs = tokens * matmul.out_features / out_shard
+    weights = matmul.in_features * matmul.out_features / shard
+    activation_cast = (0 if compiled else BF16) + BF16 + 2 * FLOAT8
+    weight_cast = BF16 + FLOAT8
+    return inputs * activation_cast + weights * (BF16 + weight_cast), grad_outputs * activation_cast + weights * weight_cast
 
 
 def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +104,11 @@ def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray
     four in backward; their softmax's memory traffic is in the part's io bytes."""
     if ctx.workload.attention == "sdpa":
         flops = full_flops * ctx.profile.attention("causal_fraction")
-        forward = flops / (ctx.attention_peak_flops * ctx.attention_params.attention_efficiency)
+        forward = flops / (ctx.compute_peak_flops * ctx.compute_params.attention_efficiency)
         return forward, ctx.profile.attention("backward_factor") * forward
-    mm = ctx.matmul_params
+    mm = ctx.compute_params
     per_gemm = np.maximum(full_flops / 2, 1.0)  # parts without attention: 0 s, not 0/0
-    forward = full_flops / (ctx.matmul_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
+    forward = full_flops / (ctx.compute_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
     return forward, 2.0 * forward
 
 

@@ -18,8 +18,11 @@ from planner.ops import Numerics
 from planner.profile import ComputeParams, Profile
 from planner.specs import Cluster, ModelSpec, Workload
 
-MATMUL_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp32": "fp32"}
-ATTENTION_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16", "fp32": "fp32"}
+# The dtype of every GEMM that is not a float8 linear (attention, the LM head, LoRA adapters): under
+# fp8 training only the decoder layers' linears run in float8 (torchao Float8Linear via torchtitan,
+# TransformerEngine's te.Linear via llm-foundry); the rest stays bf16.
+COMPUTE_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16", "fp32": "fp32"}
+FLOAT8 = "fp8"
 
 
 @dataclass(frozen=True)
@@ -65,22 +68,35 @@ class Context:
         return self.profile.memory_margin(self.hardware.vendor)
 
     @cached_property
-    def matmul_params(self) -> ComputeParams:
-        return self.profile.compute(self.hardware.name, self.hardware.vendor, MATMUL_DTYPE[self.workload.precision],
-                                    chip_of(self.hardware))
+    def compute_params(self) -> ComputeParams:
+        """Calibration of the GEMMs, attention and memory-bound ops in the compute dtype."""
+        return self._params(COMPUTE_DTYPE[self.workload.precision])
 
     @cached_property
-    def attention_params(self) -> ComputeParams:
-        return self.profile.compute(self.hardware.name, self.hardware.vendor,
-                                    ATTENTION_DTYPE[self.workload.precision], chip_of(self.hardware))
+    def compute_peak_flops(self) -> float:
+        return self.hardware.peak(COMPUTE_DTYPE[self.workload.precision])
 
     @cached_property
-    def matmul_peak_flops(self) -> float:
-        return self.hardware.peak(MATMUL_DTYPE[self.workload.precision])
+    def float8_params(self) -> ComputeParams:
+        return self._params(FLOAT8)
 
     @cached_property
-    def attention_peak_flops(self) -> float:
-        return self.hardware.peak(ATTENTION_DTYPE[self.workload.precision])
+    def float8_peak_flops(self) -> float:
+        return self.hardware.peak(FLOAT8)
+
+    @cached_property
+    def mfu_peak_flops(self) -> float:
+        """The peak MFU is quoted against: the training precision's (fp8's under fp8, as
+        llm-foundry's benchmark table quotes it)."""
+        return self.hardware.peak(self.workload.precision)
+
+    @cached_property
+    def memory_bytes_per_s(self) -> float:
+        """What memory-bound kernels reach of HBM bandwidth (fitted efficiency)."""
+        return self.hardware.hbm_bandwidth_bytes_per_s * self.compute_params.memory_efficiency
+
+    def _params(self, dtype: str) -> ComputeParams:
+        return self.profile.compute(self.hardware.name, self.hardware.vendor, dtype, chip_of(self.hardware))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.candidates import Candidates
-from planner.cost.compute import model_flops_per_token, part_times
+from planner.cost.compute import FLOAT8, model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
@@ -113,7 +113,7 @@ def evaluate(ctx: Context, c: Candidates) -> Estimates:
     step = sum(merged_time[k] for k in TIME_CATEGORIES)
     tokens_per_s = ctx.workload.tokens_per_step / step
     flops = model_flops_per_token(ctx, ctx.regime(False))
-    mfu = flops * tokens_per_s / (ctx.cluster.num_devices * ctx.matmul_peak_flops)
+    mfu = flops * tokens_per_s / (ctx.cluster.num_devices * ctx.mfu_peak_flops)
     fits = merged_memory["reserved"] <= ctx.hardware.memory_bytes
     host_fits = merged_memory["host"] * ctx.cluster.devices_per_node <= ctx.hardware.host_memory_bytes_per_node
     with_margin = merged_memory["reserved"] * (1 + ctx.memory_margin) <= ctx.hardware.memory_bytes
@@ -139,7 +139,7 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
         work = {"compute": n * (layer.forward + layer.backward) + e * (emb.forward + emb.backward)
                 + h * (head.forward + head.backward),
                 "recompute": n * layer.recompute,
-                "tp_comm": (n + e + h) * tp_layer * np.where(c.recompute == 2, 1.5, 1.0)}
+                "tp_comm": (n + e + h) * tp_layer * _tp_recompute_factor(c)}
         work["total"] = work["compute"] + work["recompute"] + work["tp_comm"]
         return work
 
@@ -161,11 +161,27 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
     return times
 
 
+def _tp_recompute_factor(c: Candidates) -> np.ndarray:
+    """TP traffic with recomputation over without. Full recomputation re-runs the forward's
+    collectives (half of the layer's). Selective (torchtitan's per-op policy,
+    distributed/activation_checkpoint.py) saves reduce-scatter outputs but not all-gathers or
+    all-reduces, so the recompute pass gathers again (a quarter of the layer's traffic under
+    sequence parallelism) or all-reduces again (half of it without)."""
+    selective = np.where(c.sequence_parallel, 1.25, 1.5)
+    return np.select([c.recompute == 2, c.recompute == 1], [1.5, selective], 1.0)
+
+
 def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     """Megatron TP: per layer two all-reduces of the activations forward and two backward
     (Shoeybi et al. 2019 §3); sequence parallelism swaps each for an all-gather + reduce-scatter
-    of the same volume (Korthikanti et al. 2022 §4.2.2). Exposed unless overlapped."""
-    nbytes = regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
+    of the same volume (Korthikanti et al. 2022 §4.2.2). Exposed unless overlapped.
+    Float8 TP casts before it gathers (torchao float8_tensor_parallel.py: PrepareFloat8ModuleInput
+    and Float8ColwiseParallel forward, Float8RowwiseParallel's output gradient; torchtitan's
+    apply_tp with tensorwise float8): the all-gathers move float8, the reduce-scatters bf16."""
+    element_bytes = regime.numerics.compute_bytes
+    if ctx.workload.precision == "fp8":
+        element_bytes = np.where(c.sequence_parallel, (FLOAT8 + element_bytes) / 2, element_bytes)
+    nbytes = element_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp, c.tp)
     four = 4 * comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
     return _exposed(ctx, four, ctx.profile.overlap("tp") * four)
@@ -237,7 +253,7 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[
     w = ctx.workload
     local = worst["trainable"] / np.where(c.zero >= 1, c.dp, 1)
     per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
-    memory_eff = ctx.matmul_params.memory_efficiency
+    memory_eff = ctx.compute_params.memory_efficiency
     on_device = local * per_param / (ctx.hardware.hbm_bandwidth_bytes_per_s * memory_eff)
     host_bw = ctx.hardware.host_memory_bandwidth_bytes_per_s / ctx.cluster.devices_per_node
     on_host = local * per_param / (host_bw * memory_eff)
