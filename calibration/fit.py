@@ -99,6 +99,10 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
         Parameter(("compute", "default", "fp8", "matmul_dtype_factor"), 0.65, 0.1, 1.5, 0.5),
         Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
         Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
+        # seconds per ring step: NCCL's own model puts microseconds on NVLink and several on the network
+        # (src/graph/tuning.cc, hwLat / baseLat); what large groups lose to them pins it
+        Parameter(("links", "intra", "latency_s"), 1e-5, 1e-7, 1e-3, 1.0),
+        Parameter(("links", "inter", "latency_s"), 2e-5, 1e-7, 1e-3, 1.0),
         Parameter(("overlap", "tp"), 0.1, 0.0, 0.95, 0.3, log=False),
         Parameter(("overlap", "dp"), 0.8, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "zero"), 0.8, 0.0, 1.0, 0.3, log=False),
