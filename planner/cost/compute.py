@@ -22,8 +22,8 @@ from planner.cost.context import Context, Regime
 from planner.cost.summary import Matmul, PartSummary
 
 FP32 = 4
-BF16 = 2
-FLOAT8 = 1
+BF16_BYTES = 2
+FLOAT8_BYTES = 1
 
 
 @dataclass
@@ -91,9 +91,10 @@ def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray,
     inputs = tokens * matmul.in_features / in_shard
     grad_outputs = tokens * matmul.out_features / out_shard
     weights = matmul.in_features * matmul.out_features / shard
-    activation_cast = (0 if compiled else BF16) + BF16 + 2 * FLOAT8
-    weight_cast = BF16 + FLOAT8
-    return inputs * activation_cast + weights * (BF16 + weight_cast), grad_outputs * activation_cast + weights * weight_cast
+    activation_cast = (0 if compiled else BF16_BYTES) + BF16_BYTES + 2 * FLOAT8_BYTES
+    weight_cast = BF16_BYTES + FLOAT8_BYTES
+    forward = inputs * activation_cast + weights * (BF16_BYTES + weight_cast)  # the weight's amax pass, then its cast
+    return forward, grad_outputs * activation_cast + weights * weight_cast
 
 
 def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.candidates import Candidates
-from planner.cost.compute import FLOAT8, model_flops_per_token, part_times
+from planner.cost.compute import FLOAT8_BYTES, model_flops_per_token, part_times
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
@@ -180,7 +180,7 @@ def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     apply_tp with tensorwise float8): the all-gathers move float8, the reduce-scatters bf16."""
     element_bytes = regime.numerics.compute_bytes
     if ctx.workload.precision == "fp8":
-        element_bytes = np.where(c.sequence_parallel, (FLOAT8 + element_bytes) / 2, element_bytes)
+        element_bytes = np.where(c.sequence_parallel, (FLOAT8_BYTES + element_bytes) / 2, element_bytes)
     nbytes = element_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp, c.tp)
     four = 4 * comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
