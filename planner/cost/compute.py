@@ -109,7 +109,8 @@ def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray
         return forward, ctx.profile.attention("backward_factor") * forward
     mm = ctx.compute_params
     per_gemm = np.maximum(full_flops / 2, 1.0)  # parts without attention: 0 s, not 0/0
-    forward = full_flops / (ctx.compute_peak_flops * gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops))
+    efficiency = gemm_efficiency(per_gemm, mm.matmul_efficiency_max, mm.matmul_half_flops)
+    forward = full_flops / (ctx.compute_peak_flops * efficiency)
     return forward, 2.0 * forward
 
 
