@@ -22,6 +22,9 @@ from planner.ops import FP32_BYTES, Numerics, Op, Saved, attention_op, linear_op
 from planner.specs import ModelSpec, Workload
 
 INDEX_BYTES = 8  # int64 token ids
+# float8 GEMMs (cuBLASLt _scaled_mm) take only dimensions that are multiples of 16; torchao leaves
+# other linears in high precision (float8_linear_utils.module_filter_fn)
+FLOAT8_DIM_MULTIPLE = 16
 
 # How many I-sized tensors each activation function's backward keeps (its input included), from
 # transformers/activations.py: nn.functional.silu/gelu keep their input only; NewGELUActivation
@@ -122,9 +125,9 @@ class _BlockBuilder:
             input_bytes = self.n.residual_bytes if column else self.n.compute_bytes
         op = linear_op(self.n, name, in_features, out_features, bias, input_key,
                        split="sp" if column else "tp", input_bytes=input_bytes)
-        # fp8 training swaps the layers' linears for float8 ones, except those with a dimension not a
-        # multiple of 16, which float8 GEMMs cannot take (torchao float8_linear_utils.module_filter_fn)
-        float8 = self.workload.precision == "fp8" and in_features % 16 == 0 and out_features % 16 == 0
+        # fp8 training swaps the layers' linears for float8 ones (not the LM head: _build_ends)
+        float8 = (self.workload.precision == "fp8" and in_features % FLOAT8_DIM_MULTIPLE == 0
+                  and out_features % FLOAT8_DIM_MULTIPLE == 0)
         op = replace(op, float8=float8)
         base = self.add(op, after=after)
         target = next((t for t, n in LORA_TARGET_OPS.items() if n == name), None)

@@ -254,7 +254,7 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[
     local = worst["trainable"] / np.where(c.zero >= 1, c.dp, 1)
     per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
     memory_eff = ctx.compute_params.memory_efficiency
-    on_device = local * per_param / (ctx.hardware.hbm_bandwidth_bytes_per_s * memory_eff)
+    on_device = local * per_param / ctx.memory_bytes_per_s
     host_bw = ctx.hardware.host_memory_bandwidth_bytes_per_s / ctx.cluster.devices_per_node
     on_host = local * per_param / (host_bw * memory_eff)
     cb = regime.numerics.compute_bytes
