@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+import numpy as np
 
 from planner.cost.context import Context
 from planner.cost.estimate import evaluate
 from planner.cost.candidates import Candidates
 from planner.errors import Infeasible, InvalidRequest
-from planner.explain import explain_runner_ups, seed_summary, what_would_fit
+from planner.explain import explain_runner_ups, seed_summary, ways_out
 from planner.graph import count_params
 from planner.hardware import FLAVOR_DEVICE, flavor_devices, load_hardware, make_cluster, presets
 from planner.models import catalog, load_model
-from planner.plan import ParallelConfig, check_config, plan_document
+from planner.capabilities import rules_for, runnable_reason
+from planner.plan import ParallelConfig, Plan, check_config
 from planner.profile import load_profile
 from planner.search import Pins, SearchResult, search
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
@@ -27,33 +30,50 @@ from planner.specs import Cluster, Hardware, ModelSpec, Workload
 DEFAULT_GPU = "h100-sxm-80gb"
 
 
-@dataclass
+WORKLOAD_FIELDS = tuple(f.name for f in fields(Workload))
+DEFAULT_SEQ_LEN = 4096
+
+
+@dataclass(init=False)
 class Request:
-    """What a person asks about: model, hardware and workload (strings and numbers as typed)."""
+    """What a person asks about: model, hardware, a Workload, and how to judge the answer.
+
+    `Request(model, gpu=..., gpus=..., seq_len=4096, method="lora", ...)` builds the Workload from
+    its own fields (planner/specs.py Workload is the one definition); its global batch may stay
+    None (one sequence per device, filled in by `resolve`)."""
 
     model: str | ModelSpec
-    gpu: str | Hardware | None = None
-    gpus: int | None = None
-    gpus_per_node: int | None = None
-    flavor: str | None = None
-    seq_len: int = 4096
-    global_batch: int | None = None  # default: one sequence per device
-    method: str = "full"
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-    optimizer_impl: str = "foreach"
-    attention: str = "sdpa"
-    master_dtype: str = "fp32"
-    loss_chunks: int = 1
-    activation_offload: bool = False
-    optimizer_in_backward: bool = False
-    compile: bool = False
-    loss_parallel: bool = False
-    fp32_logits: bool = False
-    calibration: str | None = None
-    memory_margin: float | None = None  # None: from the calibration profile's residuals
+    gpu: str | Hardware | None
+    gpus: int | None
+    gpus_per_node: int | None
+    flavor: str | None
+    workload: Workload
+    calibration: str | None
+    memory_margin: float | None  # None: from the calibration profile's residuals
+    target: str  # the engine that will run the plan (planner/capabilities.py TARGETS)
+
+    def __init__(self, model: str | ModelSpec, gpu: str | Hardware | None = None, gpus: int | None = None,
+                 gpus_per_node: int | None = None, flavor: str | None = None, workload: Workload | None = None,
+                 calibration: str | None = None, memory_margin: float | None = None, target: str = "executor",
+                 **workload_fields: Any) -> None:
+        unknown = sorted(set(workload_fields) - set(WORKLOAD_FIELDS))
+        if unknown:
+            raise TypeError(f"Request() got unexpected keyword argument(s) {', '.join(unknown)}")
+        if workload is not None and workload_fields:
+            workload = replace(workload, **workload_fields)
+        elif workload is None:
+            values = {"seq_len": DEFAULT_SEQ_LEN, "global_batch": None, **workload_fields}
+            if "lora_targets" in values:
+                values["lora_targets"] = tuple(values["lora_targets"])
+            workload = Workload(**values)
+        self.model, self.gpu, self.gpus, self.gpus_per_node, self.flavor = model, gpu, gpus, gpus_per_node, flavor
+        self.workload, self.calibration, self.memory_margin, self.target = workload, calibration, memory_margin, target
+
+    def __getattr__(self, name: str) -> Any:
+        """The workload's fields read through the request (request.seq_len, request.method, ...)."""
+        if name in WORKLOAD_FIELDS:
+            return getattr(self.__dict__["workload"], name)
+        raise AttributeError(name)
 
 
 @dataclass
@@ -76,21 +96,16 @@ def resolve(request: Request) -> Resolved:
         hardware, gpus = load_hardware(FLAVOR_DEVICE), devices
         if request.gpus_per_node is None and devices % hardware.devices_per_node:
             # a 1.5xLarge is 12 GCDs: one and a half 8-GCD nodes; count it as nodes of gcd(12, 8) = 4
-            request = replace(request, gpus_per_node=math.gcd(devices, hardware.devices_per_node))
+            request = with_changes(request, gpus_per_node=math.gcd(devices, hardware.devices_per_node))
     else:
         hardware = load_hardware(request.gpu or DEFAULT_GPU)
         gpus = request.gpus if request.gpus is not None else hardware.devices_per_node
     cluster = make_cluster(hardware, gpus, request.gpus_per_node)
-    global_batch = request.global_batch if request.global_batch is not None else cluster.num_devices
-    workload = Workload(seq_len=request.seq_len, global_batch=global_batch, method=request.method,
-                        precision=request.precision, optimizer=request.optimizer,
-                        optimizer_impl=request.optimizer_impl, lora_rank=request.lora_rank,
-                        lora_targets=tuple(request.lora_targets), attention=request.attention,
-                        master_dtype=request.master_dtype, loss_chunks=request.loss_chunks,
-                        activation_offload=request.activation_offload,
-                        optimizer_in_backward=request.optimizer_in_backward, compile=request.compile,
-                        loss_parallel=request.loss_parallel, fp32_logits=request.fp32_logits)
+    workload = request.workload
+    if workload.global_batch is None:
+        workload = replace(workload, global_batch=cluster.num_devices)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
+    rules_for(request.target, hardware)  # an unknown --target is a one-line error
     profile = load_profile(request.calibration)
     if request.memory_margin is not None and not 0 <= request.memory_margin < 1:
         raise InvalidRequest(f"--memory-margin must be a fraction in [0, 1), got {request.memory_margin}")
@@ -99,35 +114,87 @@ def resolve(request: Request) -> Resolved:
 
 
 def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:
-    """One explicit configuration. Invalid -> InvalidRequest; valid but too big -> fits: false."""
+    """One explicit configuration. Invalid -> InvalidRequest; valid but too big -> fits: false.
+    The prediction says whether the request's target engine can run it (`runnable`, `runnable_reason`)."""
     r = resolve(request)
     check_config(r.spec, r.workload, r.cluster, config)
     estimates = evaluate(r.context, Candidates.from_configs([config]))
-    return estimates.prediction(r.context, 0)
+    prediction = estimates.prediction(r.context, 0)
+    reason = runnable_reason(request.target, config, r.spec, r.workload, r.hardware)
+    prediction["runnable"] = {"target": request.target, "reason": reason}
+    return prediction
 
 
 def suggest(request: Request, pins: Pins | None = None, top: int = 5) -> dict[str, Any]:
-    """Search every valid candidate, prune what does not fit, rank by step time."""
+    """Search every valid candidate the target engine runs, prune what does not fit, rank by step time."""
     if top <= 0:
         raise InvalidRequest(f"--top must be a positive whole number, got {top}")
     started = time.perf_counter()
     r = resolve(request)
-    result = search(r.context, pins or Pins())
+    pins = pins or Pins()
+    check_pins(r, pins)
+    result = search(r.context, pins, request.target)
     seconds = time.perf_counter() - started
+    counts = {"searched": result.searched, "evaluated": result.evaluated, "feasible": result.feasible,
+              "seconds": round(seconds, 4), "rejected": dict(result.rejected.most_common()),
+              "rejected_fixes": {k: result.fixes.get(k, "") for k in result.rejected},
+              "invalid_pairings": sum(result.pairings.values()), "target": request.target}
     if not result.feasible:
-        raise Infeasible(_no_fit_message(request, r, result, pins or Pins()))
-    best = [result.estimates.prediction(r.context, int(i)) for i in result.order[:top]]
-    return {
-        "searched": result.searched,
-        "evaluated": result.evaluated,
-        "feasible": result.feasible,
-        "seconds": round(seconds, 4),
-        "rejected": dict(result.rejected.most_common()),
-        "summary": seed_summary(best[0]["config"]),
-        "explanation": explain_runner_ups(best),
-        "candidates": best,
-        "request": describe(r),
-    }
+        ideas = ways_out(request, r, pins, _quick_fits)
+        details = {**counts, "candidates": [], "ways_out": ideas, "request": describe(r)}
+        raise Infeasible(_no_fit_message(r, result, ideas), details)
+    best = _distinct_predictions(r, result, top)
+    return {**counts, "summary": seed_summary(best[0]["config"]), "explanation": explain_runner_ups(best),
+            "margin_note": _margin_note(r, result, best[0]), "candidates": best, "request": describe(r)}
+
+
+def check_pins(r: Resolved, pins: Pins) -> None:
+    """A pinned degree that cannot work on this cluster or batch is a mistake to name, not a search."""
+    devices, batch = r.cluster.num_devices, r.workload.global_batch
+    if (pins.cp or 1) > 1 or (pins.ep or 1) > 1:
+        raise InvalidRequest("context and expert parallelism (--cp, --ep) are not modelled yet; drop --cp/--ep")
+    for name in ("dp", "tp", "pp"):
+        value = getattr(pins, name)
+        if value is not None and devices % value:
+            raise InvalidRequest(f"--{name} {value} does not divide the {devices} devices; choose a --{name} that "
+                                 f"divides --gpus, or --gpus a multiple of {value}")
+    fixed = [getattr(pins, n) for n in ("dp", "tp", "pp") if getattr(pins, n) is not None]
+    if len(fixed) >= 2 and devices % math.prod(fixed):
+        raise InvalidRequest(f"the pinned degrees multiply to {math.prod(fixed)}, which does not divide the "
+                             f"{devices} devices; choose degrees whose product divides --gpus")
+    if pins.micro_batch_size is not None and batch % pins.micro_batch_size:
+        raise InvalidRequest(f"--micro-batch-size {pins.micro_batch_size} does not divide --global-batch {batch}")
+
+
+def _distinct_predictions(r: Resolved, result: SearchResult, top: int) -> list[dict[str, Any]]:
+    """The best `top` predictions, each layout once: candidates the cost model cannot tell apart
+    (same memory and time to the byte and nanosecond) are shown once."""
+    seen, best = set(), []
+    for i in result.order:
+        prediction = result.estimates.prediction(r.context, int(i))
+        key = (prediction["memory"]["peak_bytes"], round(prediction["time"]["step_s"], 9),
+               prediction["config"]["dp"], prediction["config"]["tp"], prediction["config"]["pp"],
+               prediction["config"]["micro_batch_size"])
+        if key not in seen:
+            seen.add(key)
+            best.append(prediction)
+        if len(best) == top:
+            break
+    return best
+
+
+def _margin_note(r: Resolved, result: SearchResult, best: dict[str, Any]) -> str | None:
+    """When the memory margin ruled out a faster plan that fits without it, say which and by how much."""
+    e, order = result.estimates, result.order
+    fastest = int(order[np.argmin(e.step_s[order])])
+    if e.fits_with_margin[fastest] or e.step_s[fastest] >= best["time"]["step_s"]:
+        return None
+    other = e.prediction(r.context, fastest)
+    margin = r.context.memory_margin
+    return (f"{seed_summary(other['config'])} would be {best['time']['step_s'] / other['time']['step_s'] - 1:.1%} "
+            f"faster ({other['time']['step_s']:.3f} s per step) but needs {other['memory']['peak_bytes'] / 2**30:.1f} "
+            f"of {other['memory']['capacity_bytes'] / 2**30:.1f} GiB, within the {margin:.0%} memory margin kept free "
+            f"for prediction error (--memory-margin 0 to allow it)")
 
 
 def describe(r: Resolved) -> dict[str, Any]:
@@ -136,17 +203,25 @@ def describe(r: Resolved) -> dict[str, Any]:
             "workload": r.workload.to_dict(), "calibration": r.context.profile.summary()}
 
 
-def make_plan(request: Request, prediction: dict[str, Any], runner_ups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def make_plan(request: Request, prediction: dict[str, Any], runner_ups: list[dict[str, Any]] | None = None) -> Plan:
+    """The typed Plan of a prediction (from `predict` or `suggest`), checked on construction."""
     r = resolve(request)
-    config_fields = set(ParallelConfig.__dataclass_fields__)
-    config = ParallelConfig(**{k: v for k, v in prediction["config"].items() if k in config_fields})
-    return plan_document(r.spec, r.hardware, r.cluster, r.workload, config, prediction,
-                         r.context.profile.summary(), runner_ups)
+    config = ParallelConfig.from_dict(config_of(prediction))
+    return Plan(model=r.spec, hardware=r.hardware, num_devices=r.cluster.num_devices,
+                devices_per_node=r.cluster.devices_per_node, workload=r.workload, config=config,
+                target=request.target, prediction=prediction, calibration=r.context.profile.summary(),
+                runner_ups=tuple(runner_ups or ()))
 
 
-def _no_fit_message(request: Request, r: Resolved, result: SearchResult, pins: Pins) -> str:
+def config_of(prediction: dict[str, Any]) -> dict[str, Any]:
+    """The ParallelConfig keys of a prediction's config (which also names the optimizer implementation)."""
+    return {k: v for k, v in prediction["config"].items() if k in ParallelConfig.__dataclass_fields__}
+
+
+def _no_fit_message(r: Resolved, result: SearchResult, ideas: list[str]) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in result.rejected.most_common(3))
-    hint = what_would_fit(request, r, pins, _quick_fits)
+    hint = ("It would fit with " + "; or ".join(ideas) + ".") if ideas else \
+        "Nothing simple makes it fit: try a larger device or many more devices."
     return f"no configuration of {r.spec.name} fits on {r.cluster.num_devices} x {r.hardware.name} " \
            f"(searched {result.searched}; {reasons}). {hint}"
 
@@ -154,9 +229,10 @@ def _no_fit_message(request: Request, r: Resolved, result: SearchResult, pins: P
 def _quick_fits(request: Request, pins: Pins) -> bool:
     try:
         r = resolve(request)
+        check_pins(r, pins)
     except InvalidRequest:
         return False
-    return search(r.context, pins).feasible > 0
+    return search(r.context, pins, request.target).feasible > 0
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -176,4 +252,11 @@ def list_hardware() -> list[dict[str, Any]]:
 
 
 def with_changes(request: Request, **changes: Any) -> Request:
-    return replace(request, **changes)
+    """A copy with some request or workload fields changed."""
+    workload_changes = {k: v for k, v in changes.items() if k in WORKLOAD_FIELDS}
+    if "lora_targets" in workload_changes:
+        workload_changes["lora_targets"] = tuple(workload_changes["lora_targets"])
+    own = {k: getattr(request, k) for k in ("model", "gpu", "gpus", "gpus_per_node", "flavor", "calibration",
+                                           "memory_margin", "target")}
+    own.update({k: v for k, v in changes.items() if k not in WORKLOAD_FIELDS})
+    return Request(workload=replace(request.workload, **workload_changes), **own)

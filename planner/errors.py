@@ -26,7 +26,13 @@ class InvalidRequest(PlannerError):
 
 
 class Infeasible(PlannerError):
+    """`details`: what `suggest --json` prints on exit 3 (the search's counts and the ways out)."""
+
     exit_code = 3
+
+    def __init__(self, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> InvalidRequest:

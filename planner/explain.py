@@ -52,7 +52,23 @@ def explain_runner_ups(predictions: list[dict[str, Any]]) -> list[str]:
 
 def what_would_fit(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> str:
     """Try the usual ways out, cheapest first, and say which work, with the numbers."""
+    ideas = ways_out(request, resolved, pins, fits)
+    if not ideas:
+        return "Nothing simple makes it fit: try a larger device or many more devices."
+    return "It would fit with " + "; or ".join(ideas) + "."
+
+
+def ways_out(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> list[str]:
+    """The usual ways out that work, cheapest first: another engine, more devices, LoRA/QLoRA, a
+    shorter sequence, freeing pinned options."""
+    from planner.capabilities import TARGETS
+
     ideas = []
+    if request.target != "executor":
+        for target in TARGETS:
+            if target != request.target and fits(replace(request, target=target), pins):
+                ideas.append(f"--target {target}")
+                break
     devices = resolved.cluster.num_devices
     for factor in (2, 4, 8, 16, 32, 64):
         more = replace(request, gpus=devices * factor, flavor=None, gpu=resolved.hardware.name,
@@ -77,6 +93,4 @@ def what_would_fit(request, resolved, pins, fits: Callable[[Any, Any], bool]) ->
         free = replace(pins, offload=None, zero=None, recompute=None)
         if fits(request, free):
             ideas.append("letting the search choose --zero, --recompute and --offload")
-    if not ideas:
-        return "Nothing simple makes it fit: try a larger device or many more devices."
-    return "It would fit with " + "; or ".join(ideas) + "."
+    return ideas

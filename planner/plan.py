@@ -1,163 +1,179 @@
-"""The parallel configuration of a candidate, its validity rules, and the Plan document that the
-executor consumes (the contract between planner/ and executor/: the executor checks a Plan but
-never re-derives it).
+"""The Plan: the one thing the planner hands to the executor and to every export (the contract
+between planner/ and executor/: the executor checks a Plan but never re-derives it).
+
+A Plan is typed and frozen. What can be derived (micro-batches, the layers of each pipeline stage,
+the rank order, the dtypes, the node count) is derived, written into the file for the programs
+that read it, and checked against the degrees when a file is loaded: a hand-edited plan that
+contradicts itself is a one-line error (exit 2), never a half-run job.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from planner.errors import InvalidRequest, read_json
+from planner.layout import (OFFLOAD, RANK_ORDER, RECOMPUTE, ZERO, Dtypes, ParallelConfig, dtypes_for,
+                            num_micro_batches, schedule_name, stage_layers)
+from planner.capabilities import TARGETS
+from planner.rules import check_config, option_reason, structural_reason
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
+from planner.strict import strict_dataclass
 
-RECOMPUTE = ("none", "selective", "full")
-OFFLOAD = ("none", "optimizer", "params")
-ZERO = (0, 1, 2, 3)
-PLAN_FORMAT = "llm-planner/plan@1"
+__all__ = ["OFFLOAD", "RECOMPUTE", "ZERO", "ParallelConfig", "Plan", "check_config", "load_plan", "num_micro_batches",
+           "option_reason", "save_plan", "structural_reason", "PLAN_FORMAT"]
+
+PLAN_VERSION = 2
+PLAN_FORMAT = f"llm-planner/plan@{PLAN_VERSION}"
+_FORMAT_RE = re.compile(r"^llm-planner/plan@(\d+)$")
+_TOP_KEYS = ("format", "model", "hardware", "cluster", "workload", "config", "layout", "dtypes", "target",
+             "prediction", "calibration", "runner_ups")
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    dp: int
-    tp: int
-    pp: int
-    micro_batch_size: int
-    num_micro_batches: int
-    recompute: str = "none"
-    zero: int = 0
-    offload: str = "none"
-    sequence_parallel: bool = False
-    vpp: int = 1
-    # FSDP2: the embedding and the LM head are units of their own, gathered only around their use,
-    # instead of part of the root unit that stays gathered for the whole step (torchtune's
-    # custom_sharded_layers: ['tok_embeddings', 'output'] for large-vocabulary models)
-    shard_ends: bool = False
+class Plan:
+    model: ModelSpec
+    hardware: Hardware
+    num_devices: int
+    devices_per_node: int
+    workload: Workload
+    config: ParallelConfig
+    target: str = "executor"  # the engine it was ranked for (planner/capabilities.py TARGETS)
+    prediction: dict[str, Any] = field(default_factory=dict, compare=False)
+    calibration: dict[str, Any] = field(default_factory=dict, compare=False)
+    runner_ups: tuple[dict[str, Any], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InvalidRequest(f"plan target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        check_config(self.model, self.workload, self.cluster, self.config)
 
     @property
-    def devices(self) -> int:
-        return self.dp * self.tp * self.pp
+    def cluster(self) -> Cluster:
+        return Cluster(hardware=self.hardware, num_devices=self.num_devices, devices_per_node=self.devices_per_node)
+
+    @property
+    def stages(self) -> list[list[int]]:
+        """Decoder-layer indices of each (virtual) pipeline stage; virtual stage c x pp + r on rank r."""
+        return stage_layers(self.model.num_layers, self.config.pp, self.config.vpp)
+
+    @property
+    def dtypes(self) -> Dtypes:
+        return dtypes_for(self.workload)
+
+    def layout(self) -> dict[str, Any]:
+        c = self.config
+        return {"stages": self.stages, "schedule": schedule_name(c), "rank_order": list(RANK_ORDER),
+                "mesh_shape": [c.pp, c.dp, c.tp], "num_nodes": self.cluster.num_nodes}
+
+    def with_runner_up(self, index: int) -> Plan:
+        """The plan rewritten for its index-th runner-up (same model, cluster and workload)."""
+        candidate = self.runner_ups[index]
+        config = ParallelConfig.from_dict({k: v for k, v in (candidate.get("config") or {}).items()
+                                           if k in ParallelConfig.__dataclass_fields__})
+        return replace(self, config=config, prediction=candidate, runner_ups=self.runner_ups[index + 1:])
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "format": PLAN_FORMAT,
+            "model": self.model.to_dict(),
+            "hardware": self.hardware.to_dict(),
+            "cluster": {"num_devices": self.num_devices, "devices_per_node": self.devices_per_node,
+                        "num_nodes": self.cluster.num_nodes},
+            "workload": self.workload.to_dict(),
+            "config": self.config.to_dict(),
+            "layout": self.layout(),
+            "dtypes": self.dtypes.to_dict(),
+            "target": self.target,
+            "prediction": self.prediction,
+            "calibration": self.calibration,
+            "runner_ups": list(self.runner_ups),
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ParallelConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, document: Any, where: str = "plan") -> Plan:
+        """Strict: unknown keys, wrong types, a newer format, a layout that contradicts the degrees."""
+        if not isinstance(document, dict):
+            raise InvalidRequest(f"{where} is not a plan (a JSON object with format {PLAN_FORMAT!r}); "
+                                 "write one with `planner suggest ... --save-plan PATH`")
+        _check_format(document.get("format"), where)
+        unknown = sorted(set(document) - set(_TOP_KEYS))
         if unknown:
-            raise InvalidRequest(f"config: unknown key(s) {', '.join(unknown)}")
-        return cls(**data)
+            raise InvalidRequest(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_TOP_KEYS)}")
+        for key in ("model", "hardware", "cluster", "workload", "config"):
+            if key not in document:
+                raise InvalidRequest(f"{where} lacks {key!r}; write it again with --save-plan")
+        plan = cls(model=strict_dataclass(ModelSpec, document["model"], f"{where}: model"),
+                   hardware=strict_dataclass(Hardware, document["hardware"], f"{where}: hardware"),
+                   workload=_workload(document["workload"], where),
+                   config=strict_dataclass(ParallelConfig, document["config"], f"{where}: config"),
+                   target=_typed(document.get("target", "executor"), str, f"{where}: target"),
+                   prediction=_typed(document.get("prediction") or {}, dict, f"{where}: prediction"),
+                   calibration=_typed(document.get("calibration") or {}, dict, f"{where}: calibration"),
+                   runner_ups=tuple(_typed(document.get("runner_ups") or [], list, f"{where}: runner_ups")),
+                   **_cluster(document["cluster"], where))
+        _check_derived(plan, document, where)
+        return plan
 
 
-def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp: int, pp: int,
-                      micro_batch_size: int) -> str | None:
-    """Why (tp, pp, micro-batch) cannot work for this model and cluster, or None.
-
-    The wording doubles as the rejection-count key in `suggest`."""
-    if num_devices % (tp * pp):
-        return "tp x pp does not divide the device count"
-    dp = num_devices // (tp * pp)
-    if tp > spec.num_heads or spec.num_heads % tp:
-        return "tp does not divide heads"
-    if spec.num_kv_heads % tp:
-        return "tp does not divide kv heads"
-    if spec.intermediate_size % tp:
-        return "tp does not divide the ffn size"
-    if workload.method == "qlora" and tp > 1:
-        return "qlora (bitsandbytes NF4) does not run with tp"
-    if pp > spec.num_layers:
-        return "more pipeline stages than layers"
-    if workload.global_batch % (dp * micro_batch_size):
-        return "global batch not divisible by dp x micro-batch"
-    return None
+def _check_format(value: Any, where: str) -> None:
+    match = _FORMAT_RE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise InvalidRequest(f"{where} is not a plan (format {PLAN_FORMAT!r}); write one with "
+                             "`planner suggest ... --save-plan PATH`")
+    if int(match.group(1)) > PLAN_VERSION:
+        raise InvalidRequest(f"{where} has format {value!r}, newer than this planner reads ({PLAN_FORMAT}); "
+                             "upgrade llm-planner or write the plan again with this version")
 
 
-def option_reason(spec: ModelSpec, config: ParallelConfig, workload: Workload | None = None) -> str | None:
-    """Why the remaining options cannot go together, or None."""
-    if workload is not None and workload.optimizer_in_backward and config.num_micro_batches > 1:
-        return "optimizer in backward needs one micro-batch per step"
-    if config.recompute not in RECOMPUTE:
-        return f"recompute must be one of {', '.join(RECOMPUTE)}"
-    if config.offload not in OFFLOAD:
-        return f"offload must be one of {', '.join(OFFLOAD)}"
-    if config.zero not in ZERO:
-        return "zero must be 0, 1, 2 or 3"
-    if config.sequence_parallel and config.tp == 1:
-        return "sequence parallel needs tp > 1"
-    if config.offload == "params" and config.zero != 3:
-        return "offloading params needs zero 3"
-    if config.offload == "optimizer" and config.zero == 0:
-        return "offloading the optimizer needs zero >= 1"
-    if config.shard_ends and config.zero != 3:
-        return "sharding the embedding and head separately needs zero 3"
-    if config.shard_ends and spec.tie_word_embeddings:
-        return "tied embeddings cannot be sharded apart from the head"
-    if config.vpp > 1 and config.pp == 1:
-        return "vpp needs pp > 1"
-    if config.vpp > 1 and spec.num_layers % (config.pp * config.vpp):
-        return "layers not divisible by pp x vpp"
-    if config.vpp > 1 and config.num_micro_batches % config.pp:
-        return "interleaved schedule needs micro-batches divisible by pp"
-    return None
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidRequest(f"{where} must be {'a list' if kind is list else 'a ' + kind.__name__}, "
+                             f"got {type(value).__name__}")
+    if kind is list and not all(isinstance(item, dict) for item in value):
+        raise InvalidRequest(f"{where} must be a list of candidate objects")
+    return value
 
 
-def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: ParallelConfig) -> None:
-    """Raise InvalidRequest (exit 2) naming what to change if `config` cannot run."""
-    for name in ("dp", "tp", "pp", "micro_batch_size", "vpp"):
-        value = getattr(config, name)
+def _workload(data: Any, where: str) -> Workload:
+    workload = strict_dataclass(Workload, data, f"{where}: workload")
+    return replace(workload, lora_targets=tuple(workload.lora_targets))
+
+
+def _cluster(data: Any, where: str) -> dict[str, int]:
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{where}: cluster must be a JSON object")
+    unknown = sorted(set(data) - {"num_devices", "devices_per_node", "num_nodes", "hardware"})
+    if unknown:
+        raise InvalidRequest(f"{where}: cluster: unknown key(s) {', '.join(unknown)}")
+    values = {}
+    for key in ("num_devices", "devices_per_node"):
+        value = data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidRequest(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
-    if config.devices != cluster.num_devices:
-        raise InvalidRequest(f"dp x tp x pp = {config.dp} x {config.tp} x {config.pp} = {config.devices}, "
-                             f"but there are {cluster.num_devices} devices; make the product equal --gpus")
-    reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size)
-    if reason is None:
-        reason = option_reason(spec, config, workload)
-    if reason is not None:
-        raise InvalidRequest(_explain(reason, spec, workload, config))
+            raise InvalidRequest(f"{where}: cluster.{key} must be a positive whole number, got {value!r}")
+        values[key] = value
+    return values
 
 
-def _explain(reason: str, spec: ModelSpec, workload: Workload, config: ParallelConfig) -> str:
-    detail = {
-        "tp does not divide heads": f"--tp {config.tp} does not divide the {spec.num_heads} attention heads",
-        "tp does not divide kv heads": f"--tp {config.tp} does not divide the {spec.num_kv_heads} key/value heads",
-        "tp does not divide the ffn size": f"--tp {config.tp} does not divide the ffn size {spec.intermediate_size}",
-        "more pipeline stages than layers": f"--pp {config.pp} exceeds the {spec.num_layers} layers",
-        "global batch not divisible by dp x micro-batch":
-            f"--global-batch {workload.global_batch} is not divisible by dp x micro-batch = "
-            f"{config.dp} x {config.micro_batch_size}",
-    }.get(reason, reason)
-    return f"{detail}; choose other degrees"
+def _check_derived(plan: Plan, document: dict[str, Any], where: str) -> None:
+    """Derived values written in the file must be what the degrees give (older files lack them)."""
+    written = {"cluster.num_nodes": (document["cluster"].get("num_nodes"), plan.cluster.num_nodes),
+               "layout": (document.get("layout"), plan.layout()),
+               "dtypes": (document.get("dtypes"), plan.dtypes.to_dict())}
+    for key, (value, derived) in written.items():
+        if value is not None and value != derived:
+            raise InvalidRequest(f"{where}: {key} {json.dumps(value)[:120]} contradicts the plan's degrees and "
+                                 f"workload (they give {json.dumps(derived)[:120]}); write the plan again with --save-plan")
 
 
-def num_micro_batches(global_batch: int, dp: int, micro_batch_size: int) -> int:
-    return global_batch // (dp * micro_batch_size)
-
-
-# -- the Plan document -----------------------------------------------------------------------
-
-def plan_document(spec: ModelSpec, hardware: Hardware, cluster: Cluster, workload: Workload,
-                  config: ParallelConfig, prediction: dict[str, Any], profile_summary: dict[str, Any],
-                  runner_ups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {
-        "format": PLAN_FORMAT,
-        "model": spec.to_dict(),
-        "hardware": hardware.to_dict(),
-        "cluster": {"num_devices": cluster.num_devices, "devices_per_node": cluster.devices_per_node,
-                    "num_nodes": cluster.num_nodes},
-        "workload": workload.to_dict(),
-        "config": config.to_dict(),
-        "prediction": prediction,
-        "calibration": profile_summary,
-        "runner_ups": runner_ups or [],
-    }
-
-
-def save_plan(path: str, document: dict[str, Any]) -> None:
+def save_plan(path: str, plan: Plan | dict[str, Any]) -> None:
+    document = plan.to_dict() if isinstance(plan, Plan) else plan
     target = Path(path).expanduser()
+    if target.is_dir():
+        raise InvalidRequest(f"cannot write plan to {path}: it is a folder; give a file name")
     if target.parent and not target.parent.exists():
         raise InvalidRequest(f"cannot write plan to {path}: folder {target.parent} does not exist")
     tmp = target.with_name(target.name + ".tmp")
@@ -165,23 +181,13 @@ def save_plan(path: str, document: dict[str, Any]) -> None:
     tmp.replace(target)
 
 
-def load_plan(path: str) -> dict[str, Any]:
-    """Read and check a Plan file; returns the document with typed parts under `_typed`."""
-    document = read_json(path, "plan")
-    if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
-        raise InvalidRequest(f"{path} is not a plan (format {PLAN_FORMAT!r}); write one with "
-                             "`planner suggest ... --save-plan PATH`")
-    for key in ("model", "hardware", "cluster", "workload", "config"):
-        if key not in document:
-            raise InvalidRequest(f"plan {path} lacks {key!r}; write it again with --save-plan")
-    return document
+def load_plan(path: str) -> Plan:
+    """Read and check a Plan file (exit 2 with one line on anything wrong)."""
+    return Plan.from_dict(read_json(path, "plan"), f"plan {path}")
 
 
-def typed_plan(document: dict[str, Any]) -> tuple[ModelSpec, Hardware, Cluster, Workload, ParallelConfig]:
-    spec = ModelSpec.from_dict(document["model"])
-    hardware = Hardware.from_dict(document["hardware"])
-    cluster = Cluster(hardware=hardware, num_devices=document["cluster"]["num_devices"],
-                      devices_per_node=document["cluster"]["devices_per_node"])
-    workload = Workload.from_dict(document["workload"])
-    config = ParallelConfig.from_dict(document["config"])
-    return spec, hardware, cluster, workload, config
+def typed_plan(plan: Plan | dict[str, Any]) -> tuple[ModelSpec, Hardware, Cluster, Workload, ParallelConfig]:
+    """(model, hardware, cluster, workload, config) of a Plan (or a plan document)."""
+    if not isinstance(plan, Plan):
+        plan = Plan.from_dict(plan)
+    return plan.model, plan.hardware, plan.cluster, plan.workload, plan.config

@@ -17,7 +17,9 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
 from planner.cost.estimate import Estimates, evaluate
-from planner.plan import OFFLOAD, RECOMPUTE, ZERO, structural_reason
+from planner.capabilities import not_runnable
+from planner.layout import OFFLOAD, RECOMPUTE, ZERO
+from planner.rules import OPTION_RULES, STRUCTURAL_FIXES, rule_masks, structural_reason
 
 VPP_CHOICES = (1, 2, 4)
 
@@ -36,6 +38,8 @@ class Pins:
     sequence_parallel: bool | None = None
     vpp: int | None = None
     shard_ends: bool | None = None  # not searched: False unless pinned
+    cp: int | None = None  # context / expert parallelism are not modelled yet: only 1 is accepted
+    ep: int | None = None
 
 
 @dataclass
@@ -44,7 +48,9 @@ class SearchResult:
     evaluated: int
     estimates: Estimates | None
     order: np.ndarray  # indices of feasible candidates, fastest first
-    rejected: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)  # real reasons, each with a fix in `fixes`
+    pairings: Counter = field(default_factory=Counter)  # invalid pairings of options: not worth showing
+    fixes: dict[str, str] = field(default_factory=dict)  # reason -> what would change it
 
     @property
     def feasible(self) -> int:
@@ -61,9 +67,10 @@ def _options(pins: Pins, name: str, choices):
     return [value] if value is not None else list(choices)
 
 
-def search(ctx: Context, pins: Pins) -> SearchResult:
+def search(ctx: Context, pins: Pins, target: str = "executor") -> SearchResult:
     spec, workload, n_dev = ctx.spec, ctx.workload, ctx.cluster.num_devices
     rejected: Counter = Counter()
+    pinned_out: Counter = Counter()
     recompute = [RECOMPUTE.index(r) for r in _options(pins, "recompute", RECOMPUTE)]
     zeros = _options(pins, "zero", ZERO)
     offloads = [OFFLOAD.index(o) for o in _options(pins, "offload", OFFLOAD)]
@@ -75,7 +82,7 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
         for pp in _options(pins, "pp", divisors(n_dev // tp) if n_dev % tp == 0 else [1]):
             dp = n_dev // (tp * pp) if n_dev % (tp * pp) == 0 else 0
             if pins.dp is not None and dp != pins.dp:
-                rejected["does not match the pinned dp"] += per_triple
+                pinned_out["does not match the pinned dp"] += per_triple
                 continue
             batches = divisors(workload.global_batch) if pins.micro_batch_size is None else [pins.micro_batch_size]
             for b in batches:
@@ -85,12 +92,14 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
                 else:
                     triples.append((dp, tp, pp, b))
     grid = list(itertools.product(recompute, zeros, offloads, sps, vpps))
-    candidates, option_rejects = _expand(spec, workload, triples, grid, dedupe_zero1=pins.zero is None,
-                                         shard_ends=bool(pins.shard_ends))
+    candidates, pairings, option_rejects, fixes = _expand(ctx, triples, grid, dedupe_zero=pins.zero is None,
+                                                          shard_ends=bool(pins.shard_ends), target=target)
     rejected.update(option_rejects)
-    searched = sum(rejected.values()) + len(candidates)
+    pairings.update(pinned_out)
+    fixes.update({k: v for k, v in STRUCTURAL_FIXES.items() if k in rejected or k.startswith("out of")})
+    searched = sum(rejected.values()) + sum(pairings.values()) + len(candidates)
     if not len(candidates):
-        return SearchResult(searched, 0, None, np.array([], int), rejected)
+        return SearchResult(searched, 0, None, np.array([], int), _nonzero(rejected), _nonzero(pairings), fixes)
     estimates = evaluate(ctx, candidates)
     oom = ~estimates.fits
     rejected["out of memory"] += int(oom.sum())
@@ -99,44 +108,49 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
     ok = np.nonzero(estimates.fits & estimates.host_fits)[0]
     # prefer candidates that fit with the safety margin, then the fastest
     order = ok[np.lexsort((estimates.step_s[ok], ~estimates.fits_with_margin[ok]))]
-    rejected = Counter({k: v for k, v in rejected.items() if v})
-    return SearchResult(searched, len(candidates), estimates, order, rejected)
+    return SearchResult(searched, len(candidates), estimates, order, _nonzero(rejected), _nonzero(pairings), fixes)
 
 
-def _expand(spec, workload, triples, grid, dedupe_zero1: bool, shard_ends: bool = False) -> tuple[Candidates, Counter]:
-    """Cross (dp, tp, pp, b) with the option grid; drop invalid option combinations by reason."""
-    rejected: Counter = Counter()
+def _nonzero(counts: Counter) -> Counter:
+    return Counter({k: v for k, v in counts.items() if v})
+
+
+def _expand(ctx: Context, triples, grid, dedupe_zero: bool, shard_ends: bool,
+            target: str) -> tuple[Candidates, Counter, Counter, dict[str, str]]:
+    """Cross (dp, tp, pp, b) with the option grid; drop invalid option pairings, invalid options
+    (planner/rules.py OPTION_RULES) and what `target` cannot run (planner/capabilities.py), by reason."""
+    spec, workload = ctx.spec, ctx.workload
+    pairings, rejected, fixes = Counter(), Counter(), {}
     if not triples:
-        return Candidates(*[np.array([], int) for _ in range(10)]), rejected
+        return Candidates(*[np.array([], int) for _ in range(10)]), pairings, rejected, fixes
     t = np.array(triples, dtype=np.int64)
     g = np.array([(r, z, o, int(s), v) for r, z, o, s, v in grid], dtype=np.int64)
     ti = np.repeat(np.arange(len(t)), len(g))
     gi = np.tile(np.arange(len(g)), len(t))
     dp, tp, pp, b = (t[ti, k] for k in range(4))
     r, z, o, sp, v = (g[gi, k] for k in range(5))
-    m = workload.global_batch // (dp * b)
-    reasons = np.full(len(ti), "", dtype=object)
-    checks = [
-        ("sequence parallel needs tp > 1", (sp == 1) & (tp == 1)),
-        ("offloading params needs zero 3", (o == OFFLOAD.index("params")) & (z != 3)),
-        ("offloading the optimizer needs zero >= 1", (o == OFFLOAD.index("optimizer")) & (z == 0)),
-        ("zero 1 equals zero 0 with one data-parallel rank", (z == 1) & (dp == 1) & dedupe_zero1),
-        ("vpp needs pp > 1", (v > 1) & (pp == 1)),
-        ("layers not divisible by pp x vpp", (v > 1) & (spec.num_layers % (pp * v) != 0)),
-        ("interleaved schedule needs micro-batches divisible by pp", (v > 1) & (m % pp != 0)),
-        ("optimizer in backward needs one micro-batch per step", (m > 1) & workload.optimizer_in_backward),
-        ("sharding the embedding and head separately needs zero 3", shard_ends & (z != 3)),
-        ("tied embeddings cannot be sharded apart from the head", np.full(len(z), shard_ends and spec.tie_word_embeddings)),
-    ]
-    for reason, mask in checks:
-        fresh = mask & (reasons == "")
-        reasons[fresh] = reason
-        if fresh.any():
-            rejected[reason] += int(fresh.sum())
-    keep = reasons == ""
-    candidates = Candidates(dp=dp[keep], tp=tp[keep], pp=pp[keep], micro_batch_size=b[keep],
-                            num_micro_batches=m[keep], recompute=r[keep], zero=z[keep], offload=o[keep],
-                            sequence_parallel=sp[keep].astype(bool), vpp=v[keep],
-                            shard_ends=np.full(int(keep.sum()), shard_ends))
-    return candidates, rejected
+    everything = Candidates(dp=dp, tp=tp, pp=pp, micro_batch_size=b, num_micro_batches=workload.global_batch // (dp * b),
+                            recompute=r, zero=z, offload=o, sequence_parallel=sp.astype(bool), vpp=v,
+                            shard_ends=np.full(len(dp), shard_ends))
+    taken = np.zeros(len(dp), dtype=bool)
+    for rule, mask in rule_masks(OPTION_RULES, everything, spec, workload):
+        _count(pairings if rule.pairing else rejected, rule.reason, mask, taken)
+        if not rule.pairing:
+            fixes[rule.reason] = rule.fix
+    # one data-parallel rank: ZeRO 1/2/3 shard over one rank and ZeRO 2 = 3 (nothing is resharded)
+    if dedupe_zero:
+        single = (dp == 1) & (o != OFFLOAD.index("params"))
+        _count(pairings, "zero 1 equals zero 0 with one data-parallel rank", single & (z == 1), taken)
+        _count(pairings, "zero 3 equals zero 2 with one data-parallel rank", single & (z == 3) & (not shard_ends), taken)
+    for reason, fix, mask in not_runnable(target, everything, spec, workload, ctx.cluster.hardware):
+        _count(rejected, reason, mask, taken)
+        fixes[reason] = fix
+    return everything.take(np.nonzero(~taken)[0]), pairings, rejected, fixes
 
+
+def _count(counter: Counter, reason: str, mask: np.ndarray, taken: np.ndarray) -> None:
+    """Count the candidates `mask` rejects that no earlier rule took, and take them."""
+    fresh = mask & ~taken
+    if fresh.any():
+        counter[reason] += int(fresh.sum())
+        taken |= fresh

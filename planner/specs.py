@@ -125,33 +125,54 @@ class Cluster:
                 "devices_per_node": self.devices_per_node}
 
 
+def option(help: str, choices: tuple | None = None, flag: str | None = None) -> dict[str, Any]:
+    """Field metadata from which the CLI options are derived (planner/commands/common.py add_workload)."""
+    return {"help": help, "choices": choices, "flag": flag}
+
+
 @dataclass(frozen=True)
 class Workload:
-    seq_len: int
-    global_batch: int
-    method: str = "full"
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-    optimizer_impl: str = "foreach"  # PyTorch AdamW default on GPU (foreach=True)
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-    attention: str = "sdpa"  # one of ATTENTION_IMPLS
-    master_dtype: str = "fp32"  # fp32 master weights and moments, or bf16 for all of them (torchtune's default)
-    loss_chunks: int = 1  # cross-entropy over this many sequence chunks (torchtune CEWithChunkedOutputLoss)
-    activation_offload: bool = False  # saved activations kept in host memory (torch save_on_cpu)
-    optimizer_in_backward: bool = False  # step each parameter as its gradient is ready; no held gradients
-    compile: bool = False  # torch.compile: fused elementwise ops and a fused cross-entropy
+    """What is trained and how: the one definition from which the CLI options, the API's Request,
+    the Plan file and the run records are derived (each field's metadata is its option)."""
+
+    seq_len: int = field(metadata=option("tokens per sequence (default 4096)"))
+    # None until a cluster is known: one sequence per device (planner.api.resolve fills it in)
+    global_batch: int | None = field(metadata=option("sequences per optimizer step (default: one per device)"))
+    method: str = field(default="full", metadata=option("what is trained (default full)", METHODS))
+    precision: str = field(default="bf16", metadata=option("compute precision (default bf16)", PRECISIONS))
+    optimizer: str = field(default="adamw", metadata=option("optimizer (default adamw)", OPTIMIZERS))
+    optimizer_impl: str = field(default="foreach", metadata=option(
+        "PyTorch AdamW implementation (default foreach, the GPU default)", OPTIMIZER_IMPLS))
+    lora_rank: int = field(default=16, metadata=option("LoRA rank (default 16)"))
+    lora_targets: tuple[str, ...] = field(default=LORA_TARGETS, metadata=option(
+        "comma list of q,k,v,o,gate,up,down (default all)"))
+    attention: str = field(default="sdpa", metadata=option(
+        "sdpa (flash / memory-efficient kernels, default), eager (transformers' materialised scores) or "
+        "fused-softmax (Megatron-LM's before FlashAttention)", ATTENTION_IMPLS))
+    master_dtype: str = field(default="fp32", metadata=option(
+        "fp32 master weights and AdamW moments (default), or bf16 for all (torchtune's default)", ("fp32", "bf16")))
+    loss_chunks: int = field(default=1, metadata=option("cross-entropy in this many chunks (torchtune's chunked loss "
+                                                        "uses 8)"))
+    activation_offload: bool = field(default=False, metadata=option(
+        "keep saved activations in host memory (torch save_on_cpu)"))
+    optimizer_in_backward: bool = field(default=False, metadata=option(
+        "step each parameter as soon as its gradient is ready (needs one micro-batch); no held gradients"))
+    compile: bool = field(default=False, metadata=option("torch.compile (fused elementwise ops and loss)"))
     # cross-entropy on the vocabulary shards, logits split over TP (Megatron's vocab-parallel
     # cross-entropy, torchtitan's loss_parallel); without it the logits are gathered (the executor).
     # Its temporaries are those of torch's loss_parallel; Megatron's works in place and holds less.
-    loss_parallel: bool = False
+    loss_parallel: bool = field(default=False, metadata=option(
+        "cross-entropy on TP vocabulary shards (torch's loss_parallel, as torchtitan; Megatron's in-place one "
+        "holds less); the executor gathers logits"))
     # the model itself returns fp32 logits (torchtune's TransformerDecoder without chunked output:
     # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)
-    fp32_logits: bool = False
+    fp32_logits: bool = field(default=False, metadata=option(
+        "the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts"))
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)
-        _require_positive("--global-batch", self.global_batch)
+        if self.global_batch is not None:
+            _require_positive("--global-batch", self.global_batch)
         _require_choice("--method", self.method, METHODS)
         _require_choice("--precision", self.precision, PRECISIONS)
         _require_choice("--optimizer", self.optimizer, OPTIMIZERS)
@@ -170,6 +191,7 @@ class Workload:
 
     @property
     def tokens_per_step(self) -> int:
+        assert self.global_batch is not None, "a workload's global batch is set once the cluster is known"
         return self.seq_len * self.global_batch
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,32 +50,28 @@ def add_model_hardware(parser: argparse.ArgumentParser, need_model: bool = True)
 
 
 def add_workload(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sequence (default 4096)")
-    parser.add_argument("--global-batch", type=positive_int, help="sequences per optimizer step (default: one per device)")
-    parser.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
-    parser.add_argument("--lora-rank", type=positive_int, default=16)
-    parser.add_argument("--lora-targets", type=lora_targets, default=LORA_TARGETS,
-                        help="comma list of q,k,v,o,gate,up,down (default all)")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp8", "fp32"), default="bf16")
-    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "sgd"), default="adamw")
-    parser.add_argument("--optimizer-impl", choices=("foreach", "fused", "forloop"), default="foreach",
-                        help="PyTorch AdamW implementation (default foreach, the GPU default)")
-    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa",
-                        help="sdpa (flash / memory-efficient kernels, default), eager (transformers' materialised "
-                             "scores) or fused-softmax (Megatron-LM's before FlashAttention)")
-    parser.add_argument("--master-dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="fp32 master weights and AdamW moments (default), or bf16 for all (torchtune's default)")
-    parser.add_argument("--loss-chunks", type=positive_int, default=1,
-                        help="cross-entropy in this many chunks (torchtune's chunked loss uses 8)")
-    parser.add_argument("--activation-offload", action="store_true", help="keep saved activations in host memory")
-    parser.add_argument("--optimizer-in-backward", action="store_true",
-                        help="step each parameter as soon as its gradient is ready (needs one micro-batch)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile (fused elementwise ops and loss)")
-    parser.add_argument("--loss-parallel", action="store_true",
-                        help="cross-entropy on TP vocabulary shards (torch's loss_parallel, as torchtitan; Megatron's "
-                             "in-place one holds less); the executor gathers logits")
-    parser.add_argument("--fp32-logits", action="store_true",
-                        help="the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts")
+    """One option per field of planner.specs.Workload (its metadata is the option's help)."""
+    from dataclasses import MISSING, fields
+
+    from planner.specs import Workload
+
+    parse = {"lora_targets": lora_targets}
+    for f in fields(Workload):
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = None if f.default is MISSING else f.default
+        if f.name == "seq_len":
+            default = 4096
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+        elif meta.get("choices"):
+            parser.add_argument(flag, choices=meta["choices"], default=default, help=meta["help"])
+        else:
+            kind = parse.get(f.name, positive_int)
+            parser.add_argument(flag, type=kind, default=default, help=meta["help"])
+    parser.add_argument("--target", choices=("executor", "deepspeed", "accelerate", "torchtitan", "megatron"),
+                        default="executor", help="the engine that will run the plan: rank only what it runs "
+                                                 "(default executor, this project's own)")
     parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
     parser.add_argument("--memory-margin", type=float, metavar="FRACTION",
                         help="headroom to keep free (default: from the profile's cross-validated memory errors)")
@@ -93,6 +89,8 @@ def add_config(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--offload", choices=("none", "optimizer", "params"))
     parser.add_argument("--sequence-parallel", action="store_true", default=None)
     parser.add_argument("--vpp", type=positive_int)
+    parser.add_argument("--cp", type=positive_int, help="context parallel degree (not modelled yet: 1)")
+    parser.add_argument("--ep", type=positive_int, help="expert parallel degree (not modelled yet: 1)")
     parser.add_argument("--shard-ends", action="store_true", default=None,
                         help="zero 3: the embedding and the LM head as FSDP units of their own (less memory)")
 
@@ -106,14 +104,13 @@ def request_from(args: argparse.Namespace):
 
 def workload_options(args: argparse.Namespace) -> dict:
     """The Request fields add_workload parses (everything but the model and the hardware)."""
-    return dict(seq_len=args.seq_len, global_batch=args.global_batch, method=args.method,
-                lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets), precision=args.precision,
-                optimizer=args.optimizer, optimizer_impl=args.optimizer_impl, attention=args.attention,
-                master_dtype=args.master_dtype, loss_chunks=args.loss_chunks,
-                activation_offload=args.activation_offload, optimizer_in_backward=args.optimizer_in_backward,
-                compile=args.compile, loss_parallel=args.loss_parallel,
-                fp32_logits=args.fp32_logits, calibration=args.calibration,
-                memory_margin=args.memory_margin)
+    from dataclasses import fields
+
+    from planner.specs import Workload
+
+    values = {f.name: getattr(args, f.name) for f in fields(Workload)}
+    values["lora_targets"] = tuple(values["lora_targets"])
+    return dict(values, calibration=args.calibration, memory_margin=args.memory_margin, target=args.target)
 
 
 def pins_from(args: argparse.Namespace):
@@ -121,7 +118,8 @@ def pins_from(args: argparse.Namespace):
 
     return Pins(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size,
                 recompute=args.recompute, zero=args.zero, offload=args.offload,
-                sequence_parallel=args.sequence_parallel, vpp=args.vpp, shard_ends=args.shard_ends)
+                sequence_parallel=args.sequence_parallel, vpp=args.vpp, shard_ends=args.shard_ends,
+                cp=args.cp, ep=args.ep)
 
 
 def print_json(data: Any) -> None:

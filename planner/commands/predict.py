@@ -50,7 +50,7 @@ def _config(args: argparse.Namespace, resolved):
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=num_micro_batches(gb, dp, mbs),
                           recompute=args.recompute or "none", zero=args.zero if args.zero is not None else 0,
                           offload=args.offload or "none", sequence_parallel=bool(args.sequence_parallel),
-                          vpp=args.vpp or 1, shard_ends=bool(args.shard_ends))
+                          vpp=args.vpp or 1, shard_ends=bool(args.shard_ends), cp=args.cp or 1, ep=args.ep or 1)
 
 
 def render(p: dict, resolved) -> str:
@@ -69,6 +69,9 @@ def render(p: dict, resolved) -> str:
              f"step {duration(time['step_s'])}: {time['tokens_per_s']:,.0f}{spread(time['tokens_per_s_range'], 1)} tokens/s "
              f"({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}",
              "  " + ", ".join(f"{k} {duration(v)}" for k, v in time["breakdown"].items() if v > 0)]
+    runnable = p.get("runnable") or {}
+    if runnable.get("reason"):
+        lines.append(f"warning: {runnable['reason']}")
     if mem["host_bytes_per_device"]:
         lines.append(f"host memory per device (offload): {gib(mem['host_bytes_per_device'])} GiB")
     return "\n".join(lines)

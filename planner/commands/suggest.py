@@ -17,10 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from planner import api
+    from planner.errors import Infeasible
     from planner.plan import save_plan
 
     request = request_from(args)
-    result = api.suggest(request, pins_from(args), top=args.top)
+    try:
+        result = api.suggest(request, pins_from(args), top=args.top)
+    except Infeasible as exc:
+        if args.json:  # still the object (empty candidates, the reasons and the ways out), then exit 3
+            print_json({**exc.details, "reason": str(exc)})
+        raise
     if args.save_plan:
         plan = api.make_plan(request, result["candidates"][0], runner_ups=result["candidates"][1:])
         save_plan(args.save_plan, plan)
@@ -41,7 +47,7 @@ def spread(bounds: list | None, unit: float) -> str:
 
 
 def render(result: dict, saved: str | None) -> str:
-    from planner.format import count, duration, gib, table
+    from planner.format import count, duration, gib
 
     req = result["request"]
     w = req["workload"]
@@ -53,26 +59,43 @@ def render(result: dict, saved: str | None) -> str:
              f"{result['feasible']:,} fit, in {result['seconds']:.2f} s", ""]
     best = result["candidates"][0]
     mem, time = best["memory"], best["time"]
+    fixes = result.get("rejected_fixes") or {}
     lines += [f"Best: {result['summary']}",
               f"  step {duration(time['step_s'])}, {time['tokens_per_s']:,.0f}{spread(time['tokens_per_s_range'], 1)} "
               f"tokens/s ({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}, "
               f"{gib(mem['peak_bytes'])}{spread(mem['peak_bytes_range'], 2**30)} of {gib(mem['capacity_bytes'])} GiB "
               f"per device", ""]
-    rows = []
-    for rank, c in enumerate(result["candidates"], start=1):
-        cfg = c["config"]
-        rows.append([rank, cfg["dp"], cfg["tp"], cfg["pp"], cfg["micro_batch_size"], cfg["num_micro_batches"],
-                     cfg["recompute"], cfg["zero"], cfg["offload"], "y" if cfg["sequence_parallel"] else "-",
-                     cfg["vpp"], gib(c["memory"]["peak_bytes"]), f"{c['time']['step_s']:.3f}",
-                     f"{c['time']['tokens_per_s_per_device']:,.0f}", f"{c['time']['mfu']:.1%}"])
-    lines.append(table(["#", "dp", "tp", "pp", "mbs", "micro", "recompute", "zero", "offload", "sp", "vpp",
-                        "GiB/dev", "step s", "tok/s/dev", "MFU"], rows, align="rrrrrrlrllrrrrr"))
+    if result.get("margin_note"):
+        lines += [f"Memory margin: {result['margin_note']}", ""]
+    lines.append(candidate_table(result["candidates"]))
     if result["explanation"]:
         lines += ["", "Why the runner-ups lost:"] + [f"  {line}" for line in result["explanation"]]
     lines += ["", "Memory of the best (GiB per device, " + mem["peak_phase"] + " peak): "
               + ", ".join(f"{k} {gib(v)}" for k, v in mem["breakdown"].items()),
               "Time of the best per step: " + ", ".join(f"{k} {duration(v)}" for k, v in time["breakdown"].items() if v > 0),
-              "Rejected: " + ", ".join(f"{k} {v:,}" for k, v in result["rejected"].items())]
+              "Rejected (and what would change it):"]
+    lines += [f"  {k}: {v:,}" + (f" ({fixes[k]})" if fixes.get(k) else "") for k, v in result["rejected"].items()]
+    if result.get("invalid_pairings"):
+        lines.append(f"  ({result['invalid_pairings']:,} invalid pairings of options skipped)")
     if saved:
         lines.append(f"Plan written to {saved}: train with `planner train --plan {saved} ...`")
     return "\n".join(lines)
+
+
+# the words of the seed-style summary line (planner/explain.py seed_summary), as column heads
+COLUMNS = (("num_stages", "pp"), ("TP", "tp"), ("data_parallel", "dp"), ("batch_per_device", "micro_batch_size"),
+           ("num_micro_batches", "num_micro_batches"), ("recomputation", "recompute"), ("zero", "zero"),
+           ("offload", "offload"), ("sequence_parallel", "sequence_parallel"), ("virtual_stages", "vpp"))
+
+
+def candidate_table(candidates: list[dict]) -> str:
+    from planner.format import gib, table
+
+    rows = []
+    for rank, c in enumerate(candidates, start=1):
+        cfg = c["config"]
+        values = ["y" if cfg[key] is True else "-" if cfg[key] is False else cfg[key] for _, key in COLUMNS]
+        rows.append([rank, *values, gib(c["memory"]["peak_bytes"]), f"{c['time']['step_s']:.3f}",
+                     f"{c['time']['tokens_per_s_per_device']:,.0f}", f"{c['time']['mfu']:.1%}"])
+    heads = ["#", *[name for name, _ in COLUMNS], "GiB/dev", "step s", "tok/s/dev", "MFU"]
+    return table(heads, rows, align="rrrrrrlrllrrrrr")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.plan import OFFLOAD, RECOMPUTE, ParallelConfig
+from planner.layout import OFFLOAD, RECOMPUTE, ParallelConfig
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""Which configurations are valid: one table of rules, read by the search (vectorised over thousands
+of candidates), by `check_config` (one configuration, from the CLI, the API or a Plan file) and by
+the executor's checks. A rule is either an invalid *pairing* of options (sequence parallel without
+tp: never worth showing to a person) or a real reason, which says what would change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planner.cost.candidates import Candidates
+from planner.errors import InvalidRequest
+from planner.layout import OFFLOAD, ParallelConfig
+from planner.specs import Cluster, ModelSpec, Workload
+
+Mask = Callable[[Candidates, ModelSpec, Workload], Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    reason: str  # also the rejection-count key in `suggest`
+    applies: Mask  # True where the candidate breaks the rule (numpy arrays or scalars)
+    fix: str = ""  # what would change it; "" for an invalid pairing of options
+    pairing: bool = False
+
+
+def _offload(name: str) -> int:
+    return OFFLOAD.index(name)
+
+
+OPTION_RULES: tuple[Rule, ...] = (
+    Rule("sequence parallel needs tp > 1", lambda c, s, w: c.sequence_parallel & (c.tp == 1), pairing=True),
+    Rule("offloading params needs zero 3", lambda c, s, w: (c.offload == _offload("params")) & (c.zero != 3),
+         pairing=True),
+    Rule("offloading the optimizer needs zero >= 1",
+         lambda c, s, w: (c.offload == _offload("optimizer")) & (c.zero == 0), pairing=True),
+    Rule("vpp needs pp > 1", lambda c, s, w: (c.vpp > 1) & (c.pp == 1), pairing=True),
+    Rule("sharding the embedding and head separately needs zero 3", lambda c, s, w: c.shard_ends & (c.zero != 3),
+         pairing=True),
+    Rule("layers not divisible by pp x vpp", lambda c, s, w: (c.vpp > 1) & (s.num_layers % (c.pp * c.vpp) != 0),
+         fix="a --vpp that divides the layers of each stage"),
+    Rule("interleaved schedule needs micro-batches divisible by pp",
+         lambda c, s, w: (c.vpp > 1) & (c.num_micro_batches % c.pp != 0),
+         fix="a global batch whose micro-batch count is a multiple of pp, or --vpp 1"),
+    Rule("optimizer in backward needs one micro-batch per step",
+         lambda c, s, w: (c.num_micro_batches > 1) & w.optimizer_in_backward,
+         fix="a global batch of dp x micro-batch sequences, or no --optimizer-in-backward"),
+    Rule("tied embeddings cannot be sharded apart from the head",
+         lambda c, s, w: c.shard_ends & s.tie_word_embeddings, fix="no --shard-ends for a model with tied embeddings"),
+)
+
+# real structural reasons (checked per (tp, pp, micro-batch) in the search) and what changes them
+STRUCTURAL_FIXES = {
+    "tp x pp does not divide the device count": "tp and pp whose product divides the device count",
+    "tp does not divide heads": "a tp that divides the attention heads",
+    "tp does not divide kv heads": "a tp that divides the key/value heads",
+    "tp does not divide the ffn size": "a tp that divides the MLP's intermediate size",
+    "qlora (bitsandbytes NF4) does not run with tp": "--tp 1, or --method lora",
+    "more pipeline stages than layers": "fewer pipeline stages",
+    "global batch not divisible by dp x micro-batch": "a global batch that is a multiple of dp x micro-batch",
+    "out of memory": "more devices, recomputation, LoRA/QLoRA, a shorter sequence or a smaller micro-batch",
+    "out of host memory (offload)": "less offload, or nodes with more host memory",
+}
+
+
+def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp: int, pp: int,
+                      micro_batch_size: int) -> str | None:
+    """Why (tp, pp, micro-batch) cannot work for this model and cluster, or None.
+
+    The wording doubles as the rejection-count key in `suggest`."""
+    if num_devices % (tp * pp):
+        return "tp x pp does not divide the device count"
+    dp = num_devices // (tp * pp)
+    if tp > spec.num_heads or spec.num_heads % tp:
+        return "tp does not divide heads"
+    if spec.num_kv_heads % tp:
+        return "tp does not divide kv heads"
+    if spec.intermediate_size % tp:
+        return "tp does not divide the ffn size"
+    if workload.method == "qlora" and tp > 1:
+        return "qlora (bitsandbytes NF4) does not run with tp"
+    if pp > spec.num_layers:
+        return "more pipeline stages than layers"
+    if workload.global_batch % (dp * micro_batch_size):
+        return "global batch not divisible by dp x micro-batch"
+    return None
+
+
+def rule_masks(rules: tuple[Rule, ...], candidates: Candidates, spec: ModelSpec,
+               workload: Workload) -> list[tuple[Rule, np.ndarray]]:
+    """Each rule's mask over the candidates (a scalar result is broadcast)."""
+    n = len(candidates)
+    return [(rule, np.broadcast_to(np.asarray(rule.applies(candidates, spec, workload), dtype=bool), (n,)))
+            for rule in rules]
+
+
+def first_broken(rules: tuple[Rule, ...], config: ParallelConfig, spec: ModelSpec, workload: Workload) -> Rule | None:
+    one = Candidates.from_configs([config])
+    return next((rule for rule, mask in rule_masks(rules, one, spec, workload) if mask[0]), None)
+
+
+def option_reason(spec: ModelSpec, config: ParallelConfig, workload: Workload) -> str | None:
+    """Why the remaining options cannot go together, or None."""
+    rule = first_broken(OPTION_RULES, config, spec, workload)
+    return rule.reason if rule else None
+
+
+def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: ParallelConfig) -> None:
+    """Raise InvalidRequest (exit 2) naming what to change if `config` cannot run."""
+    from planner.layout import OFFLOAD as offloads, RECOMPUTE, ZERO
+
+    for name in ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "vpp", "cp", "ep"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidRequest(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+    for name, choices in (("recompute", RECOMPUTE), ("offload", offloads), ("zero", ZERO)):
+        if getattr(config, name) not in choices:
+            raise InvalidRequest(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
+    if config.cp > 1 or config.ep > 1:
+        raise InvalidRequest("context and expert parallelism (--cp, --ep) are not modelled yet; plan with --cp 1 --ep 1")
+    if config.devices != cluster.num_devices:
+        raise InvalidRequest(f"dp x tp x pp = {config.dp} x {config.tp} x {config.pp} = {config.devices}, "
+                             f"but there are {cluster.num_devices} devices; make the product equal --gpus")
+    reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size)
+    if reason is None:
+        expected = workload.global_batch // (config.dp * config.micro_batch_size)
+        if config.num_micro_batches != expected:
+            raise InvalidRequest(f"num_micro_batches {config.num_micro_batches} does not make the global batch: "
+                                 f"{workload.global_batch} / (dp {config.dp} x micro-batch {config.micro_batch_size}) "
+                                 f"= {expected}; write the plan again with --save-plan")
+        reason = option_reason(spec, config, workload)
+    if reason is not None:
+        raise InvalidRequest(_explain(reason, spec, workload, config))
+
+
+def _explain(reason: str, spec: ModelSpec, workload: Workload, config: ParallelConfig) -> str:
+    detail = {
+        "tp does not divide heads": f"--tp {config.tp} does not divide the {spec.num_heads} attention heads",
+        "tp does not divide kv heads": f"--tp {config.tp} does not divide the {spec.num_kv_heads} key/value heads",
+        "tp does not divide the ffn size": f"--tp {config.tp} does not divide the ffn size {spec.intermediate_size}",
+        "more pipeline stages than layers": f"--pp {config.pp} exceeds the {spec.num_layers} layers",
+        "global batch not divisible by dp x micro-batch":
+            f"--global-batch {workload.global_batch} is not divisible by dp x micro-batch = "
+            f"{config.dp} x {config.micro_batch_size}",
+    }.get(reason, reason)
+    return f"{detail}; choose other degrees"
