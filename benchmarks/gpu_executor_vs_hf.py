@@ -56,7 +56,7 @@ def plan_for(setup: dict, mbs: int, recompute: str, compile_: bool, path: Path) 
     req = request(setup, compile_)
     config = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=mbs, num_micro_batches=setup["global_batch"] // mbs,
                             recompute=recompute)
-    document = api.make_plan(req, api.predict(req, config))
+    document = api.make_plan(req, api.predict(req, config)).to_dict()
     save_plan(str(path), document)
     return document
 

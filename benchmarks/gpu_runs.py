@@ -42,7 +42,7 @@ def plan(model: str, gpu: str, seq: int, mbs: int, micro: int, recompute: str, m
                           method=method, precision=precision, optimizer_impl="fused" if precision == "bf16" else "foreach",
                           compile=compile_)
     config = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=mbs, num_micro_batches=micro, recompute=recompute)
-    document = api.make_plan(request, api.predict(request, config))
+    document = api.make_plan(request, api.predict(request, config)).to_dict()
     save_plan(str(path), document)
     return document
 

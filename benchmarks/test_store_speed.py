@@ -17,7 +17,7 @@ from planner.plan import ParallelConfig
 
 REQUEST = api.Request(model="llama-tiny", gpu="cpu", gpus=2, seq_len=128, global_batch=8, precision="fp32")
 CONFIG = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=4, num_micro_batches=1)
-PLAN = api.make_plan(REQUEST, api.predict(REQUEST, CONFIG))
+PLAN = api.make_plan(REQUEST, api.predict(REQUEST, CONFIG)).to_dict()
 MEASURED = {"steps": 20, "tokens_per_s": 1500.0, "step_s": 0.68, "peak_allocated_bytes": 7.4e7}
 
 

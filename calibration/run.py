@@ -24,7 +24,7 @@ from typing import Any
 
 from planner.errors import InvalidRequest, PlannerError
 from planner.hardware import make_cluster
-from planner.plan import PLAN_FORMAT, ParallelConfig, check_config
+from planner.plan import PLAN_FORMAT, ParallelConfig, check_config, is_plan_format
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
 
 RUN_FORMAT = "llm-planner/run@1"
@@ -216,7 +216,7 @@ def from_record(record: Any, default_source: str = "") -> Run:
         raise FieldError("format", f"not a run record (expected format {RUN_FORMAT!r})")
     excluded = optional_text(record.get("excluded"), "excluded")
     plan = record.get("plan")
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+    if not isinstance(plan, dict) or not is_plan_format(plan.get("format")):
         raise FieldError("plan", f"must be a Plan document (format {PLAN_FORMAT!r})")
     spec, hardware, workload, config = _typed_parts(plan, lenient=excluded is not None)
     cluster = plan.get("cluster") if isinstance(plan.get("cluster"), dict) else {}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 
+from planner.capabilities import rules_for, runnable_reason
+from planner.cost.candidates import Candidates
+from planner.rules import rule_masks
 from planner.errors import InvalidRequest
-from planner.plan import ParallelConfig
+from planner.plan import ParallelConfig, Plan
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
 
-# families whose modules carry Llama's names (model.layers[i].self_attn.q_proj, mlp.gate_proj, ...):
-# tensor and pipeline parallelism are written against those names
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 # a device must have at least this share of the memory of the hardware the plan was made for
 MEMORY_TOLERANCE = 0.9
 
@@ -22,78 +22,40 @@ def has_bitsandbytes() -> bool:
 
 
 def unsupported_reason(spec: ModelSpec, workload: Workload, config: ParallelConfig, on_cuda: bool) -> str | None:
-    """Why the executor cannot run this Plan as written, or None. Checked in every process."""
-    checks = (_structure_reason(spec, workload, config), _model_reason(spec, config), _numerics_reason(workload, config),
-              _method_reason(workload, config, on_cuda), _optimizer_reason(workload, config, on_cuda))
-    return next((reason for reason in checks if reason), None)
+    """Why the executor cannot run this Plan as written, or None. Checked in every process.
+
+    The plan's own consistency (degrees, micro-batches, options) was checked when it was loaded
+    (planner/plan.py Plan); what the executor implements is the `executor` row of the capability
+    table (planner/capabilities.py), the same one `suggest` ranks with; what this machine has
+    (bitsandbytes) is checked here."""
+    reason = runnable_reason("executor", config, spec, workload, gpu=on_cuda)
+    if reason:
+        return reason.replace("not runnable by executor: ", "", 1)
+    return _model_reason(spec) or _environment_reason(workload)
 
 
-def _structure_reason(spec: ModelSpec, workload: Workload, config: ParallelConfig) -> str | None:
-    """The planner's own checks of the degrees (a hand-edited Plan may break them; a pipeline whose
-    stages do not divide the layers would otherwise drop some)."""
-    from planner.plan import option_reason, structural_reason
+def all_reasons(plan: Plan) -> list[str]:
+    """Every reason the executor would refuse this Plan before launching (for `train --dry-run`):
+    each broken rule of the executor's row of the capability table, then the model and this
+    machine's libraries. No data and no devices are needed."""
+    on_gpu = plan.hardware.vendor != "cpu"
+    broken = [rule for rule, mask in rule_masks(rules_for("executor", on_gpu), Candidates.from_configs([plan.config]),
+                                                plan.model, plan.workload) if mask[0]]
+    reasons = [f"{rule.reason}; plan with {rule.fix}" if rule.fix else rule.reason for rule in broken]
+    return reasons + [r for r in (_model_reason(plan.model), _environment_reason(plan.workload)) if r]
 
-    reason = structural_reason(spec, workload, config.devices, config.tp, config.pp, config.micro_batch_size)
-    reason = reason or option_reason(spec, config, workload)
-    return f"the plan's degrees are invalid ({reason}); write the plan again with `planner suggest --save-plan`" if reason else None
 
-
-def _model_reason(spec: ModelSpec, config: ParallelConfig) -> str | None:
-    if spec.family == "baichuan":
-        return ("model_type baichuan needs remote code, which the executor does not run; "
-                "plan with a llama-family config of the same shape instead")
+def _model_reason(spec: ModelSpec) -> str | None:
     if not spec.hf_config:
         return "the plan's model carries no hf_config (config.json); write the plan again with `planner suggest --save-plan`"
-    if (config.tp > 1 or config.pp > 1) and spec.family not in LLAMA_LIKE:
-        return (f"tp/pp for model_type {spec.family} is not implemented (only {', '.join(LLAMA_LIKE)}); "
-                "plan with --tp 1 --pp 1")
-    if config.pp > 1 and spec.tie_word_embeddings:
-        return "pp > 1 with tied input/output embeddings is not implemented; plan with --pp 1"
     return None
 
 
-def _numerics_reason(workload: Workload, config: ParallelConfig) -> str | None:
-    if workload.precision == "fp8":
-        return "precision fp8 is not implemented by the executor; plan with --precision bf16"
-    if workload.precision == "fp16":
-        return "precision fp16 (it needs a gradient scaler) is not implemented by the executor; plan with --precision bf16"
-    if workload.loss_parallel and config.tp > 1:
-        return ("loss_parallel (cross-entropy on vocabulary shards) is not implemented by the executor, which "
-                "gathers the logits; plan without --loss-parallel")
-    if workload.attention == "fused-softmax":
-        return ("attention fused-softmax describes Megatron-LM's attention; the executor runs transformers' sdpa or "
-                "eager attention; plan with --attention sdpa")
-    if workload.fp32_logits:
-        return ("fp32_logits describes a model that returns fp32 logits (torchtune's); the executor's transformers "
-                "models return them in the compute dtype and upcast in the loss; plan without --fp32-logits")
-    if workload.optimizer_in_backward and (config.dp > 1 or config.pp > 1 or config.num_micro_batches > 1):
-        return ("optimizer_in_backward runs only with dp = pp = 1 and one micro-batch (gradients must be final "
-                "when each parameter's hook fires); plan without --optimizer-in-backward")
-    return None
-
-
-def _method_reason(workload: Workload, config: ParallelConfig, on_cuda: bool) -> str | None:
-    if workload.method == "full":
-        return None
-    if config.tp > 1 or config.pp > 1:
-        return f"{workload.method} with tp or pp > 1 is not implemented by the executor; plan with --tp 1 --pp 1"
-    if workload.method == "qlora":
-        if not has_bitsandbytes():
-            return "qlora needs bitsandbytes (NF4), which is not installed; `pip install bitsandbytes` or use --method lora"
-        if config.zero >= 2:
-            return "qlora with zero 2/3 (FSDP2 over NF4 weights) is not implemented; plan with --zero 0 or 1"
-    return None
-
-
-def _optimizer_reason(workload: Workload, config: ParallelConfig, on_cuda: bool) -> str | None:
-    if workload.optimizer == "adamw8bit":
-        if not has_bitsandbytes():
-            return "adamw8bit needs bitsandbytes, which is not installed; `pip install bitsandbytes` or plan with --optimizer adamw"
-        if config.zero >= 1 or config.tp > 1:
-            return "adamw8bit with zero >= 1 or tp > 1 (sharded states) is not implemented; plan with --zero 0 --tp 1"
-    if config.offload == "optimizer" and on_cuda:
-        return ("offload 'optimizer' (ZeRO-Offload) is not implemented on GPUs by the executor; plan with "
-                "--offload none, or --offload params with --zero 3")
+def _environment_reason(workload: Workload) -> str | None:
+    if workload.method == "qlora" and not has_bitsandbytes():
+        return "qlora needs bitsandbytes (NF4), which is not installed; `pip install bitsandbytes` or use --method lora"
+    if workload.optimizer == "adamw8bit" and not has_bitsandbytes():
+        return "adamw8bit needs bitsandbytes, which is not installed; `pip install bitsandbytes` or plan with --optimizer adamw"
     return None
 
 

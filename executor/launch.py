@@ -5,7 +5,6 @@ each node (the Slurm script is `planner export`'s)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
@@ -15,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from executor.checks import unsupported_reason
+from executor.checks import all_reasons, unsupported_reason
 from executor.options import RunOptions
 from planner.errors import InvalidRequest
-from planner.plan import ParallelConfig, load_plan, typed_plan
+from planner.plan import ParallelConfig, Plan, load_plan, typed_plan
 
 RDZV_PORT = 29500
 
@@ -35,30 +34,34 @@ def worker_command(options: RunOptions, nproc: int, nnodes: int = 1) -> list[str
 
 
 def print_launch(options: RunOptions) -> str:
-    document = load_plan(options.plan)
-    cluster = document["cluster"]
-    per_node = min(cluster["devices_per_node"], cluster["num_devices"])
-    nnodes = cluster["num_nodes"]
+    cluster = load_plan(options.plan).cluster
+    per_node = min(cluster.devices_per_node, cluster.num_devices)
+    nnodes = cluster.num_nodes
     parts = [shlex.quote(p) if "$" not in p else p for p in worker_command(options, per_node, nnodes)]
     head = "# on every node (set NODE_RANK and MASTER_ADDR):" if nnodes > 1 else "# on this node:"
     return f"{head}\nOMP_NUM_THREADS=1 " + " ".join(parts)
 
 
-def runner_up_plans(document: dict) -> list[dict]:
+def dry_run(plan_path: str) -> tuple[int, str]:
+    """`planner train --plan P --dry-run`: every check the executor makes before it launches (the
+    plan file, its layout, the model, method and hardware support), without data or devices.
+    Returns (0, one line) when the plan would run, (2, the reasons) when not."""
+    plan = load_plan(plan_path)
+    reasons = all_reasons(plan)
+    if reasons:
+        return 2, "the plan would not run: " + "; and ".join(reasons)
+    c = plan.config
+    return 0, (f"the plan would run: {plan.model.name} on {plan.num_devices} x {plan.hardware.name}, dp {c.dp} x tp {c.tp} "
+               f"x pp {c.pp}, {c.num_micro_batches} micro-batches of {c.micro_batch_size}, "
+               f"{plan.cluster.num_nodes} node(s)")
+
+
+def runner_up_plans(plan: Plan) -> list[Plan]:
     """The Plan rewritten for each runner-up, best first (same model, cluster and workload)."""
-    plans = []
-    fields = set(ParallelConfig.__dataclass_fields__)
-    ups = document.get("runner_ups") or []
-    for i, candidate in enumerate(ups):
-        plan = copy.deepcopy(document)
-        plan["config"] = {k: v for k, v in candidate["config"].items() if k in fields}
-        plan["prediction"] = candidate
-        plan["runner_ups"] = ups[i + 1:]
-        plans.append(plan)
-    return plans
+    return [plan.with_runner_up(i) for i in range(len(plan.runner_ups))]
 
 
-def preflight(document: dict, options: RunOptions) -> None:
+def preflight(document: Plan, options: RunOptions) -> None:
     """What can be refused before any process starts: the Plan, the devices, the data, the output."""
     from executor.data import load_examples
     from executor.tokenizer import load_tokenizer
@@ -68,7 +71,7 @@ def preflight(document: dict, options: RunOptions) -> None:
     if cluster.num_nodes > 1:
         raise InvalidRequest(f"the plan spans {cluster.num_nodes} nodes; print the launch line with "
                              "--print-launch and start it on every node")
-    processes = str(document["config"]["dp"] * document["config"]["tp"] * document["config"]["pp"])
+    processes = str(document.config.devices)
     saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     os.environ.update(WORLD_SIZE=processes, LOCAL_WORLD_SIZE=processes)  # what torchrun will set
     try:
@@ -98,7 +101,7 @@ def launch(options: RunOptions, fallback: bool = False) -> int:
     attempts = [document] + (runner_up_plans(document) if fallback else [])
     for number, plan in enumerate(attempts):
         spec, _, _, workload, config = typed_plan(plan)
-        if number and unsupported_reason(spec, workload, config, on_cuda=plan["hardware"].get("vendor") != "cpu"):
+        if number and unsupported_reason(spec, workload, config, on_cuda=plan.hardware.vendor != "cpu"):
             print(f"planner train: skipping runner-up {number} ({unsupported_reason(spec, workload, config, True)})",
                   file=sys.stderr)
             continue
@@ -111,16 +114,16 @@ def launch(options: RunOptions, fallback: bool = False) -> int:
     return 1
 
 
-def _attempt(plan: dict, options: RunOptions, resume: bool) -> tuple[str, int]:
+def _attempt(plan: Plan, options: RunOptions, resume: bool) -> tuple[str, int]:
     output = options.output_dir
     plan_path = output / "plan.json"
-    plan_path.write_text(json.dumps(plan, indent=2) + "\n")
+    plan_path.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     for stale in [output / "summary.json", *output.glob("failure-rank-*.json")]:
         stale.unlink(missing_ok=True)
     run_options = RunOptions(**{**options.to_dict(), "plan": str(plan_path), "resume": resume})
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # TORCH-NOTES: one thread per process
-    nproc = plan["config"]["dp"] * plan["config"]["tp"] * plan["config"]["pp"]
+    nproc = plan.config.devices
     log_path = output / "logs" / f"torchrun-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w") as log:  # torchrun's failure reports and the workers' warnings
@@ -139,7 +142,7 @@ def _attempt(plan: dict, options: RunOptions, resume: bool) -> tuple[str, int]:
     return status, 1
 
 
-def _summary_or_compose(plan: dict, options: RunOptions, rc: int) -> dict:
+def _summary_or_compose(plan: Plan, options: RunOptions, rc: int) -> dict:
     """The worker's record, or one composed from metrics.jsonl and the failure notes of the ranks."""
     output = options.output_dir
     path = output / "summary.json"
@@ -159,8 +162,8 @@ def _summary_or_compose(plan: dict, options: RunOptions, rc: int) -> dict:
     failures = [json.loads(p.read_text()) for p in sorted(output.glob("failure-rank-*.json"))]
     oom = next((f for f in failures if f.get("status") == "oom"), None)
     failure = oom or (failures[0] if failures else {"status": "failed", "error": f"workers exited with status {rc}"})
-    device = torch.device("cuda" if plan["hardware"].get("vendor") != "cpu" and torch.cuda.is_available() else "cpu")
-    record = run_record(failure["status"], failure["error"], plan, recorder.measured(),
+    device = torch.device("cuda" if plan.hardware.vendor != "cpu" and torch.cuda.is_available() else "cpu")
+    record = run_record(failure["status"], failure["error"], plan.to_dict(), recorder.measured(),
                         environment(device, config.devices), {"options": options.to_dict()})
     write_json(path, record)
     return record

@@ -2,9 +2,9 @@
 not trace: TORCH-NOTES.md). A stage holds a run of decoder layers, the first also the embedding,
 the last also the final norm and LM head; it calls each layer as LlamaModel does.
 
-Layers per stage mirror the planner (planner/cost/context.py `stage_layout`): stages 1..rest get
-one extra layer, never the first. With vpp > 1 each rank holds vpp chunks of equal size, chunk c
-of rank r being virtual stage c * pp + r (the "looped" order ScheduleInterleaved1F1B expects).
+Layers per stage are the Plan's (planner/layout.py stage_layers): stages 1..rest get one extra
+layer, never the first. With vpp > 1 each rank holds vpp chunks of equal size, chunk c of rank r
+being virtual stage c * pp + r (the "looped" order ScheduleInterleaved1F1B expects).
 
 Parameter names stay those of the transformers model (model.layers.7.self_attn.q_proj.weight, ...)
 because every stage's modules live at their original paths inside a per-rank container.
@@ -18,18 +18,13 @@ import torch
 from torch import nn
 
 from executor.model import unwrap
+from planner.layout import stage_layers
 
 
 def layers_per_stage(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
-    """Layer indices of each virtual stage, in stage order."""
-    stages = pp * vpp
-    if vpp > 1:
-        size = num_layers // stages
-        return [list(range(s * size, (s + 1) * size)) for s in range(stages)]
-    base, rest = divmod(num_layers, pp)
-    counts = [base + (1 if 1 <= i <= rest else 0) for i in range(pp)]
-    starts = [sum(counts[:i]) for i in range(pp)]
-    return [list(range(start, start + count)) for start, count in zip(starts, counts)]
+    """Layer indices of each virtual stage, in stage order: the Plan's layout (planner/layout.py
+    stage_layers, the one definition; a Plan file whose written stages differ is refused on load)."""
+    return stage_layers(num_layers, pp, vpp)
 
 
 def stage_indices(pp_rank: int, pp: int, vpp: int) -> list[int]:

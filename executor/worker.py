@@ -19,7 +19,7 @@ from executor.checks import check_device, check_supported, check_world, plan_not
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
 from planner.errors import InvalidRequest, PlannerError
-from planner.plan import load_plan, typed_plan
+from planner.plan import Plan, load_plan, typed_plan
 
 EXIT_REFUSED, EXIT_FAILED, EXIT_OOM = 2, 1, 75
 
@@ -48,11 +48,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def uses_cuda(document: dict) -> bool:
-    return document["hardware"].get("vendor") != "cpu"
+def uses_cuda(plan: Plan) -> bool:
+    return plan.hardware.vendor != "cpu"
 
 
-def check_environment(document: dict, on_cuda: bool) -> None:
+def check_environment(document: Plan, on_cuda: bool) -> None:
     spec, hardware, cluster, workload, config = typed_plan(document)
     check_supported(spec, workload, config, on_cuda)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,7 +66,7 @@ def check_environment(document: dict, on_cuda: bool) -> None:
                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def train(document: dict, options: RunOptions, device: torch.device, recorder: Recorder) -> dict:
+def train(document: Plan, options: RunOptions, device: torch.device, recorder: Recorder) -> dict:
     from executor.mesh import build_topology
     from executor.save import save_final
     from executor.setup import prepare, should_compile
@@ -81,7 +81,7 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
     topo = build_topology(config, device)
     prepared = prepare(spec, workload, config, topo, device, options)
     trainer = Trainer(spec, workload, config, topo, device, options, prepared, recorder)
-    trainer.run(document["config"])
+    trainer.run(document.config.to_dict())
     if options.save_final:
         save_final(options.output_dir / "final", prepared, spec, workload, topo)
     return {"data": trainer.data_report.to_dict(), "parameters": prepared.parameters,
@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
     if rank == 0:
-        record = run_record(status, error, document, recorder.measured(), environment(device, config.devices),
+        record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, config.devices),
                             {"options": options.to_dict(), **extra})
         write_json(output / "summary.json", record)
         if status == "finished":
-            print("\n".join(["Predicted vs measured:"] + comparison_lines(document, record["measured"])))
+            print("\n".join(["Predicted vs measured:"] + comparison_lines(document.to_dict(), record["measured"])))
     if code == 0:
         dist.destroy_process_group()
     return code

@@ -21,7 +21,7 @@ from planner.explain import explain_runner_ups, seed_summary, ways_out
 from planner.graph import count_params
 from planner.hardware import FLAVOR_DEVICE, flavor_devices, load_hardware, make_cluster, presets
 from planner.models import catalog, load_model
-from planner.capabilities import rules_for, runnable_reason
+from planner.capabilities import on_gpu, rules_for, runnable_reason
 from planner.plan import ParallelConfig, Plan, check_config
 from planner.profile import load_profile
 from planner.search import Pins, SearchResult, search
@@ -105,7 +105,7 @@ def resolve(request: Request) -> Resolved:
     if workload.global_batch is None:
         workload = replace(workload, global_batch=cluster.num_devices)
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
-    rules_for(request.target, hardware)  # an unknown --target is a one-line error
+    rules_for(request.target, on_gpu(hardware))  # an unknown --target is a one-line error
     profile = load_profile(request.calibration)
     if request.memory_margin is not None and not 0 <= request.memory_margin < 1:
         raise InvalidRequest(f"--memory-margin must be a fraction in [0, 1), got {request.memory_margin}")

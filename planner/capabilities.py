@@ -132,19 +132,23 @@ FORMAT_TARGETS = {"torchrun": "executor", "slurm": "executor", "deepspeed": "dee
                   "accelerate": "accelerate", "torchtitan": "torchtitan", "megatron": "megatron"}
 
 
-def _hardware_rules(target: str, hardware: Hardware) -> tuple[Rule, ...]:
+def _device_rules(target: str, on_gpu: bool) -> tuple[Rule, ...]:
     """Rules that depend on the device kind: the executor offloads the optimizer only on CPU runs,
     where device memory is host memory and nothing moves."""
-    if target == "executor" and hardware.vendor != "cpu":
+    if target == "executor" and on_gpu:
         return (Rule("the executor has no ZeRO-Offload on GPUs", lambda c, s, w: c.offload == _OPT,
                      fix="--offload none, or --offload params with --zero 3"),)
     return ()
 
 
-def rules_for(target: str, hardware: Hardware) -> tuple[Rule, ...]:
+def on_gpu(hardware: Hardware) -> bool:
+    return hardware.vendor != "cpu"
+
+
+def rules_for(target: str, gpu: bool) -> tuple[Rule, ...]:
     if target not in TARGETS:
         raise InvalidRequest(f"--target must be one of {', '.join(TARGETS)}; got {target!r}")
-    return TARGETS[target] + _hardware_rules(target, hardware)
+    return TARGETS[target] + _device_rules(target, gpu)
 
 
 def not_runnable(target: str, candidates: Candidates, spec: ModelSpec, workload: Workload,
@@ -152,13 +156,15 @@ def not_runnable(target: str, candidates: Candidates, spec: ModelSpec, workload:
     """(reason, fix, mask) per rule of `target` over the candidates; reasons read
     'not runnable by T: <why>'."""
     return [(f"not runnable by {target}: {rule.reason}", rule.fix, mask)
-            for rule, mask in rule_masks(rules_for(target, hardware), candidates, spec, workload)]
+            for rule, mask in rule_masks(rules_for(target, on_gpu(hardware)), candidates, spec, workload)]
 
 
 def runnable_reason(target: str, config: ParallelConfig, spec: ModelSpec, workload: Workload,
-                    hardware: Hardware) -> str | None:
-    """Why `target` cannot run this configuration as planned (with what to change), or None."""
-    rule = first_broken(rules_for(target, hardware), config, spec, workload)
+                    hardware: Hardware | None = None, gpu: bool | None = None) -> str | None:
+    """Why `target` cannot run this configuration as planned (with what to change), or None.
+    The device kind comes from `hardware`, or `gpu` when the caller knows where it runs."""
+    gpu = on_gpu(hardware) if gpu is None else gpu
+    rule = first_broken(rules_for(target, gpu), config, spec, workload)
     if rule is None:
         return None
     return f"not runnable by {target}: {rule.reason}; plan with {rule.fix}" if rule.fix else \

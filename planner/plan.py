@@ -119,6 +119,12 @@ class Plan:
         return plan
 
 
+def is_plan_format(value: Any) -> bool:
+    """A plan format this planner reads (this version or an older one)."""
+    match = _FORMAT_RE.match(value) if isinstance(value, str) else None
+    return bool(match) and int(match.group(1)) <= PLAN_VERSION
+
+
 def _check_format(value: Any, where: str) -> None:
     match = _FORMAT_RE.match(value) if isinstance(value, str) else None
     if not match:

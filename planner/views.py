@@ -106,7 +106,7 @@ def what_fits_page(fields: dict[str, Any], config_text: str | None = None) -> di
         return page
     best = result["candidates"][0]
     plan = make_plan(request, best, runner_ups=result["candidates"][1:])
-    page.update(result=result, verdict=verdict(best), summary=result["summary"], plan=plan,
+    page.update(result=result, verdict=verdict(best), summary=result["summary"], plan=plan.to_dict(),
                 memory=memory_rows(result["candidates"]), candidates=candidate_rows(result["candidates"]),
                 rejected=rejected_rows(result), launch=export_plan(plan, "torchrun").text)
     return page

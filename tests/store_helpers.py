@@ -19,7 +19,7 @@ TINY_CONFIG = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=4, num_micro_bat
 
 @cache
 def _plan_json() -> str:
-    return json.dumps(api.make_plan(TINY_REQUEST, api.predict(TINY_REQUEST, TINY_CONFIG)))
+    return json.dumps(api.make_plan(TINY_REQUEST, api.predict(TINY_REQUEST, TINY_CONFIG)).to_dict())
 
 
 def executor_record(run_id: str, tokens_per_s: float = 1500.0, status: str = "finished") -> dict[str, Any]:

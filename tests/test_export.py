@@ -1,11 +1,11 @@
-"""Exports: each output loads with its format's own parser (json, yaml, tomllib, torchrun's and
-accelerate's argparse) and names the plan's degrees; the keys are the engines' real ones."""
+"""Exports: each output loads with its format's own parser (json, yaml, Python's compile, torchrun's
+and accelerate's argparse) and names the plan's degrees; the keys are the engines' real ones; what
+an engine cannot run is refused with the capability table's words."""
 
 import json
 import shlex
 import shutil
 import subprocess
-import tomllib
 
 import pytest
 import yaml
@@ -13,7 +13,7 @@ import yaml
 from planner.api import Request, make_plan, suggest
 from planner.errors import InvalidRequest
 from planner.export import FORMATS, LaunchOptions, export_plan
-from planner.plan import save_plan
+from planner.plan import ParallelConfig, save_plan
 from planner.search import Pins
 
 # DeepSpeed config keys: https://www.deepspeed.ai/docs/config-json/ ("Batch Size related parameters",
@@ -26,36 +26,39 @@ DEEPSPEED_ZERO = {"stage", "offload_optimizer", "offload_param", "overlap_comm",
                   "reduce_bucket_size", "allgather_bucket_size"}
 DEEPSPEED_OFFLOAD = {"device", "pin_memory", "nvme_path", "buffer_count"}
 
-# torchtitan job config keys: torchtitan v0.2.2 torchtitan/config/job_config.py (dataclasses Job, Model,
-# Optimizer, Training, Parallelism, ActivationCheckpoint), https://github.com/pytorch/torchtitan/blob/v0.2.2/
-TORCHTITAN = {
-    "job": {"config_file", "dump_folder", "description", "print_config"},
-    "model": {"name", "flavor", "hf_assets_path", "converters"},
-    "optimizer": {"name", "lr", "beta1", "beta2", "eps", "weight_decay", "implementation"},
-    "training": {"dataset", "local_batch_size", "global_batch_size", "seq_len", "max_norm", "steps",
-                 "enable_cpu_offload", "dtype", "mixed_precision_param", "mixed_precision_reduce"},
+# torchtitan 0.3.0 dataclass fields (torchtitan/config/configs.py TrainingConfig, ParallelismConfig,
+# CompileConfig), https://github.com/pytorch/torchtitan/tree/v0.3.0
+TORCHTITAN_FIELDS = {
+    "training": {"local_batch_size", "global_batch_size", "seq_len", "steps", "enable_cpu_offload",
+                 "mixed_precision_param", "mixed_precision_reduce", "max_norm", "dataset"},
     "parallelism": {"data_parallel_replicate_degree", "data_parallel_shard_degree", "fsdp_reshard_after_forward",
-                    "tensor_parallel_degree", "pipeline_parallel_degree", "pipeline_parallel_schedule",
-                    "pipeline_parallel_microbatch_size", "pipeline_parallel_layers_per_stage",
-                    "context_parallel_degree", "expert_parallel_degree"},
-    "activation_checkpoint": {"mode", "selective_ac_option"},
+                    "tensor_parallel_degree", "enable_sequence_parallel", "pipeline_parallel_degree",
+                    "module_fqns_per_model_part", "pipeline_parallel_schedule", "pipeline_parallel_microbatch_size",
+                    "pipeline_parallel_layers_per_stage", "context_parallel_degree"},
+    "compile": {"enable", "components", "enable_async_tensor_parallel"},
 }
 
 
-def plan_for(pins: Pins, model="llama3-8b", gpus=16, global_batch=64, **workload) -> dict:
-    request = Request(model=model, gpu="h100-sxm-80gb", gpus=gpus, seq_len=4096, global_batch=global_batch, **workload)
+def plan_for(pins: Pins, model="llama3-8b", gpus=16, global_batch=64, target="executor", **workload):
+    request = Request(model=model, gpu="h100-sxm-80gb", gpus=gpus, seq_len=4096, global_batch=global_batch,
+                      target=target, **workload)
     best = suggest(request, pins, top=1)["candidates"][0]
     return make_plan(request, best)
 
 
 @pytest.fixture(scope="module")
 def tp_plan():
-    return plan_for(Pins(tp=2, pp=1, zero=3, offload="none", recompute="full"))
+    return plan_for(Pins(tp=2, pp=1, zero=3, offload="none", recompute="full", sequence_parallel=False))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_tp_plan():
+    return plan_for(Pins(tp=2, pp=1, zero=2, offload="none", recompute="full"), target="deepspeed")
 
 
 @pytest.fixture(scope="module")
 def pp_plan():
-    return plan_for(Pins(tp=1, pp=2, zero=1, offload="none"))
+    return plan_for(Pins(tp=1, pp=2, zero=1, offload="none"), target="deepspeed")
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,8 @@ def test_torchrun_line_parses_with_torchrun(three_d_plan):
     text = export_plan(three_d_plan, "torchrun", LaunchOptions(plan_path="p.json", steps=50)).text
     line = [l for l in text.splitlines() if l.startswith("torchrun")][0]
     args = torchrun_args(line)
-    cluster = three_d_plan["cluster"]
-    assert (args.nnodes, int(args.nproc_per_node)) == (str(cluster["num_nodes"]), cluster["devices_per_node"])
+    cluster = three_d_plan.cluster
+    assert (args.nnodes, int(args.nproc_per_node)) == (str(cluster.num_nodes), cluster.devices_per_node)
     assert args.rdzv_backend == "c10d" and args.rdzv_endpoint.endswith(":29500") and "MASTER_ADDR" in args.rdzv_endpoint
     assert args.module and args.training_script == "executor.train"
     assert args.training_script_args == ["--plan", "p.json", "--data", "$DATA", "--output", "runs/llm-planner",
@@ -84,25 +87,25 @@ def test_torchrun_line_parses_with_torchrun(three_d_plan):
     assert "dp 4, tp 2, pp 2" in text  # the comment names the plan's degrees
 
 
-def test_deepspeed_json_batch_arithmetic_and_keys(tp_plan):
-    config = json.loads(export_plan(tp_plan, "deepspeed").text)
-    cfg, workload = tp_plan["config"], tp_plan["workload"]
+def test_deepspeed_json_batch_arithmetic_and_keys(deepspeed_tp_plan):
+    config = json.loads(export_plan(deepspeed_tp_plan, "deepspeed").text)
+    cfg, workload = deepspeed_tp_plan.config, deepspeed_tp_plan.workload
     assert set(config) <= DEEPSPEED_TOP and set(config["zero_optimization"]) <= DEEPSPEED_ZERO
-    assert config["train_micro_batch_size_per_gpu"] == cfg["micro_batch_size"]
-    assert config["gradient_accumulation_steps"] == cfg["num_micro_batches"]
+    assert config["train_micro_batch_size_per_gpu"] == cfg.micro_batch_size
+    assert config["gradient_accumulation_steps"] == cfg.num_micro_batches
     # DeepSpeed's own check: train_batch_size = micro x accumulation x data-parallel world size
-    assert config["train_batch_size"] == cfg["micro_batch_size"] * cfg["num_micro_batches"] * cfg["dp"] == workload["global_batch"]
-    assert config["zero_optimization"]["stage"] == cfg["zero"] == 3
+    assert config["train_batch_size"] == cfg.micro_batch_size * cfg.num_micro_batches * cfg.dp == workload.global_batch
+    assert config["zero_optimization"]["stage"] == cfg.zero == 2
     assert config["tensor_parallel"] == {"autotp_size": 2}
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
 
 
 def test_deepspeed_offload_sections():
-    plan = plan_for(Pins(tp=1, pp=1, zero=3, offload="params"), gpus=8, global_batch=8)
+    plan = plan_for(Pins(tp=1, pp=1, zero=3, offload="params"), gpus=8, global_batch=8, target="deepspeed")
     zero = json.loads(export_plan(plan, "deepspeed").text)["zero_optimization"]
     assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
     assert set(zero["offload_param"]) <= DEEPSPEED_OFFLOAD
-    plan = plan_for(Pins(tp=1, pp=1, zero=2, offload="optimizer"), gpus=8, global_batch=8)
+    plan = plan_for(Pins(tp=1, pp=1, zero=2, offload="optimizer"), gpus=8, global_batch=8, target="deepspeed")
     zero = json.loads(export_plan(plan, "deepspeed").text)["zero_optimization"]
     assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
 
@@ -127,8 +130,8 @@ def test_accelerate_yaml_loads_with_accelerate(tp_plan, tmp_path):
     nested = {**doc["fsdp_config"], **doc["parallelism_config"]}
     assert set(nested) <= options, set(nested) - options
     p = doc["parallelism_config"]
-    assert p["parallelism_config_tp_size"] == tp_plan["config"]["tp"] == 2
-    assert p["parallelism_config_dp_shard_size"] * p["parallelism_config_dp_replicate_size"] == tp_plan["config"]["dp"]
+    assert p["parallelism_config_tp_size"] == tp_plan.config.tp == 2
+    assert p["parallelism_config_dp_shard_size"] * p["parallelism_config_dp_replicate_size"] == tp_plan.config.dp
     assert doc["fsdp_config"]["fsdp_reshard_after_forward"] is True  # zero 3
     assert doc["fsdp_config"]["fsdp_activation_checkpointing"] is True  # recompute full
     assert doc["mixed_precision"] == "bf16"
@@ -140,29 +143,78 @@ def test_accelerate_ddp_when_nothing_is_sharded():
     assert doc["distributed_type"] == "MULTI_GPU" and "fsdp_config" not in doc and doc["num_processes"] == 2
 
 
-def test_torchtitan_toml_keys_and_degrees(three_d_plan):
-    doc = tomllib.loads(export_plan(three_d_plan, "torchtitan", LaunchOptions(steps=7)).text)
-    for section, keys in doc.items():
-        assert set(keys) <= TORCHTITAN[section], (section, set(keys) - TORCHTITAN[section])
-    par, cfg = doc["parallelism"], three_d_plan["config"]
+def torchtitan_settings(plan, steps=None):
+    """The exported module compiles, and the settings it passes are torchtitan 0.3 fields."""
+    from planner.export import _Plan
+    from planner.export_engines import torchtitan_settings as settings
+
+    text = export_plan(plan, "torchtitan", LaunchOptions(steps=steps)).text
+    compile(text, "job.py", "exec")  # valid Python: torchtitan imports it with --module
+    values = settings(_Plan(plan), LaunchOptions(steps=steps))
+    for section, keys in values.items():
+        assert set(keys) <= TORCHTITAN_FIELDS[section], (section, set(keys) - TORCHTITAN_FIELDS[section])
+        assert f"ParallelismConfig(**{values['parallelism']!r})" in text
+    return text, values
+
+
+def torchtitan_virtual_stages(parts: list[list[str]], num_layers: int, pp: int, schedule: str) -> int:
+    """torchtitan 0.3.0's checks of an explicit split (torchtitan/distributed/pipeline_parallel.py
+    pipeline_llm / _get_pipeline_metadata): every layer once, in order, the parts a multiple of pp;
+    a single-stage schedule (1F1B) needs one part per rank, a looped one (Interleaved1F1B) two or more."""
+    layers = [m for part in parts for m in part if m.startswith("layers.")]
+    assert layers == [f"layers.{i}" for i in range(num_layers)]
+    assert parts[0][0] == "tok_embeddings" and parts[-1][-2:] == ["norm", "lm_head"]
+    assert len(parts) % pp == 0
+    per_rank = len(parts) // pp
+    assert per_rank == 1 if schedule == "1F1B" else per_rank >= 2
+    return len(parts)
+
+
+def test_torchtitan_module_degrees_and_batches(three_d_plan):
+    text, values = torchtitan_settings(three_d_plan, steps=7)
+    par, cfg, training = values["parallelism"], three_d_plan.config, values["training"]
     assert par["tensor_parallel_degree"] == 2 and par["pipeline_parallel_degree"] == 2
-    assert par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"] == cfg["dp"]
-    devices = (par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"]
-               * par["tensor_parallel_degree"] * par["pipeline_parallel_degree"])
-    assert devices == three_d_plan["cluster"]["num_devices"]
-    assert par["pipeline_parallel_microbatch_size"] == cfg["micro_batch_size"]
+    assert par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"] == cfg.dp
+    assert par["pipeline_parallel_microbatch_size"] == cfg.micro_batch_size
     # with pipelining, torchtitan splits the local batch into local / microbatch micro-batches
-    assert doc["training"]["local_batch_size"] // par["pipeline_parallel_microbatch_size"] == cfg["num_micro_batches"]
-    assert doc["training"]["global_batch_size"] == three_d_plan["workload"]["global_batch"]
-    assert doc["model"] == {"name": "llama3", "flavor": "8B"} and doc["training"]["steps"] == 7
-    assert doc["activation_checkpoint"]["mode"] == cfg["recompute"]
+    assert training["local_batch_size"] // par["pipeline_parallel_microbatch_size"] == cfg.num_micro_batches
+    assert training["global_batch_size"] == three_d_plan.workload.global_batch and training["steps"] == 7
+    assert "llama3_8b()" in text and f"{cfg.recompute.capitalize()}AC" in text or cfg.recompute == "none"
+    torchtitan_virtual_stages(par["module_fqns_per_model_part"], 32, cfg.pp, par["pipeline_parallel_schedule"])
+
+
+def test_torchtitan_interleaved_pipeline_is_one_torchtitan_builds():
+    """llama3-70b pp 8 vpp 2: the old TOML said pipeline_parallel_layers_per_stage = 5, from which
+    torchtitan counts ceil((80 + 1 + 1) / 5) = 17 virtual stages, not divisible by 8; the plan's own
+    split is now written out, 16 parts of 5 layers."""
+    plan = plan_for(Pins(tp=8, pp=8, vpp=2, zero=1), model="llama3-70b", gpus=64, global_batch=512,
+                    target="torchtitan")
+    _, values = torchtitan_settings(plan)
+    par = values["parallelism"]
+    assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
+    assert torchtitan_virtual_stages(par["module_fqns_per_model_part"], 80, 8, "Interleaved1F1B") == 16
+    assert [len(p) for p in par["module_fqns_per_model_part"]][1:-1] == [5] * 14
 
 
 def test_torchtitan_gradient_accumulation_without_pipeline(tp_plan):
-    doc = tomllib.loads(export_plan(tp_plan, "torchtitan").text)
-    cfg, training = tp_plan["config"], doc["training"]
+    _, values = torchtitan_settings(tp_plan)
+    cfg, training = tp_plan.config, values["training"]
     # torchtitan accumulates global / (local x dp) micro-batches when pp = 1
-    assert training["global_batch_size"] // (training["local_batch_size"] * cfg["dp"]) == cfg["num_micro_batches"]
+    assert training["global_batch_size"] // (training["local_batch_size"] * cfg.dp) == cfg.num_micro_batches
+
+
+def test_megatron_arguments_parse_as_megatron_names_them(three_d_plan):
+    from planner.export import _Plan
+    from planner.export_engines import megatron_arguments
+
+    plan = plan_for(Pins(tp=2, pp=2, zero=1, sequence_parallel=True), target="megatron")
+    args = megatron_arguments(_Plan(plan), LaunchOptions(steps=10))
+    values = dict(zip(args, args[1:]))
+    assert values["--tensor-model-parallel-size"] == "2" and values["--pipeline-model-parallel-size"] == "2"
+    assert values["--num-query-groups"] == "8" and "--sequence-parallel" in args and "--use-distributed-optimizer" in args
+    assert int(values["--global-batch-size"]) == plan.workload.global_batch
+    text = export_plan(plan, "megatron").text
+    assert subprocess.run([shutil.which("bash"), "-n"], input=text, text=True).returncode == 0
 
 
 def test_slurm_script_is_valid_bash_and_launches_the_plan(three_d_plan):
@@ -171,23 +223,38 @@ def test_slurm_script_is_valid_bash_and_launches_the_plan(three_d_plan):
     assert subprocess.run([bash, "-n"], input=text, text=True).returncode == 0
     directives = dict((l.split(" ", 1)[1].lstrip("-").split("=", 1) + [""])[:2]
                       for l in text.splitlines() if l.startswith("#SBATCH"))
-    assert int(directives["nodes"]) == three_d_plan["cluster"]["num_nodes"]
-    assert int(directives["gpus-per-node"]) == three_d_plan["cluster"]["devices_per_node"]
+    assert int(directives["nodes"]) == three_d_plan.cluster.num_nodes
+    assert int(directives["gpus-per-node"]) == three_d_plan.cluster.devices_per_node
     days, clock = directives["time"].split("-")
     hours, minutes, _ = map(int, clock.split(":"))
-    predicted_s = three_d_plan["prediction"]["time"]["step_s"] * 1000
+    predicted_s = three_d_plan.prediction["time"]["step_s"] * 1000
     assert (int(days) * 24 + hours) * 3600 + minutes * 60 >= predicted_s  # never below the prediction
     srun = [l for l in text.splitlines() if l.startswith("srun ")][0]
     args = torchrun_args(srun.removeprefix("srun "))
     assert args.nnodes == "$SLURM_NNODES" and args.training_script == "executor.train"
 
 
-@pytest.mark.parametrize("fmt,words", [("accelerate", "pipeline"), ("torchtitan", "optimizer alone"),
-                                       ("deepspeed", "pipeline engine")])
+@pytest.mark.parametrize("fmt,words", [("accelerate", "not runnable by accelerate: .*pipeline"),
+                                       ("deepspeed", "not runnable by deepspeed: .*pipeline engine"),
+                                       ("megatron", "not runnable by megatron: .*optimizer states"),
+                                       ("torchrun", "not runnable by executor: .*ZeRO-Offload")])
 def test_refuses_what_the_engine_cannot_run(fmt, words):
-    plan = plan_for(Pins(tp=2, pp=2, zero=3, offload="optimizer"))
+    """A plan made for no engine in particular (ZeRO-3 + optimizer offload with tp and pp)."""
+    request = Request(model="llama3-8b", gpu="h100-sxm-80gb", gpus=16, seq_len=4096, global_batch=64)
+    config = ParallelConfig(dp=4, tp=2, pp=2, micro_batch_size=1, num_micro_batches=16, zero=3, offload="optimizer")
+    plan = make_plan(request, {"config": config.to_dict()})
     with pytest.raises(InvalidRequest, match=words):
         export_plan(plan, fmt)
+
+
+@pytest.mark.parametrize("target", ["executor", "deepspeed", "accelerate", "torchtitan", "megatron"])
+def test_what_suggest_ranks_for_a_target_its_export_accepts(target):
+    """suggest --target T ranks only what T runs: each of the five best exports without refusal."""
+    fmt = {"executor": "torchrun"}.get(target, target)
+    for model, gpus, batch in (("llama3-70b", 64, 512), ("llama3-8b", 16, 64)):
+        request = Request(model=model, gpu="h100-sxm-80gb", gpus=gpus, seq_len=4096, global_batch=batch, target=target)
+        for candidate in suggest(request, top=5)["candidates"]:
+            export_plan(make_plan(request, candidate), fmt)
 
 
 def test_torchtitan_refuses_models_it_has_no_code_for():
@@ -199,10 +266,9 @@ def test_torchtitan_refuses_models_it_has_no_code_for():
 def test_cli_writes_every_format(cli, tmp_path, tp_plan):
     path = tmp_path / "plan.json"
     save_plan(str(path), tp_plan)
-    expected = {"torchrun": "--nnodes=2 --nproc-per-node=8", "deepspeed": '"autotp_size": 2',
-                "accelerate": "parallelism_config_tp_size: 2", "torchtitan": "tensor_parallel_degree = 2",
-                "slurm": "#SBATCH --nodes=2"}
-    assert set(expected) == set(FORMATS)
+    expected = {"torchrun": "--nnodes=2 --nproc-per-node=8", "accelerate": "parallelism_config_tp_size: 2",
+                "torchtitan": "'tensor_parallel_degree': 2", "slurm": "#SBATCH --nodes=2"}
+    assert set(expected) | {"deepspeed", "megatron"} == set(FORMATS)
     for fmt, text in expected.items():
         proc = cli("export", str(path), "--format", fmt)
         assert proc.returncode == 0, proc.stderr
@@ -214,6 +280,7 @@ def test_cli_errors_are_one_line(cli, tmp_path):
     bad.write_text("{}")
     proc = cli("export", str(bad), "--format", "deepspeed")
     assert proc.returncode == 2 and "not a plan" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
     proc = cli("export", str(tmp_path / "missing.json"), "--format", "slurm")
     assert proc.returncode == 2 and "cannot read plan" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -13,7 +13,10 @@ from planner.commands.common import positive_int, positive_number
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("plan", metavar="PLAN", help="a Plan JSON written by `planner suggest --save-plan`")
-    parser.add_argument("--format", required=True, choices=("torchrun", "deepspeed", "accelerate", "torchtitan", "slurm"))
+    parser.add_argument("--format", required=True,
+                        choices=("torchrun", "deepspeed", "accelerate", "torchtitan", "megatron", "slurm"),
+                        help="torchtitan: a torchtitan 0.3 configuration module (--module/--config); "
+                             "megatron: Megatron-LM's pretrain_gpt.py arguments")
     parser.add_argument("--data", default="$DATA", help="training data for the launch line (default: the shell's $DATA)")
     parser.add_argument("--steps", type=positive_int, help="optimizer steps (also sets Slurm's --time from the prediction)")
     parser.add_argument("--run-dir", help="output folder of the run (default runs/<model>)")
@@ -27,14 +30,16 @@ def run(args: argparse.Namespace) -> int:
     from planner.export import LaunchOptions, export_plan
     from planner.plan import load_plan
 
-    document = load_plan(args.plan)
-    model = str(document["model"].get("name", "model")).replace("/", "-")
+    plan = load_plan(args.plan)
+    model = plan.model.name.replace("/", "-")
     options = LaunchOptions(plan_path=args.plan, data=args.data, output=args.run_dir or f"runs/{model}",
                             steps=args.steps, port=args.port,
                             time_limit_s=None if args.time_limit_hours is None else args.time_limit_hours * 3600)
-    result = export_plan(document, args.format, options)
+    result = export_plan(plan, args.format, options)
     if args.output_file:
         target = Path(args.output_file).expanduser()
+        if target.is_dir():
+            raise InvalidRequest(f"cannot write {args.output_file}: it is a folder; give a file name")
         if not target.parent.exists():
             raise InvalidRequest(f"cannot write {args.output_file}: folder {target.parent} does not exist")
         target.write_text(result.text)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from planner.commands.common import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--plan", required=True, help="a Plan JSON from `planner suggest/predict --save-plan`")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every check the executor makes before launching (no data or devices needed): "
+                             "exit 0 if the plan would run, 2 with the reasons if not")
+    parser.add_argument("--data",
                         help="Alpaca-style (instruction/input/output) or ShareGPT-style (conversations) JSON or JSONL")
-    parser.add_argument("--steps", type=positive_int, required=True, help="optimizer steps to reach")
-    parser.add_argument("--output", required=True, help="run folder: metrics.jsonl, summary.json, checkpoints/, final/")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps to reach")
+    parser.add_argument("--output", help="run folder: metrics.jsonl, summary.json, checkpoints/, final/")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output")
     parser.add_argument("--checkpoint-every", type=positive_int, default=0, metavar="K", help="checkpoint every K steps")
     parser.add_argument("--eval-every", type=positive_int, default=0, metavar="K", help="evaluate every K steps on --eval-data")
@@ -38,9 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from executor.launch import launch, print_launch
+    from executor.launch import dry_run, launch, print_launch
     from executor.options import RunOptions
     from planner.errors import InvalidRequest
+
+    if args.dry_run:
+        code, message = dry_run(args.plan)
+        print(f"planner train: {message}", file=sys.stdout if code == 0 else sys.stderr)
+        return code
+    missing = [f"--{name}" for name in ("data", "steps", "output") if getattr(args, name) is None]
+    if missing:
+        raise InvalidRequest(f"the following arguments are required to train: {', '.join(missing)} "
+                             "(or --dry-run to check the plan only)")
 
     if not 0 <= args.max_bad_fraction <= 1:
         raise InvalidRequest(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
