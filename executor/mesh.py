@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from planner.layout import RANK_ORDER
 from planner.plan import ParallelConfig
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = RANK_ORDER  # the Plan's rank order (planner/layout.py), outermost first
 
 
 @dataclass(frozen=True)

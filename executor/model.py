@@ -14,24 +14,25 @@ from torch import nn
 
 from executor.loss import chunked_causal_lm_loss
 from planner.errors import InvalidRequest
+from planner.layout import dtypes_for
 from planner.specs import ModelSpec, Workload
 
 LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj"}
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compute_dtype(workload: Workload) -> torch.dtype:
-    return DTYPES.get(workload.precision, torch.float32)
+    """The Plan's compute dtype (planner/layout.py dtypes_for, written into the Plan as `dtypes`)."""
+    return getattr(torch, dtypes_for(workload).compute)
 
 
 def param_dtype(workload: Workload) -> torch.dtype:
-    """fp32 master weights, or bf16 for everything (master_dtype bf16); a frozen LoRA base is
-    stored in the compute dtype (planner/cost/memory.py: frozen = compute bytes)."""
-    if workload.master_dtype == "bf16" or workload.method != "full":
-        return compute_dtype(workload)
-    return torch.float32
+    """What the model is built in: the trained weights' dtype for full training (fp32 master
+    weights, or the compute dtype with bf16 masters); a frozen LoRA / QLoRA base is stored in the
+    compute dtype (planner/cost/memory.py: frozen = compute bytes) and its adapters made fp32 by peft."""
+    dtypes = dtypes_for(workload)
+    return getattr(torch, dtypes.trained if workload.method == "full" else dtypes.compute)
 
 
 def hf_config(spec: ModelSpec, workload: Workload):

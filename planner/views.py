@@ -28,6 +28,8 @@ def request_from(fields: dict[str, Any], config_text: str | None = None) -> Requ
     """A Request from the page's widget values; `config_text` is an uploaded config.json."""
     values = {k: fields[k] for k in REQUEST_FIELDS if k in fields}
     values["lora_targets"] = tuple(values.get("lora_targets") or ())
+    if not values["lora_targets"] and values.get("method", "full") == "full":
+        del values["lora_targets"]  # full training: the Workload's default (unused) targets
     if config_text is not None:
         try:
             config = json.loads(config_text)

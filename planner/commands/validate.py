@@ -10,7 +10,9 @@ from planner.commands.common import print_json
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--cases", help="a cases JSON (validation/cases.json format); default: the shipped copy")
     if name == "validate":
-        parser.add_argument("--store", help="validate on the runs of this run store instead of cases")
+        parser.add_argument("--store", nargs="?", const="", metavar="DB",
+                            help="validate on the runs of a run store instead of the cases (no DB: $PLANNER_STORE "
+                                 "or ~/.local/share/llm-planner/runs.sqlite)")
         parser.add_argument("--calibration", help="a calibration profile JSON instead of the shipped default")
         parser.add_argument("--all", action="store_true", help="also list excluded cases and why")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -21,9 +23,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "check":
         return _check(load_cases(args.cases), args)
-    if args.store:
+    if args.store is not None:
         from calibration.fit import load_measurements
-        cases = load_measurements(store=args.store)
+        from calibration.store import default_store_path
+
+        cases = load_measurements(store=str(args.store or default_store_path()))
     else:
         cases = load_cases(args.cases)
     from calibration.validate import validate
