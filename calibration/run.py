@@ -141,9 +141,8 @@ class Run:
         if self.spec is None or self.hardware is None or self.workload is None:
             reason = self.excluded or "no model or workload"
             raise InvalidRequest(f"run {self.run_id} is not fully described ({reason})")
-        workload = {f.name: getattr(self.workload, f.name) for f in fields(Workload)}
         return Request(model=self.spec, gpu=self.hardware, gpus=self.num_devices,
-                       gpus_per_node=self.devices_per_node, calibration=calibration, **workload)
+                       gpus_per_node=self.devices_per_node, calibration=calibration, workload=self.workload)
 
     def predicted(self, *path: str) -> Any:
         """A value of the stored prediction, e.g. predicted("time", "tokens_per_s_per_device")."""

@@ -37,14 +37,8 @@ class Row:
 
 
 def request_for(case: Case, calibration: str | None = None) -> Request:
-    w = case.workload
     return Request(model=case.spec, gpu=case.hardware, gpus=case.devices, gpus_per_node=case.devices_per_node,
-                   seq_len=w.seq_len, global_batch=w.global_batch, method=w.method, lora_rank=w.lora_rank,
-                   lora_targets=w.lora_targets, precision=w.precision, optimizer=w.optimizer,
-                   optimizer_impl=w.optimizer_impl, attention=w.attention, master_dtype=w.master_dtype,
-                   loss_chunks=w.loss_chunks, activation_offload=w.activation_offload,
-                   optimizer_in_backward=w.optimizer_in_backward, compile=w.compile, loss_parallel=w.loss_parallel, fp32_logits=w.fp32_logits,
-                   calibration=calibration)
+                   workload=case.workload, calibration=calibration)
 
 
 def predict_case(case: Case, calibration: str | None = None) -> Row:

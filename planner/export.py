@@ -84,7 +84,36 @@ def export_plan(plan: Plan, fmt: str, options: LaunchOptions | None = None) -> E
                       "accelerate": (engines.accelerate_yaml, ".yaml"), "torchtitan": (engines.torchtitan_module, ".py"),
                       "megatron": (engines.megatron_args, ".sh"), "slurm": (slurm_script, ".sbatch")}[fmt]
     text = render(wrapped, options)
+    if target != "executor":
+        wrapped.notes += workload_notes(plan, fmt)
     return Export(text=text, notes=tuple(wrapped.notes), suffix=suffix)
+
+
+# workload choices each engine's own config expresses; the rest live in training code and are said
+MAPPED = {"deepspeed": {"precision"}, "accelerate": {"precision", "compile"},
+          "torchtitan": {"precision", "compile", "loss_parallel"},
+          "megatron": {"precision", "attention", "optimizer", "loss_parallel"}}
+
+
+def workload_notes(plan: Plan, fmt: str) -> list[str]:
+    """One note per workload choice the format cannot hold, so that none is dropped silently."""
+    w, mapped = plan.workload, MAPPED.get(fmt, set())
+    said = {
+        "method": w.method != "full" and f"{w.method} (peft, rank {w.lora_rank} on {','.join(w.lora_targets)}"
+                  f"{', NF4 base' if w.method == 'qlora' else ''}) is applied in the training code",
+        "attention": w.attention != "sdpa" and f"attention {w.attention}: build the model with that attention "
+                     "implementation in the training code",
+        "optimizer": w.optimizer != "adamw" and f"optimizer {w.optimizer} is chosen in the training code",
+        "optimizer_impl": w.optimizer == "adamw" and w.optimizer_impl != "foreach"
+                          and f"AdamW implementation {w.optimizer_impl} is chosen in the training code",
+        "master_dtype": w.master_dtype == "bf16" and "bf16 master weights and AdamW states: build the model in bf16 "
+                        "in the training code",
+        "loss_chunks": w.loss_chunks > 1 and f"cross-entropy in {w.loss_chunks} chunks is the training code's loss",
+        "loss_parallel": w.loss_parallel and "vocabulary-parallel cross-entropy is the training code's loss",
+        "compile": w.compile and "torch.compile is applied in the training code",
+    }
+    return [note for key, note in said.items() if note and key not in mapped and
+            not (key == "compile" and fmt == "deepspeed")]
 
 
 def describe(plan: _Plan) -> str:

@@ -292,3 +292,14 @@ def test_paths_with_spaces_survive_the_shell(tp_plan):
     assert args[:6] == ["--plan", "my plans/p.json", "--data", "/data/my corpus", "--output", "runs/$USER"]
     with pytest.raises(InvalidRequest, match="plain path"):
         export_plan(tp_plan, "torchrun", LaunchOptions(data='$HOME/"x'))
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "accelerate"])
+def test_no_workload_choice_is_dropped_silently(fmt):
+    """compile, LoRA and eager attention: mapped into the engine's config, or a note says where they go."""
+    plan = plan_for(Pins(tp=1, pp=1, zero=2), gpus=8, global_batch=8, target=fmt, method="lora", compile=True,
+                    attention="eager")
+    result = export_plan(plan, fmt)
+    said = " ".join(result.notes) + result.text
+    assert "lora" in said and "eager" in said
+    assert "compile" in said or "INDUCTOR" in result.text
