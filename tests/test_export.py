@@ -303,3 +303,46 @@ def test_no_workload_choice_is_dropped_silently(fmt):
     said = " ".join(result.notes) + result.text
     assert "lora" in said and "eager" in said
     assert "compile" in said or "INDUCTOR" in result.text
+
+
+FIVE = [  # the plan-contract issue's acceptance requests
+    dict(model="llama3-70b", gpu="h100-sxm-80gb", gpus=64, seq_len=4096, global_batch=512),
+    dict(model="mixtral-8x7b", gpu="h100-sxm-80gb", gpus=16, seq_len=4096, global_batch=256),
+    dict(model="llama3-8b", gpu="a100-80gb", gpus=1, seq_len=4096, global_batch=16),
+    dict(model="llama2-70b", gpu="rtx-a6000-48gb", gpus=1, seq_len=512, global_batch=4, method="qlora"),
+    dict(model="llama3-8b", gpu="rtx4090-24gb", gpus=1, seq_len=2048, global_batch=8, method="lora"),
+]
+
+
+def _load_with_the_tool(fmt: str, text: str, plan, tmp_path) -> None:
+    if fmt == "deepspeed":
+        config = json.loads(text)
+        # deepspeed/runtime/config.py DeepSpeedConfig._batch_assertion (v0.19.8):
+        # train_batch_size == train_micro_batch_size_per_gpu * gradient_accumulation_steps * world_size / mp
+        world = plan.num_devices // (plan.config.tp * plan.config.pp)
+        assert config["train_batch_size"] == (config["train_micro_batch_size_per_gpu"]
+                                              * config["gradient_accumulation_steps"] * world)
+        assert set(config) <= DEEPSPEED_TOP
+    elif fmt == "accelerate":
+        path = tmp_path / "accelerate.yaml"
+        path.write_text(text)
+        config_args = pytest.importorskip("accelerate.commands.config.config_args")
+        cluster = config_args.ClusterConfig.from_yaml_file(str(path))
+        assert cluster.num_processes == plan.num_devices
+    else:
+        compile(text, "job.py", "exec")
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "accelerate", "torchtitan"])
+@pytest.mark.parametrize("fields", FIVE, ids=[f["model"] + "-" + f.get("method", "full") for f in FIVE])
+def test_the_five_export_for_each_engine_or_exit_3_honestly(fields, fmt, tmp_path):
+    from planner.errors import Infeasible
+
+    request = Request(target=fmt, **fields)
+    try:
+        best = suggest(request, top=1)["candidates"][0]
+    except Infeasible as exc:  # nothing that engine runs fits (torchtitan has no Mixtral, no LoRA)
+        assert "not runnable by" in str(exc) or "out of memory" in str(exc)
+        return
+    plan = make_plan(request, best)
+    _load_with_the_tool(fmt, export_plan(plan, fmt).text, plan, tmp_path)
