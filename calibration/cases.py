@@ -58,7 +58,7 @@ class Case:
 
 
 def case_from_run(run) -> Case:
-    """A stored run (calibration/run.py) as a Case, so fitting and validation treat measured runs
+    """A stored run (planner/runrecord.py) as a Case, so fitting and validation treat measured runs
     of every origin alike."""
     measured = run.measured
     memory_kind = "reserved" if measured.peak_reserved_bytes else "allocated"

@@ -324,7 +324,7 @@ def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: b
 def load_run_records(paths: list[str]) -> list[Case]:
     """Run records (format llm-planner/run@1) from JSON files or folders of them, as Cases."""
     from calibration.cases import case_from_run
-    from calibration.run import RUN_FORMAT, from_record
+    from planner.runrecord import RUN_FORMAT, from_record
     from planner.errors import read_json
 
     files: list[Path] = []
@@ -341,7 +341,7 @@ def load_measurements(store: str | None = None, cases: str | None = None, origin
     """Measured runs to fit or validate on: from the run store when one is named (or exists at the
     default path and holds usable runs), else from a cases file (default: the shipped public cases)."""
     from calibration.cases import case_from_run
-    from calibration.store import default_store_path, iter_runs
+    from planner.runstore import default_store_path, iter_runs
 
     found: list[Case] = []
     use_store = store is not None or (cases is None and Path(default_store_path()).exists())

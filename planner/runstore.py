@@ -28,9 +28,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from calibration.run import ORIGINS, Measured, Run, from_record, now_utc, with_prediction
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
+from planner.runrecord import ORIGINS, Measured, Run, from_record, now_utc, with_prediction
 from planner.specs import Hardware, ModelSpec, Workload
 
 STORE_ENV = "PLANNER_STORE"
