@@ -12,9 +12,9 @@ import pytest
 from store_helpers import executor_record, write_summary
 
 from calibration.cases import SHIPPED_CASES, adapt
+from calibration.commands.runs import ORIGIN_CHOICES
 from calibration.ingest import export_runs, import_paths
 from planner.cli import main
-from planner.commands.runs import ORIGIN_CHOICES
 from planner.models import catalog
 from planner.profile import load_profile
 from planner.runrecord import ORIGINS
