@@ -1,4 +1,6 @@
 """The measured-run store: an embedded SQLite database in one file (stdlib sqlite3, no server).
+The executor records its runs here and calibration reads them back, so it lives in planner, below
+both (with the record format, runrecord.py).
 
 Path: --store, else $PLANNER_STORE, else ${XDG_DATA_HOME:-~/.local/share}/llm-planner/runs.sqlite.
 
