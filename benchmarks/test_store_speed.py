@@ -10,10 +10,10 @@ import itertools
 
 from calibration.cases import SHIPPED_CASES
 from calibration.ingest import import_paths
-from calibration.run import from_record, new_record
-from calibration.store import connect, count_runs, insert_runs, iter_runs, record_run
 from planner import api
 from planner.plan import ParallelConfig
+from planner.runrecord import from_record, new_record
+from planner.runstore import connect, count_runs, insert_runs, iter_runs, record_run
 
 REQUEST = api.Request(model="llama-tiny", gpu="cpu", gpus=2, seq_len=128, global_batch=8, precision="fp32")
 CONFIG = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=4, num_micro_batches=1)

@@ -8,10 +8,10 @@ instead of dropping it silently. Pure Python: no torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calibration.case import Case, fraction_of_peak, memory_floor_bytes
 from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
@@ -21,44 +21,8 @@ SHIPPED_CASES = Path(__file__).parent / "data" / "public_cases.json"
 GIB = 2**30
 
 
-@dataclass
-class Case:
-    id: str
-    source: str
-    model: str
-    spec: ModelSpec | None = None
-    hardware: str | None = None
-    devices: int = 0
-    devices_per_node: int | None = None
-    workload: Workload | None = None
-    config: ParallelConfig | None = None
-    tokens_per_s_per_device: float | None = None
-    memory_bytes: float | None = None
-    memory_kind: str = "reserved"  # reserved | allocated (what the source's number counts)
-    memory_upper_bound_bytes: float | None = None
-    tflops_per_device: float | None = None  # as published (may count recomputation)
-    claimed_tokens_per_s_per_device: float | None = None  # what the source claims, plausible or not
-    excluded: str | None = None
-    assumptions: list[str] = field(default_factory=list)
-    framework: str = ""
-
-    @property
-    def usable(self) -> bool:
-        return self.excluded is None and self.spec is not None and self.config is not None
-
-    @property
-    def publication(self) -> str:
-        """The publication a case comes from (its document, without table / row / commit detail):
-        what leave-one-source-out holds out together and what errors are grouped by."""
-        return re.split(r" — | \(|, '", self.source)[0].strip()
-
-    @property
-    def hardware_name(self) -> str:
-        return getattr(self.hardware, "name", self.hardware) or "?"
-
-
 def case_from_run(run) -> Case:
-    """A stored run (calibration/run.py) as a Case, so fitting and validation treat measured runs
+    """A stored run (planner/runrecord.py) as a Case, so fitting and validation treat measured runs
     of every origin alike."""
     measured = run.measured
     memory_kind = "reserved" if measured.peak_reserved_bytes else "allocated"
@@ -88,8 +52,6 @@ def load_cases(path: str | Path | None = None) -> list[Case]:
 def _impossible_memory(case: Case) -> str | None:
     """A memory claim below what the stated configuration must hold: the configuration that ran
     was another one (its throughput too), so the case is kept, flagged, out of the statistics."""
-    from calibration.validate import memory_floor_bytes  # validate builds on this module
-
     floor = memory_floor_bytes(case) if case.memory_bytes else None
     if floor is None or floor <= case.memory_bytes:
         return None
@@ -313,8 +275,6 @@ def _torchtune_checkpointing(case: Case) -> str:
     """The row does not say: torchtune's llama3_1 single-device configs enable activation checkpointing,
     unless the claimed tokens/s could not have been reached with it. Recomputation adds a forward
     (2N FLOPs per token) to 6N (full) or 4N (LoRA: no weight gradients of the base)."""
-    from calibration.validate import fraction_of_peak
-
     needed = fraction_of_peak(case, (6 if case.workload.method == "full" else 4) + 2)
     if needed > 1:
         case.assumptions.append(f"activation checkpointing off: with it the claimed tokens/s would need "

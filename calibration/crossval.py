@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from calibration.cases import Case
-from calibration.fit import fit_profile, predictions, prepare
+from calibration.fitting import fit_profile, predictions, prepare
 from calibration.validate import error_stats
 from planner.profile import Profile
 

@@ -1,9 +1,5 @@
-"""Fit the calibration profile's free parameters to measured runs.
-
-Throughput: `scipy.optimize.least_squares` on log(predicted / measured) tokens/s per device,
-with bounds and a Gaussian prior on every parameter (in log space for scales) so that a few runs
-move the parameters sensibly and many runs pin them down. Memory: the allocator/framework
-overhead (reserved = allocated × (1 + fragmentation) + fixed) on runs with a measured reserved peak.
+"""Fit the calibration profile to measured runs, cross-validate it and write it: the command
+around fitting.py (the least-squares fit) and crossval.py (leave one source out).
 
     python -m calibration.fit --runs calibration/data/h100_runs --out calibration/profiles/default.json \
         --cross-validate --jobs 2 --residuals calibration/data/loso_residuals.json
@@ -17,265 +13,15 @@ the shipped profile as the prior instead.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy.optimize import least_squares
-
 from calibration.cases import Case, load_cases
-from calibration.validate import request_for
-from planner.api import resolve
-from planner.cost.candidates import Candidates
-from planner.cost.context import Context
-from planner.cost.estimate import evaluate, tokens_per_second
-from planner.errors import InvalidRequest, PlannerError
-from planner.hardware import chip_of, presets
-from planner.plan import check_config
+from calibration.fitting import INITIAL_PROFILE, fit_profile
+from planner.errors import InvalidRequest
 from planner.profile import Profile
-
-INITIAL_PROFILE = Path(__file__).resolve().parent / "profiles" / "initial.json"
-
-
-@dataclass(frozen=True)
-class Parameter:
-    path: tuple[str, ...]  # where it lives in the profile JSON
-    initial: float
-    lower: float
-    upper: float
-    prior_sigma: float  # of log(value) for scales, of the value otherwise
-    log: bool = True
-    # hierarchical: value = (the parameter at this path) x exp(internal), prior centred on 0, so a
-    # hardware with no runs takes the shared value and one with few runs is shrunk towards it
-    relative_to: tuple[str, ...] | None = None
-
-    def to_internal(self, value: float) -> float:
-        return float(np.log(value)) if self.log else value
-
-    def to_value(self, internal: float) -> float:
-        return float(np.exp(internal)) if self.log else internal
-
-
-# what each chip has of its own: (lower, upper, prior sigma of log(chip / shared))
-PER_CHIP_KEYS = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
-                 "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
-
-
-def time_parameters(chips: dict[str, str]) -> list[Parameter]:
-    """Compute efficiency per chip and per part, shared shape and link/overlap parameters.
-    `chips` maps each hardware part of the runs to its chip (to itself when it has none)."""
-    # Each chip's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): chips
-    # differ by tens of percent; with the data's 10 % noise one run of a new chip moves its delta
-    # 90 % of the way, and a chip never measured takes the shared value.
-    # The per-layer launch overhead differs more (a CPU core vs a GPU's launch queue: milliseconds
-    # vs tens of microseconds), hence its wider prior.
-    shared = {key: ("compute", "default", "*", key) for key in PER_CHIP_KEYS}
-    params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
-              Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
-              Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
-              Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
-    for chip in sorted(set(chips.values())):
-        params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
-                   for key, (lower, upper, sigma) in PER_CHIP_KEYS.items()]
-    # Parts of one chip (H100 80GB, H100 96GB at 500 W, H200) run the same kernels on the same
-    # silicon; their peaks and bandwidths are in their hardware files, so they differ from their
-    # chip by a few percent (power limits, clocks): without that tight prior, a source that is
-    # alone on a part (one framework and vintage) would set that part's efficiency by itself. Launch
-    # overhead belongs to the host, not the chip.
-    per_part_sigma = {"matmul_efficiency_max": 0.05, "attention_efficiency": 0.05, "memory_efficiency": 0.05,
-                      "layer_overhead_s": 1.0}
-    for name, chip in sorted(chips.items()):
-        if chip != name:
-            params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, per_part_sigma[key],
-                                 relative_to=("compute", chip, "*", key))
-                       for key, (lower, upper, _) in PER_CHIP_KEYS.items()]
-    params += [
-        Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
-        Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
-        Parameter(("compute", "default", "fp8", "matmul_dtype_factor"), 0.65, 0.1, 1.5, 0.5),
-        Parameter(("links", "intra", "efficiency"), 0.75, 0.1, 1.0, 0.5),
-        Parameter(("links", "inter", "efficiency"), 0.7, 0.05, 1.0, 0.5),
-        # seconds per ring step: NCCL's own model puts microseconds on NVLink and several on the network
-        # (src/graph/tuning.cc, hwLat / baseLat); what large groups lose to them pins it
-        Parameter(("links", "intra", "latency_s"), 1e-5, 1e-7, 1e-3, 1.0),
-        Parameter(("links", "inter", "latency_s"), 2e-5, 1e-7, 1e-3, 1.0),
-        Parameter(("overlap", "tp"), 0.1, 0.0, 0.95, 0.3, log=False),
-        Parameter(("overlap", "dp"), 0.8, 0.0, 1.0, 0.3, log=False),
-        Parameter(("overlap", "zero"), 0.8, 0.0, 1.0, 0.3, log=False),
-        Parameter(("overlap", "pp"), 0.5, 0.0, 1.0, 0.3, log=False),
-        Parameter(("overlap", "hidden_cost"), 0.2, 0.0, 1.0, 0.3, log=False),
-    ]
-    return params
-
-
-# Typical relative error of one measured run against a good model (timing noise, framework details):
-# data residuals are divided by it, so that priors (in the same units) weigh against the data
-# as a Gaussian prior would.
-MEASUREMENT_SIGMA = {"throughput": 0.1, "memory": 0.05}
-
-MEMORY_PARAMETERS = [Parameter(("memory", "default", "fixed_bytes"), 1.0e9, 1e8, 8e9, 1.0),
-                     Parameter(("memory", "default", "fragmentation"), 0.05, 0.0, 0.5, 0.1, log=False),
-                     Parameter(("memory", "default", "largest_block_factor"), 0.5, 0.0, 3.0, 0.5, log=False)]
-
-
-@dataclass
-class Prepared:
-    case: Case
-    context: Context
-    candidates: Candidates
-
-
-def prepare(cases: list[Case], base: Profile) -> list[Prepared]:
-    """Build each usable case's graph summaries once; fitting only swaps profiles."""
-    ready = []
-    for case in cases:
-        if not case.usable:
-            continue
-        try:
-            resolved = resolve(request_for(case, base.path))
-            check_config(resolved.spec, resolved.workload, resolved.cluster, case.config)
-        except PlannerError:
-            continue
-        ready.append(Prepared(case, resolved.context.with_profile(base), Candidates.from_configs([case.config])))
-    return ready
-
-
-def with_values(data: dict[str, Any], params: list[Parameter], values: np.ndarray) -> dict[str, Any]:
-    """The profile data with the parameters set (shared ones first, then those relative to them:
-    a chip's before its parts', as `time_parameters` lists them)."""
-    out = copy.deepcopy(data)
-    ordered = sorted(zip(params, values, strict=True), key=lambda pv: pv[0].relative_to is not None)
-    for param, value in ordered:
-        node = out
-        for key in param.path[:-1]:
-            node = node.setdefault(key, {})
-        if param.relative_to is None:
-            node[param.path[-1]] = param.to_value(value)
-        else:
-            shared = _get(out, param.relative_to, param.initial)
-            node[param.path[-1]] = float(np.clip(shared * np.exp(value), param.lower, param.upper))
-    return out
-
-
-def _profile(data: dict[str, Any]) -> Profile:
-    return Profile(name=str(data.get("name", "fit")), path="(fitting)", data=data)
-
-
-def predictions(prepared: list[Prepared], data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens/s per device, reserved bytes, allocated bytes) for every prepared case."""
-    profile = _profile(data)
-    tps, reserved, allocated = [], [], []
-    for item in prepared:
-        est = evaluate(item.context.with_profile(profile), item.candidates)
-        tps.append(est.tokens_per_s[0] / item.case.devices)
-        reserved.append(est.memory["reserved"][0])
-        allocated.append(est.memory["allocated"][0])
-    return np.array(tps), np.array(reserved), np.array(allocated)
-
-
-def throughputs(prepared: list[Prepared], data: dict[str, Any]) -> np.ndarray:
-    """Tokens/s per device only: the throughput fit's inner loop."""
-    profile = _profile(data)
-    return np.array([tokens_per_second(item.context.with_profile(profile), item.candidates)[0] / item.case.devices
-                     for item in prepared])
-
-
-def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
-    if param.relative_to is not None:
-        return 0.0
-    return param.to_internal(_get(data, param.path, param.initial))
-
-
-def _residual_fn(prepared, base_data, params, target: str):
-    x0 = np.array([_prior_centre(p, base_data) for p in params])
-    sigma = np.array([p.prior_sigma for p in params])
-    if target == "throughput":
-        measured = np.array([p.case.tokens_per_s_per_device or np.nan for p in prepared])
-    else:
-        measured = np.array([p.case.memory_bytes if p.case.memory_kind == "reserved" else np.nan
-                             for p in prepared], dtype=float)
-    rows = np.isfinite(measured) & (measured > 0)
-    kept = [p for p, keep in zip(prepared, rows, strict=True) if keep]
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        data = with_values(base_data, params, x)
-        predicted = throughputs(kept, data) if target == "throughput" else predictions(kept, data)[1]
-        fit = np.log(predicted / measured[rows]) / MEASUREMENT_SIGMA[target]
-        return np.concatenate([fit, (x - x0) / sigma])
-
-    return residuals, x0, _jacobian_sparsity(kept, params)
-
-
-def _jacobian_sparsity(prepared, params) -> np.ndarray:
-    """A chip's or a part's own parameters move only its runs' residuals; least_squares then
-    perturbs several of them at once when estimating the Jacobian."""
-    keys = [(p.context.hardware.name, chip_of(p.context.hardware)) for p in prepared]
-    data_rows = np.ones((len(prepared), len(params)), dtype=bool)
-    for j, param in enumerate(params):
-        if param.relative_to is not None:  # a chip's or a part's own parameter
-            data_rows[:, j] = [param.path[1] in key for key in keys]
-    return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
-
-
-def fit_parameters(prepared, base_data, params, target: str) -> np.ndarray:
-    residuals, x0, sparsity = _residual_fn(prepared, base_data, params, target)
-    lower = np.array([-3.0 if p.relative_to else p.to_internal(p.lower) if not (p.log and p.lower <= 0) else -50
-                      for p in params])
-    upper = np.array([3.0 if p.relative_to else p.to_internal(p.upper) for p in params])
-    start = np.clip(x0, lower + 1e-9, upper - 1e-9)
-    result = least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200,
-                           jac_sparsity=sparsity, tr_solver="lsmr")
-    return result.x
-
-
-def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str]) -> dict[str, Any]:
-    """Parts the runs did not measure, but whose chip they did (an H200 in the shipped profile when
-    `planner calibrate` fits H100 runs), move by the factor their chip moved: the part's own entry
-    would otherwise hide the chip's new values from it."""
-    for name, entry in after["compute"].items():
-        part = presets().get(name)
-        if part is None or name in fitted or chip_of(part) not in fitted.values():
-            continue
-        # the chip's values as the planner reads them (falling back to the shared ones)
-        old, new = (_profile(d).compute(chip_of(part), part.vendor, "*") for d in (before, after))
-        for key, value in entry.get("*", {}).items():
-            if key in PER_CHIP_KEYS:
-                lower, upper, _ = PER_CHIP_KEYS[key]
-                entry["*"][key] = float(np.clip(value * getattr(new, key) / getattr(old, key), lower, upper))
-    return after
-
-
-def _get(data: dict[str, Any], path: tuple[str, ...], default: float) -> float:
-    node: Any = data
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return default
-        node = node[key]
-    return float(node)
-
-
-def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
-    """Fit throughput parameters, then memory overheads; returns the new profile's data."""
-    prepared = prepare(cases, base)
-    with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
-    with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
-    data = copy.deepcopy(base.data)
-    chips = {p.context.hardware.name: chip_of(p.context.hardware) for p in with_tps}
-    time_params = time_parameters(chips)
-    data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
-    data = _parts_follow_their_chips(base.data, data, chips)
-    data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
-    sources = sorted({p.case.publication for p in with_tps + with_mem})
-    summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
-    data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"
-    data["fitted_on"] = {"summary": summary, "sources": sources,
-                         "cases": sorted({p.case.id for p in with_tps + with_mem}),
-                         "date": _dt.date.today().isoformat()}
-    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,8 +70,8 @@ def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: b
 def load_run_records(paths: list[str]) -> list[Case]:
     """Run records (format llm-planner/run@1) from JSON files or folders of them, as Cases."""
     from calibration.cases import case_from_run
-    from calibration.run import RUN_FORMAT, from_record
     from planner.errors import read_json
+    from planner.runrecord import RUN_FORMAT, from_record
 
     files: list[Path] = []
     for path in map(Path, paths):
@@ -341,7 +87,7 @@ def load_measurements(store: str | None = None, cases: str | None = None, origin
     """Measured runs to fit or validate on: from the run store when one is named (or exists at the
     default path and holds usable runs), else from a cases file (default: the shipped public cases)."""
     from calibration.cases import case_from_run
-    from calibration.store import default_store_path, iter_runs
+    from planner.runstore import default_store_path, iter_runs
 
     found: list[Case] = []
     use_store = store is not None or (cases is None and Path(default_store_path()).exists())

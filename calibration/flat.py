@@ -16,12 +16,12 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from calibration.run import (ORIGINS, STATUSES, FieldError, Measured, Run, blank, choice, flag, json_object,
-                             number, optional_text, utc_timestamp, whole)
 from planner.errors import InvalidRequest, PlannerError
 from planner.hardware import load_hardware, make_cluster, presets
 from planner.models import catalog, load_model
 from planner.plan import ParallelConfig, check_config
+from planner.runrecord import (ORIGINS, STATUSES, FieldError, Measured, Run, blank, choice, flag, json_object,
+                               number, optional_text, utc_timestamp, whole)
 from planner.specs import OPTIMIZER_IMPLS, Hardware, ModelSpec, Workload
 
 GIB = 2**30

@@ -26,7 +26,7 @@ TABLE_FORMAT = "llm-planner/gpu-memory-vs-oracle@1"
 
 def gpu_run_records(folder: Path = RUNS_DIR) -> list[tuple[str, dict[str, Any]]]:
     """(file name, run record) of every executor run with a measured allocated peak."""
-    from calibration.run import RUN_FORMAT
+    from planner.runrecord import RUN_FORMAT
     from planner.errors import read_json
 
     records = []
@@ -41,7 +41,7 @@ def gpu_run_records(folder: Path = RUNS_DIR) -> list[tuple[str, dict[str, Any]]]
 
 def predicted_allocated_bytes(record: dict[str, Any]) -> float:
     """The planner's allocated peak for exactly the configuration the run record ran."""
-    from calibration.run import from_record
+    from planner.runrecord import from_record
     from planner import api
 
     run = from_record(record)

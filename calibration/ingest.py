@@ -1,7 +1,7 @@
 """`planner runs import` / `export`: files to the store and back.
 
 What a file holds is told apart item by item, so one mechanism reads them all:
-  * a run record (an object with "format": "llm-planner/run@1", calibration/run.py), such as the
+  * a run record (an object with "format": "llm-planner/run@1", planner/runrecord.py), such as the
     executor's DIR/summary.json or a line of `planner runs export --format jsonl`;
   * a published case (an object with "model_shape" / "n_gpus", validation/cases.json format,
     adapted by calibration/cases.py; the file may be the whole {"cases": [...]} document);
@@ -27,11 +27,11 @@ from typing import Any, TextIO
 
 from calibration.cases import Case, adapt
 from calibration.flat import COLUMNS, check_columns, flat_row, run_from_flat
-from calibration.run import Measured, Run, from_record, to_record, with_prediction
-from calibration.store import CONFLICT, INSERTED, REPLACED, connect, insert_runs, store_path
 from planner.errors import InvalidRequest, PlannerError
 from planner.hardware import load_hardware, make_cluster
 from planner.plan import check_config
+from planner.runrecord import Measured, Run, from_record, to_record, with_prediction
+from planner.runstore import CONFLICT, INSERTED, REPLACED, connect, insert_runs, store_path
 
 EXPORT_FORMATS = ("jsonl", "csv")
 

@@ -46,6 +46,29 @@ TRACED_LAYERS = (3, 4)  # both have a first, a middle and a last layer
 FLASH_OPS = ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
 MATH_ATTENTION_OPS = ("aten._scaled_dot_product_attention_math.default",)
 
+# How MemTracker's and FSDPMemTracker's categories (calibration/memtrace.py adds "Param copy" and
+# "Optimizer temp") add up to the planner's breakdown (planner/cost/memory.py CATEGORIES).
+PLANNER_GROUP = {
+    "Parameter": "params", "Sharded Param": "params",
+    "Gradient": "grads", "Sharded Grad": "grads",
+    "Optstate": "optimizer", "OptState": "optimizer", "Optimizer temp": "optimizer",
+    "Param copy": "buffers", "Unsharded Param": "buffers", "All Gather": "buffers",
+    "Reduce Scatter": "buffers", "Buffer": "buffers",
+    # a layer's unsharded gradients are temporaries of its backward (FSDPMemTracker names them only
+    # when FSDP2's post-backward starts reducing them)
+    "Unsharded Grad": "activations",
+    "Activation": "activations", "Temp": "activations", "Inputs": "activations", "Other": "activations",
+}
+PLANNER_GROUPS = ("params", "grads", "optimizer", "buffers", "activations")
+
+
+def planner_groups(categories: dict[str, int]) -> dict[str, int]:
+    """Sum tracker categories into the planner's breakdown keys."""
+    groups = dict.fromkeys(PLANNER_GROUPS, 0)
+    for name, nbytes in categories.items():
+        groups[PLANNER_GROUP[name]] += nbytes
+    return groups
+
 
 def uses_autocast(workload: Workload, config: ParallelConfig) -> bool:
     """executor/train.py `_forward_context`: autocast over fp32 weights for DDP / ZeRO-1 and LoRA."""
@@ -212,8 +235,6 @@ def trace(spec: ModelSpec, workload: Workload, config: ParallelConfig,
           layers: tuple[int, int] = TRACED_LAYERS) -> dict[str, Any]:
     """The oracle's answer for the whole model: per-position peaks, the overall peak and its
     breakdown in the planner's categories."""
-    from calibration.oracle_check import planner_groups
-
     started = time.perf_counter()
     if spec.num_layers <= layers[1]:
         whole = trace_layers(spec, workload, config, spec.num_layers)

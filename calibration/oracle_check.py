@@ -11,30 +11,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from calibration.oracle import PLANNER_GROUPS, planner_groups
+
 TOLERANCE = 0.03  # the issue's bar for every grid point
-
-# How MemTracker's and FSDPMemTracker's categories (calibration/memtrace.py adds "Param copy" and
-# "Optimizer temp") add up to the planner's breakdown (planner/cost/memory.py CATEGORIES).
-PLANNER_GROUP = {
-    "Parameter": "params", "Sharded Param": "params",
-    "Gradient": "grads", "Sharded Grad": "grads",
-    "Optstate": "optimizer", "OptState": "optimizer", "Optimizer temp": "optimizer",
-    "Param copy": "buffers", "Unsharded Param": "buffers", "All Gather": "buffers",
-    "Reduce Scatter": "buffers", "Buffer": "buffers",
-    # a layer's unsharded gradients are temporaries of its backward (FSDPMemTracker names them only
-    # when FSDP2's post-backward starts reducing them)
-    "Unsharded Grad": "activations",
-    "Activation": "activations", "Temp": "activations", "Inputs": "activations", "Other": "activations",
-}
-PLANNER_GROUPS = ("params", "grads", "optimizer", "buffers", "activations")
-
-
-def planner_groups(categories: dict[str, int]) -> dict[str, int]:
-    """Sum tracker categories into the planner's breakdown keys."""
-    groups = dict.fromkeys(PLANNER_GROUPS, 0)
-    for name, nbytes in categories.items():
-        groups[PLANNER_GROUP[name]] += nbytes
-    return groups
 
 
 @dataclass

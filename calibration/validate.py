@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from calibration.cases import Case
-from planner.api import Request, predict
+from calibration.case import Case, fraction_of_peak, memory_floor_bytes, request_for
+from planner.api import predict
 from planner.errors import PlannerError
-from planner.graph import count_params, numerics_for
 from planner.hardware import load_hardware
 
 
@@ -34,11 +33,6 @@ class Row:
         if self.predicted_memory_bytes is None or not self.case.memory_bytes:
             return None
         return self.predicted_memory_bytes / self.case.memory_bytes - 1
-
-
-def request_for(case: Case, calibration: str | None = None) -> Request:
-    return Request(model=case.spec, gpu=case.hardware, gpus=case.devices, gpus_per_node=case.devices_per_node,
-                   workload=case.workload, calibration=calibration)
 
 
 def predict_case(case: Case, calibration: str | None = None) -> Row:
@@ -99,32 +93,3 @@ def plausibility(case: Case) -> dict[str, Any] | None:
             flags["fraction_floor_of_claim"] = floor / case.memory_bytes
     flags["plausible"] = all(v <= 1.0 for k, v in flags.items() if k.startswith("fraction"))
     return flags
-
-
-def memory_floor_bytes(case: Case) -> float | None:
-    """Bytes a single-device run certainly holds at the end of its forward pass, whatever the
-    framework: the weights as stored (the planner's parameter bytes: bf16, NF4, fp32 masters),
-    every layer's input (each recompute policy keeps at least that until backward, unless it is
-    offloaded to the host) and the model's output logits (all of torchtune's chunks are alive
-    together). A claimed peak below it did not come from the configuration stated. Sharded runs
-    are not checked. None when the case cannot be predicted."""
-    if case.spec is None or case.workload is None or case.config is None or case.devices != 1:
-        return None
-    try:
-        weights = predict(request_for(case), case.config)["memory"]["breakdown"]["params"]
-    except PlannerError:
-        return None
-    w, spec = case.workload, case.spec
-    numerics = numerics_for(w, params_sharded=False)  # the dtypes of the residual stream and logits
-    tokens = case.config.micro_batch_size * w.seq_len
-    layer_inputs = 0 if w.activation_offload else spec.num_layers * tokens * spec.hidden_size * numerics.residual_bytes
-    logits = tokens * spec.vocab_size * (4 if w.fp32_logits else numerics.compute_bytes)
-    return float(weights + layer_inputs + logits)
-
-
-def fraction_of_peak(case: Case, flops_per_param: float) -> float:
-    """The share of the devices' peak (bf16, else their highest) that the claimed tokens/s needs at
-    `flops_per_param` FLOPs per parameter per token (6: forward and backward, Kaplan et al. 2020)."""
-    peak_flops = load_hardware(case.hardware).peak_flops
-    peak = peak_flops.get("bf16") or max(peak_flops.values())
-    return flops_per_param * count_params(case.spec) * (case.claimed_tokens_per_s_per_device or 0.0) / peak

@@ -1,6 +1,6 @@
 """The training backend: trains with a Plan exactly as it says, and records what happened.
 
-`planner train --plan plan.json ...` (planner/commands/train.py) calls executor.launch, which starts
+`planner train --plan plan.json ...` (executor/commands/train.py) calls executor.launch, which starts
 torchrun; each process runs `python -m executor.train` (executor/worker.py). Layout (torchtitan-style, one concept per module):
   launch.py      torchrun command line, fallback to runner-ups after an OOM
   checks.py      the Plan against what the executor implements and the world it finds

@@ -175,7 +175,7 @@ def _record_in_store(summary: dict, options: RunOptions) -> None:
     if not options.record_in_store:
         return
     try:
-        from calibration.store import record_run, store_path
+        from planner.runstore import record_run, store_path
     except ImportError:
         return
     try:

@@ -135,9 +135,9 @@ def environment(device: torch.device, world_size: int) -> dict[str, Any]:
 
 def run_record(status: str, error: str | None, plan: dict[str, Any], measured: dict[str, Any],
                env: dict[str, Any], details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run@1 record (calibration/run.py `new_record`, which the store reads back); executor
+    """The run@1 record (planner/runrecord.py `new_record`, which the store reads back); executor
     facts (options, data report, notes) go under `details`, which the store keeps as they are."""
-    from calibration.run import new_record
+    from planner.runrecord import new_record
 
     return {**new_record(plan, measured, status=status, error=error, environment=env), "details": details or {}}
 

@@ -27,7 +27,7 @@ class RunOptions:
     max_bad_fraction: float = 0.1
     memory_every: int = 50  # CPU: MemTracker on the 3rd step and every this many steps after
     save_final: bool = True
-    store: str | None = None  # the measured-run store (calibration/store.py); None: its default path
+    store: str | None = None  # the measured-run store (planner/runstore.py); None: its default path
     record_in_store: bool = True
     progress: bool = True
 

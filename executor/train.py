@@ -228,4 +228,4 @@ def _progress(options: RunOptions, start: int, is_rank0: bool):
 if __name__ == "__main__":  # `python -m executor.train`: one training process, as torchrun and `planner export` start it
     from executor.worker import main
 
-    sys.exit(main())
+    sys.exit(main(Trainer))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,11 +68,13 @@ def check_environment(document: Plan, on_cuda: bool) -> None:
                      int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def train(document: Plan, options: RunOptions, device: torch.device, recorder: Recorder) -> dict:
+def train(document: Plan, options: RunOptions, device: torch.device, recorder: Recorder,
+          trainer_class: Callable[..., Any]) -> dict:
+    """Build and run `trainer_class` (executor/train.py's Trainer, which hands itself in: train.py
+    builds on this module, not the other way round)."""
     from executor.mesh import build_topology
     from executor.save import save_final
     from executor.setup import prepare, should_compile
-    from executor.train import Trainer
 
     spec, hardware, cluster, workload, config = typed_plan(document)
     notes = plan_notes(config, device.type == "cuda")
@@ -80,7 +84,7 @@ def train(document: Plan, options: RunOptions, device: torch.device, recorder: R
         print("\n".join(f"note: {n}" for n in notes))
     topo = build_topology(config, device)
     prepared = prepare(spec, workload, config, topo, device, options)
-    trainer = Trainer(spec, workload, config, topo, device, options, prepared, recorder)
+    trainer = trainer_class(spec, workload, config, topo, device, options, prepared, recorder)
     trainer.run(document.config.to_dict())
     if options.save_final:
         save_final(options.output_dir / "final", prepared, spec, workload, topo)
@@ -88,7 +92,7 @@ def train(document: Plan, options: RunOptions, device: torch.device, recorder: R
             "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> int:
     options = RunOptions.parse(sys.argv[1:] if argv is None else argv)
     output = options.output_dir
     rank = int(os.environ.get("RANK", "0"))
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     recorder = Recorder(workload.tokens_per_step, config.devices)
     status, error, extra, code = "finished", None, {}, 0
     try:
-        extra = train(document, options, device, recorder)
+        extra = train(document, options, device, recorder, trainer_class)
     except torch.OutOfMemoryError as exc:
         status, error, code = "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
     except PlannerError as exc:
@@ -127,6 +131,3 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,9 @@
-"""`planner` command line. Each subcommand lives in planner/commands/<name>.py with
-`add_arguments(parser)` and `run(args) -> int`; its module is imported only when it runs, so
-`planner suggest` never pays for torch (train) or streamlit.
+"""`planner` command line. Each subcommand lives with the package that implements it, as a module
+with `add_arguments(parser, name)` and `run(args) -> int`: planner/commands/ (suggest, predict, ...),
+executor/commands/ (train), calibration/commands/ (validate, check, calibrate, runs, oracle).
+COMMANDS names them by string: planner never imports the packages above it (executor <- calibration)
+except the one module of the command being run, when it runs, so `planner suggest` never pays for
+torch (train) or streamlit, and works where executor/ and calibration/ are not installed.
 
 Errors a person caused print one line on stderr: exit 2 for an invalid request, 3 when nothing
 fits. Set PLANNER_DEBUG=1 for tracebacks of internal errors.
@@ -12,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
 
 COMMANDS = {
     "suggest": ("planner.commands.suggest", "search every parallel configuration; show the fastest that fit"),
@@ -19,14 +23,14 @@ COMMANDS = {
     "fits": ("planner.commands.fits", "what fits on a device: largest micro-batch and sequence, fewest devices"),
     "models": ("planner.commands.listing", "list the model catalog"),
     "hardware": ("planner.commands.listing", "list hardware presets and MoAI flavors"),
-    "validate": ("planner.commands.validate", "predicted vs measured on published runs, with errors"),
-    "check": ("planner.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
-    "calibrate": ("planner.commands.calibrate", "fit the calibration profile to measured runs"),
-    "runs": ("planner.commands.runs", "the store of measured runs: import, list, export"),
+    "validate": ("calibration.commands.validate", "predicted vs measured on published runs, with errors"),
+    "check": ("calibration.commands.validate", "flag published claims above the hardware's peak FLOP/s or memory"),
+    "calibrate": ("calibration.commands.calibrate", "fit the calibration profile to measured runs"),
+    "runs": ("calibration.commands.runs", "the store of measured runs: import, list, export"),
     "capacity": ("planner.commands.capacity", "time, GPU-hours and cost to train N tokens at each cluster size"),
     "export": ("planner.commands.export", "turn a Plan into a torchrun line, DeepSpeed/Accelerate/torchtitan config or Slurm script"),
-    "train": ("planner.commands.train", "train with a Plan (torchrun, DDP/FSDP2/TP/PP) and record what was measured"),
-    "oracle": ("planner.commands.oracle", "the memory model against fake-tensor traces of real training steps"),
+    "train": ("executor.commands.train", "train with a Plan (torchrun, DDP/FSDP2/TP/PP) and record what was measured"),
+    "oracle": ("calibration.commands.oracle", "the memory model against fake-tensor traces of real training steps"),
 }
 
 
@@ -37,21 +41,42 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_module(name: str) -> ModuleType | None:
+    """The module of subcommand `name`, imported now; None when its package is not installed."""
+    module_name = COMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            return None
+        raise
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its help line; the arguments of `command` only (of all when None), so
+    that running one command imports no other command's module."""
     parser = OneLineParser(prog="planner", description="Memory and throughput planner for LLM training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module_name, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(command, name)
-        command.set_defaults(_module=module_name)
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        subparser.set_defaults(_module=module_name)
+        module = _command_module(name) if command in (None, name) else None
+        if module is not None:
+            module.add_arguments(subparser, name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from planner.errors import PlannerError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else ""
+    if command and _command_module(command) is None:
+        package = COMMANDS[command][0].split(".")[0]
+        print(f"planner {command}: needs the {package} package, which is not installed "
+              "(install llm-planner with all its packages: pip install -e .)", file=sys.stderr)
+        return 1
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -1,5 +1,6 @@
 """Exports of a Plan to what people already run: a torchrun launch line, a DeepSpeed JSON config,
-an Accelerate FSDP config (YAML), a torchtitan job config (TOML) and a Slurm batch script.
+an Accelerate FSDP config (YAML), a torchtitan 0.3 configuration module, Megatron-LM's arguments and
+a Slurm batch script.
 
 Pure Python (no torch, no yaml library): the YAML here is a small block mapping whose scalars are
 written as JSON scalars, which YAML reads as the same values. Tests load every output with the
@@ -18,54 +19,18 @@ a note on stderr what lives in training code rather than in the engine's config 
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-from dataclasses import dataclass, field
-from typing import Any
 
 from planner.capabilities import FORMAT_TARGETS, runnable_reason
 from planner.errors import InvalidRequest
+from planner.export_base import Export, LaunchOptions, _Plan, describe
 from planner.plan import Plan
+
+__all__ = ["FORMATS", "Export", "LaunchOptions", "export_plan", "describe"]
 
 FORMATS = ("torchrun", "deepspeed", "accelerate", "torchtitan", "megatron", "slurm")
 EXECUTOR_MODULE = "executor.train"
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """What the launch needs besides the plan. `$VAR` values stay shell variables."""
-
-    plan_path: str = "plan.json"
-    data: str = "$DATA"
-    output: str = "runs/llm-planner"
-    steps: int | None = None
-    port: int = 29500
-    time_limit_s: float | None = None  # Slurm --time; default: predicted step time x steps, plus margins below
-    time_margin_fraction: float = 0.25  # predictions err (see `planner validate`); a job killed at 99% is lost
-    time_startup_s: float = 900.0  # model load, rendezvous, first-step compilation, final checkpoint
-
-
-@dataclass(frozen=True)
-class Export:
-    text: str
-    notes: tuple[str, ...] = ()
-    suffix: str = ".txt"
-
-
-@dataclass
-class _Plan:
-    """A Plan being exported, and the notes its export collects."""
-
-    plan: Plan
-    notes: list[str] = field(default_factory=list)
-
-    def __getattr__(self, name: str):
-        return getattr(self.plan, {"spec": "model"}.get(name, name))
-
-    @property
-    def step_s(self) -> float | None:
-        return (self.plan.prediction or {}).get("time", {}).get("step_s")
 
 
 def export_plan(plan: Plan, fmt: str, options: LaunchOptions | None = None) -> Export:
@@ -114,14 +79,6 @@ def workload_notes(plan: Plan, fmt: str) -> list[str]:
     }
     return [note for key, note in said.items() if note and key not in mapped and
             not (key == "compile" and fmt == "deepspeed")]
-
-
-def describe(plan: _Plan) -> str:
-    c = plan.config
-    return (f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
-            f"({plan.cluster.num_nodes} node(s) of {plan.cluster.devices_per_node}): dp {c.dp}, tp {c.tp}, pp {c.pp}, "
-            f"micro-batch {c.micro_batch_size} x {c.num_micro_batches}, recompute {c.recompute}, zero {c.zero}, "
-            f"offload {c.offload}, {plan.workload.method}, {plan.workload.precision}")
 
 
 # -- torchrun and Slurm ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import shlex
 from typing import Any
 
 from planner.capabilities import TORCHTITAN_LLAMA3_FLAVORS
-from planner.export import LaunchOptions, _Plan, describe
+from planner.export_base import LaunchOptions, _Plan, describe
 
 
 # -- DeepSpeed ----------------------------------------------------------------------------------

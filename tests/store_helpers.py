@@ -9,9 +9,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from calibration.run import new_record
 from planner import api
 from planner.plan import ParallelConfig
+from planner.runrecord import new_record
 
 TINY_REQUEST = api.Request(model="llama-tiny", gpu="cpu", gpus=2, seq_len=128, global_batch=8, precision="fp32")
 TINY_CONFIG = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=4, num_micro_batches=1, zero=1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from calibration.cases import Case
-from calibration.fit import Parameter, fit_parameters, predictions, prepare, with_values
+from calibration.fitting import Parameter, fit_parameters, predictions, prepare, with_values
 from planner.models import load_model
 from planner.plan import ParallelConfig
 from planner.profile import load_profile
@@ -60,7 +60,8 @@ def test_the_shipped_fit_starts_from_the_initial_guesses_not_from_itself(tmp_pat
     import json
 
     from calibration.cases import load_cases
-    from calibration.fit import INITIAL_PROFILE, fit_profile, main
+    from calibration.fit import main
+    from calibration.fitting import INITIAL_PROFILE, fit_profile
     from planner.profile import Profile
 
     cases = [c for c in load_cases() if c.id in ("c001", "c036")]
@@ -86,7 +87,7 @@ def test_parts_of_one_chip_share_its_calibration():
     others' predictions with it, a part of another chip (A100) much less. Without that, a source
     alone on one part (one framework, one vintage) would set that part's efficiency by itself.
     (One run moves the shared efficiencies too, so the A100 follows part of the way.)"""
-    from calibration.fit import INITIAL_PROFILE, fit_profile
+    from calibration.fitting import INITIAL_PROFILE, fit_profile
     from planner.hardware import chip_of, load_hardware
 
     assert {chip_of(load_hardware(n)) for n in ("h100-sxm-80gb", "h100-sxm-96gb-500w", "h200-141gb")} == {"GH100"}
@@ -117,7 +118,7 @@ def test_records_written_before_parts_named_their_chip_take_their_presets_chip()
 def test_calibrating_runs_of_one_part_moves_the_other_parts_of_its_chip_in_the_profile():
     """`planner calibrate` fits on the shipped profile, which has its own entry for every part it
     was fitted on: an H100 run that is slower than predicted must still slow the H200 down."""
-    from calibration.fit import fit_profile
+    from calibration.fitting import fit_profile
 
     base = load_profile()
     assert "h200-141gb" in base.data["compute"]

@@ -145,7 +145,7 @@ def test_accelerate_ddp_when_nothing_is_sharded():
 
 def torchtitan_settings(plan, steps=None):
     """The exported module compiles, and the settings it passes are torchtitan 0.3 fields."""
-    from planner.export import _Plan
+    from planner.export_base import _Plan
     from planner.export_engines import torchtitan_settings as settings
 
     text = export_plan(plan, "torchtitan", LaunchOptions(steps=steps)).text
@@ -204,7 +204,7 @@ def test_torchtitan_gradient_accumulation_without_pipeline(tp_plan):
 
 
 def test_megatron_arguments_parse_as_megatron_names_them(three_d_plan):
-    from planner.export import _Plan
+    from planner.export_base import _Plan
     from planner.export_engines import megatron_arguments
 
     plan = plan_for(Pins(tp=2, pp=2, zero=1, sequence_parallel=True), target="megatron")

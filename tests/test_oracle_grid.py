@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from calibration.oracle_check import PLANNER_GROUPS, TOLERANCE, compare, summary
+from calibration.oracle import PLANNER_GROUPS
+from calibration.oracle_check import TOLERANCE, compare, summary
 from calibration.oracle_grid import GRID, load_grid, request_and_config
 from planner.api import resolve
 from planner.graph import count_params

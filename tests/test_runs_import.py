@@ -12,13 +12,13 @@ import pytest
 from store_helpers import executor_record, write_summary
 
 from calibration.cases import SHIPPED_CASES, adapt
+from calibration.commands.runs import ORIGIN_CHOICES
 from calibration.ingest import export_runs, import_paths
-from calibration.run import ORIGINS
-from calibration.store import count_runs, iter_runs
 from planner.cli import main
-from planner.profile import load_profile
-from planner.commands.runs import ORIGIN_CHOICES
 from planner.models import catalog
+from planner.profile import load_profile
+from planner.runrecord import ORIGINS
+from planner.runstore import count_runs, iter_runs
 
 GIB = 2**30
 HEADER = ("model,gpu,gpus,seq_len,global_batch,dp,tp,micro_batch_size,recompute,zero,tokens_per_s_per_device,"

@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 from store_helpers import TINY_CONFIG, TINY_REQUEST, executor_record, without
 
-from calibration import store
-from calibration.run import from_record
-from calibration.store import (MIGRATIONS, SCHEMA_VERSION, Migration, connect, count_runs, insert_runs, iter_runs,
-                               record_run)
 from planner import api
+from planner import runstore as store
 from planner.errors import InvalidRequest
 from planner.profile import load_profile
+from planner.runrecord import from_record
+from planner.runstore import (MIGRATIONS, SCHEMA_VERSION, Migration, connect, count_runs, insert_runs, iter_runs,
+                              record_run)
 
 
 def columns(conn: sqlite3.Connection) -> set[str]:

@@ -53,7 +53,7 @@ def test_a_memory_claim_below_what_its_configuration_holds_is_impossible():
     is flagged and kept out of the statistics. Every other single-device memory claim, and every
     one of our own H100 runs, is above its floor."""
     from calibration.fit import load_run_records
-    from calibration.validate import memory_floor_bytes
+    from calibration.case import memory_floor_bytes
 
     cases = {c.id: c for c in load_cases(SHARED_CASES if SHARED_CASES.exists() else None)}
     c115 = cases["c115"]

@@ -7,7 +7,8 @@ import json
 
 from tests.executor.conftest import make_plan, train
 
-from calibration.fit import fit_profile, load_measurements
+from calibration.fit import load_measurements
+from calibration.fitting import fit_profile
 from calibration.validate import validate
 from planner.profile import load_profile
 

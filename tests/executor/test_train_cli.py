@@ -43,7 +43,7 @@ def test_suggest_then_train_end_to_end(tmp_path):
     assert summary["details"]["data"] == {"rows": 14, "bad_rows": 0, "first_errors": []}
     assert summary["details"]["compile"] is False and summary["details"]["parameters"]["total"] == 3_164_416
     _final_model_reproduces_loss(tmp_path / "run" / "final")
-    from calibration.store import iter_runs
+    from planner.runstore import iter_runs
 
     stored = list(iter_runs(tmp_path / "runs.sqlite"))
     assert [r.run_id for r in stored] == [summary["run_id"]] and stored[0].status == "finished"

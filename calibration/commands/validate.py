@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         return _check(load_cases(args.cases), args)
     if args.store is not None:
         from calibration.fit import load_measurements
-        from calibration.store import default_store_path
+        from planner.runstore import default_store_path
 
         cases = load_measurements(store=str(args.store or default_store_path()))
     else:

@@ -1,4 +1,6 @@
 """The measured-run store: an embedded SQLite database in one file (stdlib sqlite3, no server).
+The executor records its runs here and calibration reads them back, so it lives in planner, below
+both (with the record format, runrecord.py).
 
 Path: --store, else $PLANNER_STORE, else ${XDG_DATA_HOME:-~/.local/share}/llm-planner/runs.sqlite.
 
@@ -28,9 +30,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from calibration.run import ORIGINS, Measured, Run, from_record, now_utc, with_prediction
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
+from planner.runrecord import ORIGINS, Measured, Run, from_record, now_utc, with_prediction
 from planner.specs import Hardware, ModelSpec, Workload
 
 STORE_ENV = "PLANNER_STORE"

@@ -7,8 +7,9 @@ calibration profile. One typed row serves every origin:
   user       a person's own CSV/JSONL row (calibration/flat.py)
 
 The record form (`to_record` / `from_record`) is what the executor writes and what
-`planner runs export --format jsonl` writes; it round-trips through the store.
-Pure Python: no torch.
+`planner runs export --format jsonl` writes; it round-trips through the store. Like the Plan
+(plan.py) it is part of the contract between the floors: the executor writes it, calibration reads
+it, so it lives in planner, below both. Pure Python: no torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""planner runs import | list | export: the store of measured runs (calibration/store.py).
+"""planner runs import | list | export: the store of measured runs (planner/runstore.py).
 
     planner runs import validation/cases.json my_runs.csv runs/      # published, own, executor runs
     planner runs list --origin executor --hardware h100-sxm-80gb
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ORIGIN_CHOICES = ("executor", "published", "user")  # calibration.run.ORIGINS (a test keeps them equal)
+ORIGIN_CHOICES = ("executor", "published", "user")  # planner.runrecord.ORIGINS (a test keeps them equal)
 STORE_HELP = "the store (SQLite file); default $PLANNER_STORE, else ~/.local/share/llm-planner/runs.sqlite"
 
 
@@ -65,7 +65,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from calibration.store import iter_runs, store_path
+    from planner.runstore import iter_runs, store_path
     from planner.commands.common import print_json
 
     runs = list(iter_runs(args.store, origin=args.origin, hardware=args.hardware, model=args.model))
@@ -81,7 +81,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from calibration.ingest import export_runs
-    from calibration.store import iter_runs
+    from planner.runstore import iter_runs
 
     fmt = args.format or ("csv" if args.output and args.output.lower().endswith(".csv") else "jsonl")
     runs = iter_runs(args.store, origin=args.origin, hardware=args.hardware, model=args.model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from calibration.commands.runs import ORIGIN_CHOICES
 from planner.commands.common import print_json
-from planner.commands.runs import ORIGIN_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -48,8 +48,7 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from calibration.oracle import trace
-    from calibration.oracle_check import PLANNER_GROUPS
+    from calibration.oracle import PLANNER_GROUPS, trace
     from planner import api
     from planner.commands.predict import _config
     from planner.plan import load_plan, typed_plan

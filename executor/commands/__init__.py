@@ -1,0 +1,2 @@
+"""The executor's `planner` subcommands (planner/cli.py dispatches to them by name): add_arguments(parser,
+name) and run(args) -> exit code; heavy imports (torch) stay inside run()."""

@@ -1,0 +1,52 @@
+"""What every export of a Plan shares: the launch options, the rendered text with its notes, the
+plan being exported and the one-line description written into each file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.plan import Plan
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What the launch needs besides the plan. `$VAR` values stay shell variables."""
+
+    plan_path: str = "plan.json"
+    data: str = "$DATA"
+    output: str = "runs/llm-planner"
+    steps: int | None = None
+    port: int = 29500
+    time_limit_s: float | None = None  # Slurm --time; default: predicted step time x steps, plus margins below
+    time_margin_fraction: float = 0.25  # predictions err (see `planner validate`); a job killed at 99% is lost
+    time_startup_s: float = 900.0  # model load, rendezvous, first-step compilation, final checkpoint
+
+
+@dataclass(frozen=True)
+class Export:
+    text: str
+    notes: tuple[str, ...] = ()
+    suffix: str = ".txt"
+
+
+@dataclass
+class _Plan:
+    """A Plan being exported, and the notes its export collects."""
+
+    plan: Plan
+    notes: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str):
+        return getattr(self.plan, {"spec": "model"}.get(name, name))
+
+    @property
+    def step_s(self) -> float | None:
+        return (self.plan.prediction or {}).get("time", {}).get("step_s")
+
+
+def describe(plan: _Plan) -> str:
+    c = plan.config
+    return (f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
+            f"({plan.cluster.num_nodes} node(s) of {plan.cluster.devices_per_node}): dp {c.dp}, tp {c.tp}, pp {c.pp}, "
+            f"micro-batch {c.micro_batch_size} x {c.num_micro_batches}, recompute {c.recompute}, zero {c.zero}, "
+            f"offload {c.offload}, {plan.workload.method}, {plan.workload.precision}")
