@@ -36,8 +36,10 @@ class Trainer:
                  device: torch.device, options: RunOptions, prepared: Prepared, recorder: Recorder) -> None:
         self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
         self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
+        _check_options(options, workload)
         tokenizer = load_tokenizer(options.tokenizer, spec.vocab_size)
-        examples, self.data_report = load_examples(options.data, tokenizer, options.max_bad_fraction)
+        examples, self.data_report = load_examples(options.data, tokenizer, options.max_bad_fraction,
+                                                   options.chat_template)
         self.data = PackedData(examples, workload.seq_len, workload.global_batch, options.seed, tokenizer.pad_id)
         self.eval_data = self._eval_data(tokenizer)
         self.report = StepReport(options.output_dir, options.steps, topo.rank == 0, options.progress,
@@ -53,18 +55,30 @@ class Trainer:
             raise InvalidRequest("--eval-every with pp > 1 is not implemented; drop --eval-every")
         if not self.options.eval_data:
             raise InvalidRequest("--eval-every needs --eval-data (a held-out file in the same format)")
-        examples, _ = load_examples(self.options.eval_data, tokenizer, self.options.max_bad_fraction)
+        examples, _ = load_examples(self.options.eval_data, tokenizer, self.options.max_bad_fraction,
+                                    self.options.chat_template)
         return PackedData(examples, self.workload.seq_len, self.workload.global_batch, self.options.seed,
                           tokenizer.pad_id)
 
     # -- one step --------------------------------------------------------------------------------
 
-    def _local(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This data-parallel rank's rows of the global batch: [micro-batches x micro-batch, S]."""
         rows = self.config.micro_batch_size * self.config.num_micro_batches
         start = self.topo.dp_rank * rows
-        return (ids[start:start + rows].to(self.device, non_blocking=True),
-                labels[start:start + rows].to(self.device, non_blocking=True))
+        return tuple(t[start:start + rows].to(self.device, non_blocking=True) for t in tensors)
+
+    def _positions(self, data: PackedData, step: int) -> torch.Tensor | None:
+        """This rank's position ids (restarting per document) with --document-mask, else None."""
+        return self._local(data.position_ids(step))[0] if self.options.document_mask else None
+
+    def _inputs(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None, m: int) -> dict:
+        """The model's keyword arguments for micro-batch m."""
+        rows = slice(m * self.config.micro_batch_size, (m + 1) * self.config.micro_batch_size)
+        inputs = {"input_ids": ids[rows], "labels": labels[rows]}
+        if positions is not None:  # transformers then keeps attention inside each packed document
+            inputs["position_ids"] = positions[rows]
+        return inputs
 
     def _forward_context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -76,24 +90,27 @@ class Trainer:
             stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
         return stack
 
-    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        mbs, total = self.config.micro_batch_size, torch.zeros((), device=self.device)
+    def _micro_batches(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+                       items: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
         model = self.p.forward_module
         for m in range(self.config.num_micro_batches):
             last = m == self.config.num_micro_batches - 1
             sync = contextlib.nullcontext() if (last or not self.p.uses_ddp) else model.no_sync()
             with sync:
                 with self._forward_context():
-                    loss = model(input_ids=ids[m * mbs:(m + 1) * mbs], labels=labels[m * mbs:(m + 1) * mbs],
-                                 num_items_in_batch=items).loss
+                    loss = model(**self._inputs(ids, labels, positions, m), num_items_in_batch=items).loss
                 loss.backward()
             total += loss.detach().float()
         return total
 
-    def _pipeline(self, ids: torch.Tensor, labels: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _pipeline(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+                  items: torch.Tensor) -> torch.Tensor:
         self.p.loss_holder["items"] = items
         losses: list[torch.Tensor] = []
-        args = (ids,) if self.p.has_first_stage else ()
+        if positions is None:  # one document per row: positions count from 0 (executor/pipeline.py)
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        args = (ids, positions) if self.p.has_first_stage else ()
         kwargs = {"target": labels, "losses": losses} if self.p.has_last_stage else {}
         with self._forward_context():
             self.p.schedule.step(*args, **kwargs)
@@ -116,7 +133,7 @@ class Trainer:
         items = items_per_rank(labels, self.config.dp, self.device)
         local_ids, local_labels = self._local(ids, labels)
         run = self._pipeline if self.config.pp > 1 else self._micro_batches
-        local = run(local_ids, local_labels, items)
+        local = run(local_ids, local_labels, self._positions(self.data, step), items)
         norm = self._clip()
         self.p.optimizers.step()
         contribution = local if self.topo.logs_loss else torch.zeros_like(local)
@@ -135,11 +152,11 @@ class Trainer:
             ids, labels = self.eval_data.batch(step)
             items = items_per_rank(labels, self.config.dp, self.device)
             local_ids, local_labels = self._local(ids, labels)
+            positions = self._positions(self.eval_data, step)
             local = torch.zeros((), device=self.device)
             for m in range(self.config.num_micro_batches):
-                rows = slice(m * self.config.micro_batch_size, (m + 1) * self.config.micro_batch_size)
                 with self._forward_context():
-                    local += model(input_ids=local_ids[rows], labels=local_labels[rows],
+                    local += model(**self._inputs(local_ids, local_labels, positions, m),
                                    num_items_in_batch=items).loss.float()
             contribution = local if self.topo.logs_loss else torch.zeros_like(local)
             dist.all_reduce(contribution)
@@ -217,6 +234,14 @@ class Trainer:
         tensor = torch.tensor(value, dtype=torch.int64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
+
+
+def _check_options(options: RunOptions, workload: Workload) -> None:
+    """What the options cannot do with this Plan, refused before training."""
+    if options.merge_lora and workload.method != "lora":
+        what = "a full fine-tune saves the whole model already" if workload.method == "full" else \
+            "the QLoRA base is 4-bit; merge the adapter into the full-precision base with peft after training"
+        raise InvalidRequest(f"--merge-lora applies to LoRA runs only ({what}); drop --merge-lora")
 
 
 def _inject_oom(config: ParallelConfig) -> bool:
