@@ -24,7 +24,8 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            self.note = "tensorboard is not installed: no event files (pip install tensorboard); metrics.jsonl has it all"
+            self.note = ("tensorboard is not installed: no event files (pip install tensorboard); "
+                         "metrics.jsonl has every value")
             return
         self.writer = SummaryWriter(log_dir=str(folder))
 
