@@ -37,6 +37,8 @@ class Trainer:
         self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
         self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
         _check_options(options, workload)
+        if workload.optimizer_in_backward and options.max_grad_norm > 0 and topo.rank == 0:
+            print("note: no gradient clipping: the optimizer steps inside backward, before the global norm is known")
         tokenizer = load_tokenizer(options.tokenizer, spec.vocab_size)
         examples, self.data_report = load_examples(options.data, tokenizer, options.max_bad_fraction,
                                                    options.chat_template)

@@ -84,3 +84,12 @@ def test_merge_lora_is_refused_for_a_full_fine_tune(tmp_path):
     plan = make_plan(tmp_path / "plan.json", 1, micro_batch_size=4)
     proc = train(plan, tmp_path / "run", 2, "--merge-lora", "true", check=False)
     assert proc.returncode == 2 and "--merge-lora applies to LoRA runs only" in proc.stderr
+
+
+def test_optimizer_in_backward_follows_the_schedule_without_clipping(tmp_path):
+    plan = make_plan(tmp_path / "plan.json", 1, {"optimizer_in_backward": True}, micro_batch_size=8)
+    proc = train(plan, tmp_path / "run", 4, "--no-save", "--lr-schedule", "linear", "--warmup-steps", "0",
+                 "--min-lr-ratio", "0.5")
+    rows = metrics(tmp_path / "run")
+    assert [rows[k]["lr"] for k in (1, 2, 3, 4)] == pytest.approx([1e-3 * (1 - 0.5 * k / 3) for k in range(4)])
+    assert all(rows[k]["grad_norm"] is None for k in rows) and "no gradient clipping" in proc.stdout
