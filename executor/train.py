@@ -111,7 +111,7 @@ class Trainer:
         self.p.loss_holder["items"] = items
         losses: list[torch.Tensor] = []
         if positions is None:  # one document per row: positions count from 0 (executor/pipeline.py)
-            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids).contiguous()
         args = (ids, positions) if self.p.has_first_stage else ()
         kwargs = {"target": labels, "losses": losses} if self.p.has_last_stage else {}
         with self._forward_context():
