@@ -70,7 +70,7 @@ def save(output: Path, step: int, module: nn.Module, optimizers: Optimizers, met
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(_state(module, optimizers), checkpoint_id=str(tmp))
-    extra = {"rng": _rng_state()}
+    extra = {"rng": _rng_state(), **optimizers.extra_state()}
     if optimizers.is_zero1:
         extra["zero1_optimizer"] = optimizers.main.optim.state_dict()  # this rank's partition
     torch.save(extra, tmp / f"rank-{rank:05d}.pt")
@@ -121,6 +121,7 @@ def load(path: Path, module: nn.Module, optimizers: Optimizers, expected: dict[s
     extra = torch.load(path / f"rank-{dist.get_rank():05d}.pt", weights_only=False)
     if optimizers.is_zero1:
         optimizers.main.optim.load_state_dict(extra["zero1_optimizer"])
+    optimizers.load_extra_state(extra)
     torch.set_rng_state(extra["rng"]["cpu"])
     if "cuda" in extra["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng"]["cuda"])

@@ -1,12 +1,19 @@
-"""Training data: Alpaca-style single-turn and ShareGPT-style multi-turn rows (JSON list or JSONL,
-the formats of LLaMA2-Accessory's fine-tuning recipes), tokenized with the loss on responses only,
-then packed into fixed-length sequences.
+"""Training data: Alpaca-style single-turn, ShareGPT-style multi-turn (the formats of
+LLaMA2-Accessory's fine-tuning recipes) and OpenAI-style `messages` rows, from a JSON list, JSONL or
+Parquet file (pyarrow), tokenized with the loss on responses only, then packed into fixed-length
+sequences.
+
+Prompts: a tokenizer with a chat template formats the conversation (`apply_chat_template`, see
+executor/chat.py); otherwise the Alpaca / Vicuna instruction format below (the byte tokenizer).
 
 Packing concatenates examples (bos + prompt + response + eos) and cuts the stream every seq_len
-tokens, the last piece padded (as Hugging Face's run_clm `group_texts`, without dropping the tail);
-attention is causal over the packed sequence, without per-document masks. The order of examples is
-shuffled per epoch with the run's seed, so the batch of step k is a pure function of (data, seed, k):
-that index is the data position a checkpoint stores.
+tokens, the last piece padded (as Hugging Face's run_clm `group_texts`, without dropping the tail).
+Each example's position ids restart at 0 (a piece cut off the previous sequence continues its
+count), which is how transformers recognises packed documents (masking_utils
+`find_packed_sequence_indices`): with --document-mask the model gets them and attention stays
+inside each document (flash-attention-2: varlen kernels; sdpa/eager, the CPU path: a block-diagonal
+causal mask). The order of examples is shuffled per epoch with the run's seed, so the batch of step
+k is a pure function of (data, seed, k): that index is the data position a checkpoint stores.
 """
 
 from __future__ import annotations
@@ -80,19 +87,42 @@ def sharegpt_segments(row: dict[str, Any]) -> Segments:
     return segments
 
 
-def row_segments(row: Any) -> Segments:
+def row_segments(row: Any, tokenizer: Tokenizer | None = None) -> Segments:
     if not isinstance(row, dict):
         raise BadRow("not a JSON object")
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        from executor.chat import chat_segments
+
+        return chat_segments(row, tokenizer)
+    if "messages" in row:
+        from executor.chat import row_messages
+
+        return sharegpt_segments({"conversations": [{"from": m["role"], "value": m["content"]}
+                                                    for m in row_messages(row)]})
     if "conversations" in row:
         return sharegpt_segments(row)
     if "instruction" in row or "output" in row:
         return alpaca_segments(row)
-    raise BadRow("neither Alpaca (instruction/output) nor ShareGPT (conversations)")
+    raise BadRow("neither Alpaca (instruction/output), ShareGPT (conversations) nor chat (messages)")
+
+
+def read_parquet(file: Path) -> list[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InvalidRequest(f"reading {file} needs pyarrow (pip install pyarrow), or convert it to JSONL") from None
+    try:
+        rows = pq.read_table(str(file)).to_pylist()
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"cannot read the Parquet file {file}: {str(exc).splitlines()[0]}") from None
+    return [(f"row {i + 1}", row) for i, row in enumerate(rows)]
 
 
 def read_rows(path: str) -> list[tuple[str, Any]]:
-    """(where, parsed row or BadRow) for every row of a JSON list or a JSONL file."""
+    """(where, parsed row or BadRow) for every row of a JSON list, a JSONL or a Parquet file."""
     file = Path(path).expanduser()
+    if file.suffix == ".parquet":
+        return read_parquet(file)
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -132,27 +162,35 @@ class DataReport:
         return {"rows": self.rows, "bad_rows": self.bad, "first_errors": self.first_errors}
 
 
-def tokenize(segments: Segments, tokenizer: Tokenizer) -> Example:
-    ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    trained = [False] * len(ids)
+def tokenize(segments: Segments, tokenizer: Tokenizer, templated: bool = False) -> Example:
+    """bos + segments + eos; a chat template writes its own special tokens (bos and eos are added
+    only where the rendered text lacks them)."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    piece: list[int] = []
     for text, is_trained in segments:
         piece = tokenizer.encode(text)
         ids += piece
         trained += [is_trained] * len(piece)
-    ids.append(tokenizer.eos_id)  # the response ends: learn to stop
-    trained.append(True)
+    if tokenizer.bos_id is not None and not (templated and ids and ids[0] == tokenizer.bos_id):
+        ids, trained = [tokenizer.bos_id] + ids, [False] + trained
+    if not (templated and tokenizer.eos_id in piece):  # the template's last reply may end with eos itself
+        ids.append(tokenizer.eos_id)  # the response ends: learn to stop
+        trained.append(True)
     return Example(ids, trained)
 
 
-def load_examples(path: str, tokenizer: Tokenizer, max_bad_fraction: float) -> tuple[list[Example], DataReport]:
+def load_examples(path: str, tokenizer: Tokenizer, max_bad_fraction: float,
+                  chat_template: bool = True) -> tuple[list[Example], DataReport]:
     """Parse and tokenize every row; bad rows are counted and skipped, too many stop the run."""
     report, examples = DataReport(), []
+    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
     for where, row in read_rows(path):
         report.rows += 1
         try:
             if isinstance(row, BadRow):
                 raise row
-            examples.append(tokenize(row_segments(row), tokenizer))
+            examples.append(tokenize(row_segments(row, tokenizer if templated else None), tokenizer, templated))
         except BadRow as exc:
             report.bad += 1
             if len(report.first_errors) < 3:
@@ -173,40 +211,53 @@ class PackedData:
     def __init__(self, examples: list[Example], seq_len: int, global_batch: int, seed: int, pad_id: int) -> None:
         self.examples, self.seq_len, self.global_batch = examples, seq_len, global_batch
         self.seed, self.pad_id = seed, pad_id
-        self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the latest epoch only
+        self._epochs: dict[int, tuple[torch.Tensor, ...]] = {}  # the latest epoch only
         total_tokens = sum(len(e.ids) for e in examples)  # the same in every epoch
         self.sequences_per_epoch = -(-total_tokens // seq_len)
 
-    def epoch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, labels), each [sequences, seq_len] int64, of one shuffled pass over the examples."""
+    def _epoch(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, labels, position ids), each [sequences, seq_len] int64, of one shuffled pass."""
         if index not in self._epochs:
             order = list(range(len(self.examples)))
             random.Random(self.seed * 1_000_003 + index).shuffle(order)
             ids: list[int] = []
             labels: list[int] = []
+            positions: list[int] = []
             for i in order:
                 example = self.examples[i]
                 ids += example.ids
                 labels += [t if keep else IGNORE_INDEX for t, keep in zip(example.ids, example.trained)]
+                positions += range(len(example.ids))
             pad = -len(ids) % self.seq_len
             ids += [self.pad_id] * pad
             labels += [IGNORE_INDEX] * pad
+            positions += range(pad)  # the padding is a document of its own
             shape = (-1, self.seq_len)
-            self._epochs = {index: (torch.tensor(ids).view(shape), torch.tensor(labels).view(shape))}
+            self._epochs = {index: tuple(torch.tensor(v).view(shape) for v in (ids, labels, positions))}
         return self._epochs[index]
 
-    def sequences(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`count` sequences from position `start` of the endless stream of epochs."""
-        ids, labels = [], []
+    def epoch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, labels), each [sequences, seq_len] int64, of one shuffled pass over the examples."""
+        return self._epoch(index)[:2]
+
+    def sequences(self, start: int, count: int, positions: bool = False) -> tuple[torch.Tensor, ...]:
+        """`count` sequences from position `start` of the endless stream of epochs: (ids, labels),
+        and their position ids when asked."""
+        parts: list[list[torch.Tensor]] = [[], [], []]
         epoch, offset = divmod(start, self.sequences_per_epoch)
         while count > 0:
-            e_ids, e_labels = self.epoch(epoch)
-            take = min(count, e_ids.shape[0] - offset)
-            ids.append(e_ids[offset:offset + take])
-            labels.append(e_labels[offset:offset + take])
+            tensors = self._epoch(epoch)
+            take = min(count, tensors[0].shape[0] - offset)
+            for part, tensor in zip(parts, tensors):
+                part.append(tensor[offset:offset + take])
             count, offset, epoch = count - take, 0, epoch + 1
-        return torch.cat(ids), torch.cat(labels)
+        return tuple(torch.cat(part) for part in parts[:3 if positions else 2])
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch of optimizer step `step` (0-based): [global_batch, seq_len] ids and labels."""
         return self.sequences(step * self.global_batch, self.global_batch)
+
+    def position_ids(self, step: int) -> torch.Tensor:
+        """The position ids of `batch(step)`: 0 at each document's start (a document cut at the end of
+        the previous sequence continues its count)."""
+        return self.sequences(step * self.global_batch, self.global_batch, positions=True)[2]

@@ -82,7 +82,8 @@ def preflight(document: Plan, options: RunOptions) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    load_examples(options.data, load_tokenizer(options.tokenizer, spec.vocab_size), options.max_bad_fraction)
+    load_examples(options.data, load_tokenizer(options.tokenizer, spec.vocab_size), options.max_bad_fraction,
+                  options.chat_template)
     if options.init_from and not Path(options.init_from).expanduser().is_dir():
         raise InvalidRequest(f"--init-from {options.init_from} is not a folder")
     output = options.output_dir

@@ -23,20 +23,38 @@ class Optimizers:
 
     main: torch.optim.Optimizer | None
     in_backward: list[torch.optim.Optimizer] = field(default_factory=list)
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = field(default_factory=list)  # executor/schedule.py
 
     @property
     def all(self) -> list[torch.optim.Optimizer]:
         return [self.main] if self.main is not None else self.in_backward
 
-    def set_lr(self, lr: float) -> None:
-        for optimizer in self.all:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for optimizer in self.all for group in optimizer.param_groups for p in group["params"]]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return float(self.all[0].param_groups[0]["lr"])
 
     def step(self) -> None:
+        """The optimizer step (unless it ran inside backward), then the schedule's."""
         if self.main is not None:
             self.main.step()
             self.main.zero_grad(set_to_none=True)
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def extra_state(self) -> dict:
+        """What a checkpoint keeps besides the optimizer state: the schedule's position."""
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_extra_state(self, state: dict) -> None:
+        for scheduler, saved in zip(self.schedulers, state.get("schedulers", [])):
+            scheduler.load_state_dict(saved)
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
 
     @property
     def is_zero1(self) -> bool:

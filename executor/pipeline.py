@@ -34,7 +34,8 @@ def stage_indices(pp_rank: int, pp: int, vpp: int) -> list[int]:
 class StageModel(nn.Module):
     """One pipeline stage with the transformers model's attribute paths (model.*, lm_head)."""
 
-    def __init__(self, causal_lm: nn.Module, layer_ids: list[int], first: bool, last: bool) -> None:
+    def __init__(self, causal_lm: nn.Module, layer_ids: list[int], first: bool, last: bool,
+                 document_mask: bool = False) -> None:
         super().__init__()
         inner = causal_lm.model
         self.model = nn.Module()
@@ -44,35 +45,49 @@ class StageModel(nn.Module):
         self.model.rotary_emb = inner.rotary_emb
         self.lm_head = causal_lm.lm_head if last else None
         self.eager = causal_lm.config._attn_implementation == "eager"
+        self.document_mask = document_mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: token ids (B, S) on the first stage, hidden states (B, S, H) elsewhere
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # x: token ids (B, S) on the first stage, hidden states (B, S, H) elsewhere; positions (B, S)
+        # restart at 0 per packed document and travel with the activations to the next stage
         hidden = self.model.embed_tokens(x) if self.model.embed_tokens is not None else x
-        seq = hidden.shape[1]
-        positions = torch.arange(seq, device=hidden.device).unsqueeze(0)
         rotary = self.model.rotary_emb(hidden, position_ids=positions)
-        mask = _causal_mask(seq, hidden) if self.eager else None  # SDPA is causal when the mask is None
+        mask = _attention_mask(positions, hidden, self.eager, self.document_mask)
         for layer in self.model.layers.values():
             out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
             hidden = out[0] if isinstance(out, tuple) else out
         if self.lm_head is not None:
             return self.lm_head(self.model.norm(hidden))  # logits (B, S, V)
-        return hidden
+        return hidden, positions
 
 
-def _causal_mask(seq: int, like: torch.Tensor) -> torch.Tensor:
-    """Additive (1, 1, S, S) mask for eager attention, which is not causal by itself."""
-    blocked = torch.full((seq, seq), torch.finfo(like.dtype).min, device=like.device, dtype=like.dtype)
-    return torch.triu(blocked, diagonal=1)[None, None]
+def _attention_mask(positions: torch.Tensor, like: torch.Tensor, eager: bool,
+                    document_mask: bool) -> torch.Tensor | None:
+    """None (SDPA's causal kernel) without document masks; else the causal mask within each packed
+    document (a new one wherever the positions do not count up by one, as transformers'
+    masking_utils.find_packed_sequence_indices): boolean for SDPA, additive for eager attention."""
+    if not eager and not document_mask:
+        return None
+    seq = positions.shape[1]
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=like.device).tril()[None, None]  # (1, 1, S, S)
+    if document_mask:
+        document = (torch.diff(positions, dim=-1, prepend=positions[:, :1] - 1) != 1).cumsum(-1)
+        allowed = allowed & (document[:, :, None] == document[:, None, :])[:, None]  # (B, 1, S, S)
+    if not eager:
+        return allowed
+    blocked = torch.full((), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return torch.where(allowed, torch.zeros((), dtype=like.dtype, device=like.device), blocked)
 
 
-def build_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int) -> tuple[nn.Module, list[tuple[int, StageModel]]]:
+def build_stages(model: nn.Module, pp_rank: int, pp: int, vpp: int,
+                 document_mask: bool = False) -> tuple[nn.Module, list[tuple[int, StageModel]]]:
     """(container with this rank's modules at their original paths, [(stage index, stage)])."""
     causal_lm = unwrap(model)
     plan = layers_per_stage(causal_lm.config.num_hidden_layers, pp, vpp)
     stages = []
     for index in stage_indices(pp_rank, pp, vpp):
-        stages.append((index, StageModel(causal_lm, plan[index], first=index == 0, last=index == pp * vpp - 1)))
+        stages.append((index, StageModel(causal_lm, plan[index], first=index == 0, last=index == pp * vpp - 1,
+                                         document_mask=document_mask)))
     container = nn.Module()
     container.model = nn.Module()
     container.model.layers = nn.ModuleDict({k: v for _, s in stages for k, v in s.model.layers.items()})

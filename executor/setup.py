@@ -82,7 +82,7 @@ def _prepare_single_stage(model, spec, workload, config, topo, device, compile_l
 
 
 def _prepare_pipeline(model, spec, workload, config, topo, device, compile_layers, options) -> Prepared:
-    container, stages = build_stages(model, topo.pp_rank, config.pp, config.vpp)
+    container, stages = build_stages(model, topo.pp_rank, config.pp, config.vpp, options.document_mask)
     del model  # layers of other stages are freed with it
     holder: dict = {"items": 1.0}
     uses_ddp = False

@@ -55,9 +55,13 @@ class HFTokenizer:
         self.eos_id = int(self._tok.eos_token_id)
         self.pad_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_id)
         self.vocab_size = len(self._tok)
+        self.chat_template = getattr(self._tok, "chat_template", None)  # executor/chat.py uses it when set
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def load_tokenizer(spec: str | None, model_vocab_size: int) -> Tokenizer:

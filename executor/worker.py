@@ -87,7 +87,7 @@ def train(document: Plan, options: RunOptions, device: torch.device, recorder: R
     trainer = trainer_class(spec, workload, config, topo, device, options, prepared, recorder)
     trainer.run(document.config.to_dict())
     if options.save_final:
-        save_final(options.output_dir / "final", prepared, spec, workload, topo)
+        save_final(options.output_dir / "final", prepared, spec, workload, topo, options)
     return {"data": trainer.data_report.to_dict(), "parameters": prepared.parameters,
             "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
 

@@ -62,10 +62,20 @@ def losses(output: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def metrics(output: Path) -> dict[int, dict]:
+    """Every row of DIR/metrics.jsonl by step."""
+    return {row["step"]: row for row in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())}
+
+
 @pytest.fixture(scope="session")
-def single_process_losses(tmp_path_factory) -> dict[int, float]:
-    """The reference: the same model, data and seed in one process (dp = tp = pp = 1)."""
+def single_process_run(tmp_path_factory) -> Path:
+    """The reference: the same model, data and seed in one process (dp = tp = pp = 1); its run folder."""
     folder = tmp_path_factory.mktemp("reference")
     plan = make_plan(folder / "plan.json", 1, micro_batch_size=4)
     train(plan, folder / "run", 20, "--no-save")
-    return losses(folder / "run")
+    return folder / "run"
+
+
+@pytest.fixture(scope="session")
+def single_process_losses(single_process_run) -> dict[int, float]:
+    return losses(single_process_run)

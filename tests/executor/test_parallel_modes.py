@@ -1,6 +1,7 @@
 """Every parallel layout trains the same model: 20 steps of llama-tiny under torchrun on CPU
 (gloo), the loss falls, and step 20 matches the single-process run within 1e-2 (the issue's
-acceptance; in fp32 they agree to ~1e-6)."""
+acceptance; in fp32 they agree to ~1e-6). The global gradient norm (clipped at 1.0 by default)
+and the learning rate of the first steps are the single process's too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from tests.executor.conftest import losses, make_plan, train
+from tests.executor.conftest import losses, make_plan, metrics, train
 
 MODES = {
     # name: (processes, config, workload)
@@ -36,7 +37,7 @@ def _mode_params():
 
 
 @pytest.mark.parametrize("name", list(_mode_params()))
-def test_layout_matches_single_process(name, tmp_path, single_process_losses):
+def test_layout_matches_single_process(name, tmp_path, single_process_losses, single_process_run):
     processes, config, workload = MODES[name]
     plan = make_plan(tmp_path / "plan.json", processes, workload, **config)
     train(plan, tmp_path / "run", 20, "--no-save")
@@ -44,6 +45,11 @@ def test_layout_matches_single_process(name, tmp_path, single_process_losses):
     assert sorted(got) == list(range(1, 21))
     assert got[20] < got[1] - 1.0, f"the loss did not fall: {got[1]:.3f} -> {got[20]:.3f}"
     assert abs(got[20] - single_process_losses[20]) < 1e-2, (got[20], single_process_losses[20])
+    rows, reference = metrics(tmp_path / "run"), metrics(single_process_run)
+    for step in (1, 2, 3):
+        assert rows[step]["grad_norm"] > 1.0, "the default clipping at 1.0 is not exercised"
+        assert rows[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4), step
+        assert rows[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9), step
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert summary["plan"]["config"] == json.loads(plan.read_text())["config"]
