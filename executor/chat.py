@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from executor.data import ASSISTANT_ROLES, HUMAN_ROLES, BadRow, Segments, alpaca_segments
+from executor.rows import ASSISTANT_ROLES, HUMAN_ROLES, BadRow, Segments, alpaca_segments
 
 ROLES = {**{r: "user" for r in HUMAN_ROLES}, **{r: "assistant" for r in ASSISTANT_ROLES}, "system": "system"}
 

@@ -26,65 +26,12 @@ from typing import Any
 
 import torch
 
+from executor.rows import (ALPACA_PROMPT, ALPACA_PROMPT_INPUT, ASSISTANT_ROLES, CHAT_SYSTEM,  # noqa: F401
+                           HUMAN_ROLES, BadRow, Segments, alpaca_segments, sharegpt_segments)
 from executor.tokenizer import Tokenizer
 from planner.errors import InvalidRequest
 
 IGNORE_INDEX = -100  # labels the loss skips (torch.nn.functional.cross_entropy's default ignore_index)
-
-# LLaMA2-Accessory / Stanford Alpaca prompt templates
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                       "further context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-CHAT_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-               "helpful, detailed, and polite answers to the human's questions.")
-HUMAN_ROLES, ASSISTANT_ROLES = ("human", "user"), ("gpt", "assistant", "chatgpt", "bard", "bing")
-
-
-class BadRow(ValueError):
-    """A row that cannot become a training example; counted and skipped."""
-
-
-Segments = list[tuple[str, bool]]  # (text, trained on?)
-
-
-def alpaca_segments(row: dict[str, Any]) -> Segments:
-    instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input", "")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise BadRow("missing or empty 'instruction'")
-    if not isinstance(output, str) or not output.strip():
-        raise BadRow("missing or empty 'output'")
-    if extra is None:
-        extra = ""
-    if not isinstance(extra, str):
-        raise BadRow("'input' must be a string")
-    prompt = (ALPACA_PROMPT_INPUT if extra.strip() else ALPACA_PROMPT).format(instruction=instruction, input=extra)
-    return [(prompt, False), (" " + output, True)]
-
-
-def sharegpt_segments(row: dict[str, Any]) -> Segments:
-    turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadRow("'conversations' must be a non-empty list")
-    segments: Segments = [(CHAT_SYSTEM, False)]
-    answered = False
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise BadRow("each turn needs 'from' and a string 'value'")
-        role = str(turn.get("from", "")).lower()
-        if role == "system":
-            segments[0] = (turn["value"], False)
-        elif role in HUMAN_ROLES:
-            segments.append((f"\n\n### Human: {turn['value']}\n### Assistant:", False))
-        elif role in ASSISTANT_ROLES:
-            segments.append((" " + turn["value"], True))
-            answered = True
-        else:
-            raise BadRow(f"unknown role {turn.get('from')!r}")
-    if not answered:
-        raise BadRow("no assistant turn to learn from")
-    return segments
 
 
 def row_segments(row: Any, tokenizer: Tokenizer | None = None) -> Segments:
