@@ -13,7 +13,9 @@ ring (ALL_TO_ALL rotater = permute_tensor to the next rank), cp sends of the ran
 fp32, each behind one block's backward. The softmax rescaling (`_SDPAMerger.step`, fp32) is a
 memory-bound pass over the rank's output per block; the backward accumulates dQ and dK/dV in fp32
 per block. Megatron / TransformerEngine's `cp_comm_type="p2p"` passes K/V blocks point to point
-instead; its volume is the same (cp-1 shards per rank), its overlap per block.
+instead; its volume is the same (cp-1 shards per rank), its overlap per block. The share of a
+block's compute the exchange can hide behind is the profile's overlap `cp` (hand-set to dp's prior,
+0.8, in calibration/profiles/initial.json: no measured cp runs have been fitted yet).
 
 Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
 tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a

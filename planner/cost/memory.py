@@ -244,13 +244,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     casts = num.autocast & (c.zero <= 1)
     gone = regime.experts.trainable_tp * (1 - 1 / c.ep)  # the experts other ep ranks hold
     trained_matmuls = (regime.layer.params.trainable_tp - gone) / t
-    steps, experts_done = [], False
-    for step in regime.layer.backward:  # in backward order: the layers before the experts see them done
-        own = step.name == "experts"
-        steps.append((per_micro_batch(step.alive), (step.weight_params_tp - (gone if own else 0.0)) / t
-                      + step.weight_params_rep,
-                      (step.done_params_tp - (gone if experts_done else 0.0)) / t + step.done_params_rep))
-        experts_done = experts_done or own
+    steps = _backward_steps(regime, t, gone, per_micro_batch)
     if w.optimizer_in_backward:
         gb = 0.0 * gb
     grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
@@ -283,6 +277,19 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
         checkpointed=c.recompute != 0)
+
+
+def _backward_steps(regime: Regime, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(alive, weights made here, made before) of each backward step of a layer on this rank: the
+    routed experts' weight gradients are of the rank's 1/ep of them (`gone`: the others' share)."""
+    steps, experts_done = [], False
+    for step in regime.layer.backward:  # in backward order: the ops before the experts see them done
+        own = step.name == "experts"
+        steps.append((per_micro_batch(step.alive), (step.weight_params_tp - (gone if own else 0.0)) / t
+                      + step.weight_params_rep,
+                      (step.done_params_tp - (gone if experts_done else 0.0)) / t + step.done_params_rep))
+        experts_done = experts_done or own
+    return steps
 
 
 def _ring_bytes(spec, c: Candidates, tokens: np.ndarray, compute_bytes: int) -> np.ndarray:
