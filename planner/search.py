@@ -24,7 +24,7 @@ from planner.layout import OFFLOAD, RECOMPUTE, ZERO
 from planner.rules import OPTION_RULES, STRUCTURAL_FIXES, rule_masks, structural_reason
 
 VPP_CHOICES = (1, 2, 4)
-CP_PAIRING = "context parallelism with micro-batches > 1 (more data ranks do the same without the ring)"
+CP_PAIRING = "even cp with an even micro-batch (half of each and twice the dp do the same with a shorter ring)"
 
 
 @dataclass
@@ -94,9 +94,10 @@ def search(ctx: Context, pins: Pins, target: str = "executor") -> SearchResult:
                 if cp > 1 and workload.seq_len % (2 * cp):
                     rejected["sequence not divisible into 2 x cp chunks"] += per_triple * len(batches)
                     continue
-                # cp > 1 with b sequences per micro-batch does a rank's work of cp / 2 with b / 2 and twice
-                # the data ranks (same tokens, micro-batches and ZeRO group) plus a ring: not worth costing
-                cp_batches = batches if cp == 1 or pins.micro_batch_size is not None else [1]
+                # even cp and b: (cp / 2, b / 2, 2 dp) gives each rank the same tokens, micro-batches, ZeRO
+                # and expert groups with a shorter ring, so (cp, b) is never better: not worth costing
+                free = pins.micro_batch_size is None and pins.dp is None
+                cp_batches = [b for b in batches if not (free and cp % 2 == 0 and b % 2 == 0)]
                 pinned_out[CP_PAIRING] += per_triple * (len(batches) - len(cp_batches))
                 for b in cp_batches:
                     reason = structural_reason(spec, workload, n_dev, tp, pp, b, cp)

@@ -209,3 +209,13 @@ def test_exports_carry_cp_and_ep():
     acc = llama_long(131072, target="accelerate")
     plan = make_plan(acc, suggest(acc, Pins(cp=8), top=1)["candidates"][0])
     assert accelerate_config(_Plan(plan))["parallelism_config"]["parallelism_config_cp_size"] == 8
+
+
+def test_even_cp_with_an_even_micro_batch_is_never_better():
+    """Why the search skips (cp, b) both even: (cp / 2, b / 2) with twice the dp gives each rank the
+    same tokens and micro-batches with a shorter ring (planner/search.py)."""
+    request = llama_long(32768, global_batch=16, target="torchtitan")
+    skipped = predict(request, config(dp=2, cp=4, micro=2, global_batch=16, zero=3, recompute="full"))
+    kept = predict(request, config(dp=4, cp=2, micro=1, global_batch=16, zero=3, recompute="full"))
+    assert kept["time"]["step_s"] <= skipped["time"]["step_s"]
+    assert kept["memory"]["peak_bytes"] <= skipped["memory"]["peak_bytes"]
