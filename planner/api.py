@@ -151,19 +151,32 @@ def suggest(request: Request, pins: Pins | None = None, top: int = 5) -> dict[st
 def check_pins(r: Resolved, pins: Pins) -> None:
     """A pinned degree that cannot work on this cluster or batch is a mistake to name, not a search."""
     devices, batch = r.cluster.num_devices, r.workload.global_batch
-    if (pins.cp or 1) > 1 or (pins.ep or 1) > 1:
-        raise InvalidRequest("context and expert parallelism (--cp, --ep) are not modelled yet; drop --cp/--ep")
-    for name in ("dp", "tp", "pp"):
+    for name in ("dp", "tp", "pp", "cp"):
         value = getattr(pins, name)
         if value is not None and devices % value:
             raise InvalidRequest(f"--{name} {value} does not divide the {devices} devices; choose a --{name} that "
                                  f"divides --gpus, or --gpus a multiple of {value}")
-    fixed = [getattr(pins, n) for n in ("dp", "tp", "pp") if getattr(pins, n) is not None]
+    _check_cp_ep_pins(r, pins)
+    fixed = [getattr(pins, n) for n in ("dp", "tp", "pp", "cp") if getattr(pins, n) is not None]
     if len(fixed) >= 2 and devices % math.prod(fixed):
         raise InvalidRequest(f"the pinned degrees multiply to {math.prod(fixed)}, which does not divide the "
                              f"{devices} devices; choose degrees whose product divides --gpus")
     if pins.micro_batch_size is not None and batch % pins.micro_batch_size:
         raise InvalidRequest(f"--micro-batch-size {pins.micro_batch_size} does not divide --global-batch {batch}")
+
+
+def _check_cp_ep_pins(r: Resolved, pins: Pins) -> None:
+    """Pinned context / expert parallel degrees that cannot work for this model and sequence."""
+    spec, seq = r.spec, r.workload.seq_len
+    if pins.cp is not None and pins.cp > 1 and seq % (2 * pins.cp):
+        raise InvalidRequest(f"--cp {pins.cp} does not split --seq-len {seq} into 2 x cp = {2 * pins.cp} equal "
+                             "chunks (torch's load-balanced ring attention); choose a --cp with 2 x cp dividing it")
+    if pins.ep is not None and pins.ep > 1:
+        if not spec.is_moe:
+            raise InvalidRequest(f"--ep {pins.ep}: {spec.name} is a dense model (no routed experts); use --ep 1")
+        if spec.num_experts % pins.ep:
+            raise InvalidRequest(f"--ep {pins.ep} does not divide the {spec.num_experts} routed experts; choose an "
+                                 "--ep that divides them")
 
 
 def _distinct_predictions(r: Resolved, result: SearchResult, top: int) -> list[dict[str, Any]]:

@@ -70,6 +70,9 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          lambda c, s, w: (w.method == "qlora") & (c.zero >= 2), fix="--zero 0 or 1"),
     Rule("8-bit AdamW with sharded states is not implemented by the executor",
          lambda c, s, w: (w.optimizer == "adamw8bit") & ((c.zero >= 1) | (c.tp > 1)), fix="--zero 0 --tp 1"),
+    Rule("context parallelism in the executor needs torch's context_parallel on CUDA", lambda c, s, w: c.cp > 1,
+         fix="--cp 1"),
+    Rule("expert parallelism is not implemented by the executor yet", lambda c, s, w: c.ep > 1, fix="--ep 1"),
 )
 
 DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
@@ -82,6 +85,9 @@ DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
          fix="no --sequence-parallel"),
     Rule("DeepSpeed gathers the logits (no vocabulary-parallel loss)", lambda c, s, w: w.loss_parallel & (c.tp > 1),
          fix="no --loss-parallel"),
+    Rule("DeepSpeed's Ulysses sequence parallelism is not ring cp", lambda c, s, w: c.cp > 1, fix="--cp 1"),
+    Rule("DeepSpeed-MoE's expert parallelism needs its own model code (deepspeed.moe.layer.MoE), not this config",
+         lambda c, s, w: c.ep > 1, fix="--ep 1"),
 )
 
 ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (
@@ -92,6 +98,10 @@ ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (
          lambda c, s, w: c.sequence_parallel, fix="no --sequence-parallel"),
     Rule("Accelerate gathers the logits (no vocabulary-parallel loss)", lambda c, s, w: w.loss_parallel & (c.tp > 1),
          fix="no --loss-parallel"),
+    # accelerate's ParallelismConfig: cp_size > 1 runs torch's context_parallel under FSDP2 only
+    Rule("Accelerate's context parallelism runs with FSDP2 only", lambda c, s, w: (c.cp > 1) & (c.zero < 2),
+         fix="--zero 2 or 3, or --cp 1"),
+    Rule("Accelerate's parallelism_config has no expert parallelism", lambda c, s, w: c.ep > 1, fix="--ep 1"),
 )
 
 TORCHTITAN_RULES: tuple[Rule, ...] = _common("torchtitan") + (

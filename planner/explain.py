@@ -9,9 +9,10 @@ from typing import Any
 
 TIME_WORDS = {"compute": "compute", "recompute": "recomputation", "tp_comm": "tensor-parallel communication",
               "pp_bubble": "pipeline bubble", "pp_comm": "pipeline sends", "dp_comm": "data-parallel/ZeRO communication",
-              "optimizer": "optimizer step", "offload": "host offload traffic"}
+              "optimizer": "optimizer step", "offload": "host offload traffic",
+              "cp_comm": "context-parallel ring attention", "ep_comm": "expert-parallel all-to-alls"}
 CONFIG_KEYS = ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "recompute", "zero", "offload",
-               "sequence_parallel", "vpp")
+               "sequence_parallel", "vpp", "cp", "ep")
 
 
 def seed_summary(config: dict[str, Any]) -> str:
@@ -24,6 +25,10 @@ def seed_summary(config: dict[str, Any]) -> str:
              f"data_parallel : {config['dp']}"]
     if config["vpp"] > 1:
         parts.append(f"virtual_stages : {config['vpp']}")
+    if config.get("cp", 1) > 1:
+        parts.append(f"context_parallel : {config['cp']}")
+    if config.get("ep", 1) > 1:
+        parts.append(f"expert_parallel : {config['ep']}")
     if config["offload"] != "none":
         parts.append(f"offload : {config['offload']}")
     return ", ".join(parts)

@@ -75,10 +75,10 @@ def accelerate_config(plan: _Plan) -> dict[str, Any]:
             plan.notes.append("FSDP has no ZeRO-1; zero 1 becomes reshard_after_forward false (ZeRO-2-like, less memory)")
         if c.zero == 0:
             plan.notes.append("zero 0 with tp: dp ranks replicate (dp_shard_size 1)")
-    if c.tp > 1:
+    if c.tp > 1 or c.cp > 1:
         doc["parallelism_config"] = {"parallelism_config_dp_replicate_size": 1 if c.zero >= 1 else c.dp,
                                      "parallelism_config_dp_shard_size": c.dp if c.zero >= 1 else 1,
-                                     "parallelism_config_tp_size": c.tp, "parallelism_config_cp_size": 1}
+                                     "parallelism_config_tp_size": c.tp, "parallelism_config_cp_size": c.cp}
     if c.recompute == "selective":
         plan.notes.append("selective recomputation is switched on in the training code, not in the Accelerate config")
     if c.recompute == "full" and not sharded:
@@ -137,7 +137,9 @@ def torchtitan_settings(plan: _Plan, options: LaunchOptions) -> dict[str, dict[s
         "data_parallel_shard_degree": c.dp if c.zero >= 1 else 1,
         "fsdp_reshard_after_forward": "always" if c.zero == 3 else "never",
         "tensor_parallel_degree": c.tp, "enable_sequence_parallel": c.sequence_parallel or c.tp == 1,
-        "pipeline_parallel_degree": c.pp}
+        "pipeline_parallel_degree": c.pp, "context_parallel_degree": c.cp}
+    if c.ep > 1:  # torchtitan 0.3: efsdp = dp_shard x cp x tp / ep (ParallelismConfig.expert_parallel_degree)
+        parallelism["expert_parallel_degree"] = c.ep
     if pipelined:
         parallelism.update(pipeline_parallel_schedule="Interleaved1F1B" if c.vpp > 1 else "1F1B",
                            pipeline_parallel_microbatch_size=c.micro_batch_size,
@@ -200,6 +202,10 @@ def megatron_arguments(plan: _Plan, options: LaunchOptions) -> list[str]:
         args += ["--group-query-attention", "--num-query-groups", str(s.num_kv_heads)]
     if s.is_moe:
         args += ["--num-experts", str(s.num_experts), "--moe-router-topk", str(s.experts_per_token)]
+    if c.ep > 1:  # expert tensor parallelism stays Megatron-Core's default (= tp), as planned
+        args += ["--expert-model-parallel-size", str(c.ep), "--moe-token-dispatcher-type", "alltoall"]
+    if c.cp > 1:  # TransformerEngine's ring attention; planned with torch's all-gather rotation (same volume)
+        args += ["--context-parallel-size", str(c.cp), "--cp-comm-type", "p2p"]
     if c.vpp > 1:
         args += ["--num-layers-per-virtual-pipeline-stage", str(s.num_layers // (c.pp * c.vpp))]
     if c.sequence_parallel:

@@ -38,8 +38,8 @@ class ParallelConfig:
     # instead of part of the root unit that stays gathered for the whole step (torchtune's
     # custom_sharded_layers: ['tok_embeddings', 'output'] for large-vocabulary models)
     shard_ends: bool = False
-    cp: int = 1  # context parallel degree (the sequence split over cp ranks); not modelled yet: 1
-    ep: int = 1  # expert parallel degree (routed experts over ep ranks); not modelled yet: 1
+    cp: int = 1  # context parallel degree (the sequence split over cp ranks)
+    ep: int = 1  # expert parallel degree (routed experts over ep ranks carved out of dp x cp)
 
     @property
     def devices(self) -> int:

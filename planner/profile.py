@@ -10,7 +10,9 @@
       lookup falls back hardware.dtype -> hardware.* -> chip.dtype -> chip.* -> vendor.dtype ->
       vendor.* -> default.dtype -> default.*
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
-  overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload)
+  overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload;
+      cp: the ring's K/V exchange behind the blockwise attention, ep: the MoE all-to-alls)
+  moe: expert_imbalance (the busiest expert-parallel rank's routed tokens over the mean), source
   memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
       allocated - 1), largest_block_factor (reserved beyond that, in units of the step's largest
       single allocation), cpu memory for the executor's runs
@@ -32,7 +34,7 @@ DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "prof
 COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency",
                 "compiled_io_factor", "layer_overhead_s")
 TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "uncertainty", "compute", "links",
-            "overlap", "memory", "attention"}
+            "overlap", "memory", "attention", "moe"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,19 @@ class Profile:
 
     def overlap(self, kind: str) -> float:
         return float(self.data["overlap"][kind])
+
+    def parallel_overlap(self, kind: str) -> float:
+        """Overlap of context- ("cp") or expert-parallel ("ep") traffic; profiles from before
+        these existed hide none of it."""
+        return float(self.data["overlap"].get(kind, 0.0))
+
+    def expert_imbalance(self) -> float:
+        """Routed tokens on the busiest expert-parallel rank over the mean (>= 1)."""
+        moe = self.data.get("moe")
+        if not isinstance(moe, dict) or "expert_imbalance" not in moe:
+            raise InvalidRequest(f"calibration profile {self.path}: moe.expert_imbalance is missing; "
+                                 "add it (calibration/profiles/initial.json has the starting value)")
+        return float(moe["expert_imbalance"])
 
     def hidden_comm_cost(self) -> float:
         """Seconds a collective hidden behind compute still adds per second it runs (its kernels take

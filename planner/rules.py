@@ -51,11 +51,27 @@ OPTION_RULES: tuple[Rule, ...] = (
          fix="a global batch of dp x micro-batch sequences, or no --optimizer-in-backward"),
     Rule("tied embeddings cannot be sharded apart from the head",
          lambda c, s, w: c.shard_ends & s.tie_word_embeddings, fix="no --shard-ends for a model with tied embeddings"),
+    # torch's context_parallel load-balances a causal sequence by giving each rank chunks i and
+    # 2·cp-1-i of 2·cp equal chunks (_HeadTailLoadBalancer; torchtitan's headtail default)
+    Rule("sequence not divisible into 2 x cp chunks", lambda c, s, w: (c.cp > 1) & (w.seq_len % (2 * c.cp) != 0),
+         fix="a --cp with 2 x cp dividing --seq-len"),
+    # context_parallel dispatches only SDPA's flash / efficient / cuDNN kernels (_context_parallel/_attention.py)
+    Rule("context parallelism needs sdpa attention", lambda c, s, w: (c.cp > 1) & (w.attention != "sdpa"),
+         fix="--attention sdpa, or --cp 1"),
+    Rule("expert parallelism needs a mixture-of-experts model", lambda c, s, w: (c.ep > 1) & (not s.is_moe),
+         fix="--ep 1 for a dense model"),
+    Rule("ep does not divide the routed experts", lambda c, s, w: (c.ep > 1) & (s.num_experts % c.ep != 0),
+         fix="an --ep that divides the number of routed experts"),
+    # the expert-parallel ranks are carved out of the data ranks (torchtitan: ep divides dp_shard x cp;
+    # Megatron-Core: expert-model-parallel size divides data-parallel x context-parallel)
+    Rule("ep does not divide dp x cp", lambda c, s, w: (c.dp * c.cp) % c.ep != 0,
+         fix="an --ep that divides dp x cp (more data-parallel ranks, or a smaller --ep)"),
 )
 
 # real structural reasons (checked per (tp, pp, micro-batch) in the search) and what changes them
 STRUCTURAL_FIXES = {
     "tp x pp does not divide the device count": "tp and pp whose product divides the device count",
+    "tp x pp x cp does not divide the device count": "tp, pp and cp whose product divides the device count",
     "tp does not divide heads": "a tp that divides the attention heads",
     "tp does not divide kv heads": "a tp that divides the key/value heads",
     "tp does not divide the ffn size": "a tp that divides the MLP's intermediate size",
@@ -68,13 +84,15 @@ STRUCTURAL_FIXES = {
 
 
 def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp: int, pp: int,
-                      micro_batch_size: int) -> str | None:
-    """Why (tp, pp, micro-batch) cannot work for this model and cluster, or None.
+                      micro_batch_size: int, cp: int = 1) -> str | None:
+    """Why (tp, pp, micro-batch, cp) cannot work for this model and cluster, or None.
 
     The wording doubles as the rejection-count key in `suggest`."""
     if num_devices % (tp * pp):
         return "tp x pp does not divide the device count"
-    dp = num_devices // (tp * pp)
+    if num_devices % (tp * pp * cp):
+        return "tp x pp x cp does not divide the device count"
+    dp = num_devices // (tp * pp * cp)
     if tp > spec.num_heads or spec.num_heads % tp:
         return "tp does not divide heads"
     if spec.num_kv_heads % tp:
@@ -120,12 +138,11 @@ def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: 
     for name, choices in (("recompute", RECOMPUTE), ("offload", offloads), ("zero", ZERO)):
         if getattr(config, name) not in choices:
             raise InvalidRequest(f"--{name} must be one of {', '.join(map(str, choices))}, got {getattr(config, name)!r}")
-    if config.cp > 1 or config.ep > 1:
-        raise InvalidRequest("context and expert parallelism (--cp, --ep) are not modelled yet; plan with --cp 1 --ep 1")
     if config.devices != cluster.num_devices:
-        raise InvalidRequest(f"dp x tp x pp = {config.dp} x {config.tp} x {config.pp} = {config.devices}, "
-                             f"but there are {cluster.num_devices} devices; make the product equal --gpus")
-    reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size)
+        raise InvalidRequest(f"dp x tp x pp x cp = {config.dp} x {config.tp} x {config.pp} x {config.cp} = "
+                             f"{config.devices}, but there are {cluster.num_devices} devices; make the product equal --gpus")
+    reason = structural_reason(spec, workload, cluster.num_devices, config.tp, config.pp, config.micro_batch_size,
+                               config.cp)
     if reason is None:
         expected = workload.global_batch // (config.dp * config.micro_batch_size)
         if config.num_micro_batches != expected:
@@ -143,6 +160,12 @@ def _explain(reason: str, spec: ModelSpec, workload: Workload, config: ParallelC
         "tp does not divide kv heads": f"--tp {config.tp} does not divide the {spec.num_kv_heads} key/value heads",
         "tp does not divide the ffn size": f"--tp {config.tp} does not divide the ffn size {spec.intermediate_size}",
         "more pipeline stages than layers": f"--pp {config.pp} exceeds the {spec.num_layers} layers",
+        "sequence not divisible into 2 x cp chunks":
+            f"--seq-len {workload.seq_len} does not split into 2 x cp = {2 * config.cp} equal chunks",
+        "ep does not divide the routed experts": f"--ep {config.ep} does not divide the {spec.num_experts} routed experts",
+        "ep does not divide dp x cp": f"--ep {config.ep} does not divide dp x cp = {config.dp} x {config.cp}",
+        "expert parallelism needs a mixture-of-experts model":
+            f"--ep {config.ep}: {spec.name} is a dense model (no routed experts); use --ep 1",
         "global batch not divisible by dp x micro-batch":
             f"--global-batch {workload.global_batch} is not divisible by dp x micro-batch = "
             f"{config.dp} x {config.micro_batch_size}",

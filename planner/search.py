@@ -1,9 +1,11 @@
 """Search = a generator of valid candidates + a pure evaluation + top-k, with every rejection
 counted by reason (STYLE.md lesson 4).
 
-Structure is checked per (tp, pp, micro-batch) in Python — a few hundred combinations — and the
-remaining options (recompute, ZeRO, offload, sequence parallel, vpp) are expanded as arrays and
-costed in one vectorised pass.
+Structure is checked per (tp, pp, cp, micro-batch) in Python — a few hundred combinations — and the
+remaining options (recompute, ZeRO, offload, sequence parallel, vpp, ep) are expanded as arrays and
+costed in one vectorised pass. Context-parallel degrees are the divisors of the devices left by tp x pp
+whose 2 x cp chunks divide the sequence; expert-parallel degrees (MoE models only) the divisors of
+the routed experts, kept where they divide dp x cp (planner/rules.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from planner.layout import OFFLOAD, RECOMPUTE, ZERO
 from planner.rules import OPTION_RULES, STRUCTURAL_FIXES, rule_masks, structural_reason
 
 VPP_CHOICES = (1, 2, 4)
+CP_PAIRING = "even cp with an even micro-batch (half of each and twice the dp do the same with a shorter ring)"
 
 
 @dataclass
@@ -38,8 +41,8 @@ class Pins:
     sequence_parallel: bool | None = None
     vpp: int | None = None
     shard_ends: bool | None = None  # not searched: False unless pinned
-    cp: int | None = None  # context / expert parallelism are not modelled yet: only 1 is accepted
-    ep: int | None = None
+    cp: int | None = None  # context parallel degree
+    ep: int | None = None  # expert parallel degree (MoE models)
 
 
 @dataclass
@@ -76,27 +79,41 @@ def search(ctx: Context, pins: Pins, target: str = "executor") -> SearchResult:
     offloads = [OFFLOAD.index(o) for o in _options(pins, "offload", OFFLOAD)]
     sps = _options(pins, "sequence_parallel", (False, True))
     vpps = _options(pins, "vpp", VPP_CHOICES)
-    per_triple = len(recompute) * len(zeros) * len(offloads) * len(sps) * len(vpps)
+    eps = _options(pins, "ep", divisors(spec.num_experts) if spec.is_moe else [1])
+    per_triple = len(recompute) * len(zeros) * len(offloads) * len(sps) * len(vpps) * len(eps)
     triples = []
+    batches = divisors(workload.global_batch) if pins.micro_batch_size is None else [pins.micro_batch_size]
     for tp in _options(pins, "tp", divisors(n_dev)):
         for pp in _options(pins, "pp", divisors(n_dev // tp) if n_dev % tp == 0 else [1]):
-            dp = n_dev // (tp * pp) if n_dev % (tp * pp) == 0 else 0
-            if pins.dp is not None and dp != pins.dp:
-                pinned_out["does not match the pinned dp"] += per_triple
-                continue
-            batches = divisors(workload.global_batch) if pins.micro_batch_size is None else [pins.micro_batch_size]
-            for b in batches:
-                reason = structural_reason(spec, workload, n_dev, tp, pp, b)
-                if reason:
-                    rejected[reason] += per_triple
-                else:
-                    triples.append((dp, tp, pp, b))
-    grid = list(itertools.product(recompute, zeros, offloads, sps, vpps))
+            left = n_dev // (tp * pp) if n_dev % (tp * pp) == 0 else 1
+            for cp in _options(pins, "cp", divisors(left)):
+                dp = n_dev // (tp * pp * cp) if n_dev % (tp * pp * cp) == 0 else 0
+                if pins.dp is not None and dp != pins.dp:
+                    pinned_out["does not match the pinned dp"] += per_triple * len(batches)
+                    continue
+                if cp > 1 and workload.seq_len % (2 * cp):
+                    rejected["sequence not divisible into 2 x cp chunks"] += per_triple * len(batches)
+                    continue
+                # even cp and b: (cp / 2, b / 2, 2 dp) gives each rank the same tokens, micro-batches, ZeRO
+                # and expert groups with a shorter ring, so (cp, b) is never better: not worth costing
+                free = pins.micro_batch_size is None and pins.dp is None
+                cp_batches = [b for b in batches if not (free and cp % 2 == 0 and b % 2 == 0)]
+                pinned_out[CP_PAIRING] += per_triple * (len(batches) - len(cp_batches))
+                for b in cp_batches:
+                    reason = structural_reason(spec, workload, n_dev, tp, pp, b, cp)
+                    if reason:
+                        rejected[reason] += per_triple
+                    else:
+                        triples.append((dp, tp, pp, b, cp))
+    grid = list(itertools.product(recompute, zeros, offloads, sps, vpps, eps))
     candidates, pairings, option_rejects, fixes = _expand(ctx, triples, grid, dedupe_zero=pins.zero is None,
                                                           shard_ends=bool(pins.shard_ends), target=target)
     rejected.update(option_rejects)
     pairings.update(pinned_out)
     fixes.update({k: v for k, v in STRUCTURAL_FIXES.items() if k in rejected or k.startswith("out of")})
+    if "sequence not divisible into 2 x cp chunks" in rejected:
+        fixes["sequence not divisible into 2 x cp chunks"] = "a --cp with 2 x cp dividing --seq-len"
+
     searched = sum(rejected.values()) + sum(pairings.values()) + len(candidates)
     if not len(candidates):
         return SearchResult(searched, 0, None, np.array([], int), _nonzero(rejected), _nonzero(pairings), fixes)
@@ -124,22 +141,22 @@ def _expand(ctx: Context, triples, grid, dedupe_zero: bool, shard_ends: bool,
     if not triples:
         return Candidates(*[np.array([], int) for _ in range(10)]), pairings, rejected, fixes
     t = np.array(triples, dtype=np.int64)
-    g = np.array([(r, z, o, int(s), v) for r, z, o, s, v in grid], dtype=np.int64)
+    g = np.array([(r, z, o, int(s), v, e) for r, z, o, s, v, e in grid], dtype=np.int64)
     ti = np.repeat(np.arange(len(t)), len(g))
     gi = np.tile(np.arange(len(g)), len(t))
-    dp, tp, pp, b = (t[ti, k] for k in range(4))
-    r, z, o, sp, v = (g[gi, k] for k in range(5))
+    dp, tp, pp, b, cp = (t[ti, k] for k in range(5))
+    r, z, o, sp, v, ep = (g[gi, k] for k in range(6))
     everything = Candidates(dp=dp, tp=tp, pp=pp, micro_batch_size=b, num_micro_batches=workload.global_batch // (dp * b),
                             recompute=r, zero=z, offload=o, sequence_parallel=sp.astype(bool), vpp=v,
-                            shard_ends=np.full(len(dp), shard_ends))
+                            shard_ends=np.full(len(dp), shard_ends), cp=cp, ep=ep)
     taken = np.zeros(len(dp), dtype=bool)
     for rule, mask in rule_masks(OPTION_RULES, everything, spec, workload):
         _count(pairings if rule.pairing else rejected, rule.reason, mask, taken)
         if not rule.pairing:
             fixes[rule.reason] = rule.fix
-    # one data-parallel rank: ZeRO 1/2/3 shard over one rank and ZeRO 2 = 3 (nothing is resharded)
+    # one data rank (dp x cp): ZeRO 1/2/3 shard over one rank and ZeRO 2 = 3 (nothing is resharded)
     if dedupe_zero:
-        single = (dp == 1) & (o != OFFLOAD.index("params"))
+        single = (dp * cp == 1) & (o != OFFLOAD.index("params"))
         _count(pairings, "zero 1 equals zero 0 with one data-parallel rank", single & (z == 1), taken)
         _count(pairings, "zero 3 equals zero 2 with one data-parallel rank", single & (z == 3) & (not shard_ends), taken)
     for reason, fix, mask in not_runnable(target, everything, spec, workload, ctx.cluster.hardware):

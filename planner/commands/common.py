@@ -89,8 +89,8 @@ def add_config(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--offload", choices=("none", "optimizer", "params"))
     parser.add_argument("--sequence-parallel", action="store_true", default=None)
     parser.add_argument("--vpp", type=positive_int)
-    parser.add_argument("--cp", type=positive_int, help="context parallel degree (not modelled yet: 1)")
-    parser.add_argument("--ep", type=positive_int, help="expert parallel degree (not modelled yet: 1)")
+    parser.add_argument("--cp", type=positive_int, help="context parallel degree: the sequence split over cp ranks (2 x cp must divide --seq-len)")
+    parser.add_argument("--ep", type=positive_int, help="expert parallel degree (MoE): routed experts over ep ranks carved out of dp x cp")
     parser.add_argument("--shard-ends", action="store_true", default=None,
                         help="zero 3: the embedding and the LM head as FSDP units of their own (less memory)")
 

@@ -37,11 +37,11 @@ def _config(args: argparse.Namespace, resolved):
     from planner.plan import ParallelConfig, num_micro_batches
 
     devices = resolved.cluster.num_devices
-    tp, pp = args.tp or 1, args.pp or 1
-    dp = args.dp or (devices // (tp * pp) if devices % (tp * pp) == 0 else 0)
+    tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+    dp = args.dp or (devices // (tp * pp * cp) if devices % (tp * pp * cp) == 0 else 0)
     if dp == 0:
-        raise InvalidRequest(f"--tp {tp} x --pp {pp} does not divide the {devices} devices; choose degrees whose "
-                             "product divides --gpus")
+        raise InvalidRequest(f"--tp {tp} x --pp {pp} x --cp {cp} does not divide the {devices} devices; choose "
+                             "degrees whose product divides --gpus")
     mbs = args.micro_batch_size or 1
     gb = resolved.workload.global_batch
     if gb % (dp * mbs):

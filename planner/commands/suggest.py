@@ -88,14 +88,19 @@ COLUMNS = (("num_stages", "pp"), ("TP", "tp"), ("data_parallel", "dp"), ("batch_
            ("offload", "offload"), ("sequence_parallel", "sequence_parallel"), ("virtual_stages", "vpp"))
 
 
+# shown when a candidate uses them
+OPTIONAL_COLUMNS = (("context_parallel", "cp"), ("expert_parallel", "ep"))
+
+
 def candidate_table(candidates: list[dict]) -> str:
     from planner.format import gib, table
 
+    columns = COLUMNS + tuple(col for col in OPTIONAL_COLUMNS if any(c["config"].get(col[1], 1) > 1 for c in candidates))
     rows = []
     for rank, c in enumerate(candidates, start=1):
         cfg = c["config"]
-        values = ["y" if cfg[key] is True else "-" if cfg[key] is False else cfg[key] for _, key in COLUMNS]
+        values = ["y" if cfg[key] is True else "-" if cfg[key] is False else cfg[key] for _, key in columns]
         rows.append([rank, *values, gib(c["memory"]["peak_bytes"]), f"{c['time']['step_s']:.3f}",
                      f"{c['time']['tokens_per_s_per_device']:,.0f}", f"{c['time']['mfu']:.1%}"])
-    heads = ["#", *[name for name, _ in COLUMNS], "GiB/dev", "step s", "tok/s/dev", "MFU"]
-    return table(heads, rows, align="rrrrrrlrllrrrrr")
+    heads = ["#", *[name for name, _ in columns], "GiB/dev", "step s", "tok/s/dev", "MFU"]
+    return table(heads, rows, align="rrrrrrlrll" + "r" * (len(columns) - 10) + "rrrrr")

@@ -4,9 +4,11 @@ Ring algorithms (Thakur et al. 2005; NCCL): all-reduce moves 2(n-1)/n of the buf
 link in 2(n-1) steps; all-gather and reduce-scatter (n-1)/n in n-1 steps; a point-to-point send
 the whole buffer in one step. Time = volume / (bandwidth × efficiency) + steps × latency.
 
-Ranks are laid out TP innermost, then DP, then PP (Megatron's order), so a TP group stays in a
-node while tp <= devices per node, a DP group while tp·dp does, and pipeline neighbours while
-the whole tp·dp·pp grid does.
+Ranks are laid out TP innermost, then CP, then DP, then PP (Megatron's order; torchtitan's mesh
+pp, dp, cp, tp), so a TP group stays in a node while tp <= devices per node, a CP group while
+tp·cp does, a DP (x CP) group while tp·cp·dp does, and pipeline neighbours while the whole grid
+does. An expert-parallel group is the ep innermost data ranks (torchtitan carves ep out of
+dp_shard x cp): it spans tp·ep ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 from planner.profile import Profile
 from planner.specs import Cluster
 
-COLLECTIVES = {"all_reduce": (2.0, 2.0), "all_gather": (1.0, 1.0), "reduce_scatter": (1.0, 1.0)}
+# all-to-all (NCCL's send/recv pairs, torch all_to_all_single): each rank sends (n-1)/n of its buffer
+COLLECTIVES = {"all_reduce": (2.0, 2.0), "all_gather": (1.0, 1.0), "reduce_scatter": (1.0, 1.0),
+               "all_to_all": (1.0, 1.0)}
 
 
 def link_bandwidth(cluster: Cluster, profile: Profile, span: np.ndarray,

@@ -9,6 +9,12 @@ Backward costs 2× forward for trained linears (grad input + grad weight; Naraya
 §3.5) and 1× for frozen ones (grad input only); FlashAttention's backward ~2.5× its forward
 (Dao 2023, FlashAttention-2 §3: 5 matmuls vs 2), a profile parameter; materialised attention
 scores (eager, Megatron's fused softmax) 2× (4 batched GEMMs vs 2).
+
+Context parallelism: a rank computes seq_len / cp tokens of every sequence; with torch's head-tail
+load balancing (each rank holds chunks i and 2·cp - 1 - i, _HeadTailLoadBalancer) every rank does
+1/cp of the causal attention. Expert parallelism: each of a rank's num_experts / ep experts runs
+its grouped GEMM on the tokens routed to it from all ep ranks (tokens·k·ep / num_experts), and the
+busiest rank sets the pace: its expert work is the mean times the profile's imbalance factor.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ def gemm_efficiency(flops: np.ndarray, eff_max: float, half_flops: float) -> np.
 
 def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int = 0) -> PartTimes:
     w, spec = ctx.workload, ctx.spec
-    tokens = c.micro_batch_size * w.seq_len
+    tokens = c.micro_batch_size * w.seq_len // c.cp  # this rank's share of the micro-batch
     t = c.tp
+    imbalance = np.where(c.ep > 1, ctx.profile.expert_imbalance(), 1.0) if spec.is_moe else 1.0
     sp_div = np.where(c.sequence_parallel, t, 1)
     mm = ctx.compute_params
     fwd_mm, bwd_mm, selective_mm = (np.zeros(len(c), float) for _ in range(3))
@@ -50,11 +57,14 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     for matmul in part.matmuls:
         shard = np.where(matmul.tp_split, t, 1)
         flops = matmul.flops_per_token * tokens / shard
-        # a routed expert sees tokens·k/E tokens; its GEMM is that much smaller
-        gemm_tokens = tokens * matmul.tokens_factor / (spec.num_experts if matmul.name == "experts" else 1)
+        # a routed expert sees tokens·k/E tokens (from each of the ep ranks); its GEMM is that much smaller
+        experts = matmul.name == "experts"
+        gemm_tokens = tokens * matmul.tokens_factor / (spec.num_experts if experts else 1) * (c.ep if experts else 1)
         size = 2 * gemm_tokens * matmul.in_features * matmul.out_features / shard
         peak, params = (ctx.float8_peak_flops, ctx.float8_params) if matmul.float8 else (ctx.compute_peak_flops, mm)
         seconds = flops / (peak * gemm_efficiency(size, params.matmul_efficiency_max, params.matmul_half_flops))
+        if experts:
+            seconds = seconds * imbalance
         fwd_mm += seconds
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)

@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 
 from planner.cost.candidates import Candidates
-from planner.cost.summary import PartSummary, summarize
+from planner.cost.summary import ParamGroups, PartSummary, summarize, summarize_ops
 from planner.graph import build_graph, numerics_for
 from planner.hardware import chip_of
 from planner.ops import Numerics
@@ -34,6 +34,9 @@ class Regime:
     layer: PartSummary
     embedding: PartSummary
     head: PartSummary
+    # the routed experts' share of one layer's parameters (zero for a dense model): what expert
+    # parallelism divides over its ranks
+    experts: ParamGroups = ParamGroups()
 
 
 class Context:
@@ -46,7 +49,9 @@ class Context:
         for params_sharded in (False, True):
             numerics = numerics_for(workload, params_sharded)
             graph = build_graph(spec, workload, numerics)
-            self.regimes[params_sharded] = Regime(numerics, *summarize(graph))
+            experts = [op for op in graph.block_ops() if op.kind == "experts"]
+            expert_params = summarize_ops(experts, workload.method == "qlora", None).params
+            self.regimes[params_sharded] = Regime(numerics, *summarize(graph), experts=expert_params)
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]

@@ -2,6 +2,7 @@
 
 Step time of 1F1B over p stages with m micro-batches, the slowest stage setting the pace:
   m·(forward + backward + recompute + exposed TP comm)   [compute, recompute, tp_comm]
+  + m·(exposed ring attention, MoE all-to-alls)          [cp_comm, ep_comm] (planner/cost/cpep.py)
   + fill/drain of the other stages                       [pp_bubble]
   + exposed pipeline sends                               [pp_comm]
   + exposed data-parallel / ZeRO collectives             [dp_comm]
@@ -18,6 +19,7 @@ import numpy as np
 from planner.cost import comm
 from planner.cost.candidates import Candidates
 from planner.cost.compute import FLOAT8_BYTES, model_flops_per_token, part_times
+from planner.cost.cpep import cp_seconds, ep_seconds
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
@@ -25,7 +27,8 @@ from planner.cost.schedule import pipeline_seconds
 
 FP32 = 4
 DDP_BUCKET_BYTES = 25 * 2**20
-TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm", "optimizer", "offload")
+TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_bubble", "pp_comm", "dp_comm",
+                   "optimizer", "offload")
 # Bytes an optimizer step reads and writes per parameter (torch.optim implementations):
 # AdamW reads p, g, m, v and writes p, m, v (28 B in fp32); foreach / for-loop also write and read
 # the sqrt(v) temporary (+8 B); 8-bit AdamW keeps 1-byte moments; SGD without momentum reads p, g, writes p.
@@ -132,15 +135,21 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
     head = part_times(ctx, regime.head, c, loss_vocab=ctx.spec.vocab_size)
     tp_layer = _tp_seconds(ctx, regime, c)
     m = c.num_micro_batches
+    full = c.recompute == 2  # re-runs the forward's ring attention and all-to-alls
+    ring = cp_seconds(ctx, regime, c)
+    cp_work = ring["forward_work"] + ring["backward_work"]
+    cp_layer = ring["forward_comm"] * (1 + full) + ring["backward_comm"]
+    ep_layer = ep_seconds(ctx, regime, c) * (4 + 2 * full)
 
     def stage(role: str) -> dict[str, np.ndarray]:
         n = layout.layers[role]
         e, h = layout.has_embedding[role], layout.has_head[role]
         work = {"compute": n * (layer.forward + layer.backward) + e * (emb.forward + emb.backward)
-                + h * (head.forward + head.backward),
-                "recompute": n * layer.recompute,
-                "tp_comm": (n + e + h) * tp_layer * _tp_recompute_factor(c)}
-        work["total"] = work["compute"] + work["recompute"] + work["tp_comm"]
+                + h * (head.forward + head.backward) + n * cp_work,
+                "recompute": n * (layer.recompute + full * ring["forward_work"]),
+                "tp_comm": (n + e + h) * tp_layer * _tp_recompute_factor(c),
+                "cp_comm": n * cp_layer, "ep_comm": n * ep_layer}
+        work["total"] = work["compute"] + work["recompute"] + work["tp_comm"] + work["cp_comm"] + work["ep_comm"]
         return work
 
     stages = {role: stage(role) for role in ROLES}
@@ -148,11 +157,12 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
     for role in ("middle", "last"):
         wins = layout.exists[role] & (stages[role]["total"] > slowest["total"])
         slowest = {k: np.where(wins, stages[role][k], slowest[k]) for k in slowest}
-    per_layer_total = layer.forward + layer.backward + layer.recompute + tp_layer
+    per_layer_total = (layer.forward + layer.backward + layer.recompute + tp_layer + cp_work + cp_layer + ep_layer
+                       + full * ring["forward_work"])
     stage_sum = (ctx.spec.num_layers * per_layer_total + emb.forward + emb.backward + head.forward
                  + head.backward + 2 * tp_layer)
     steady, bubble = pipeline_seconds(stage_sum, slowest["total"], m, c.vpp)
-    times = {k: m * slowest[k] for k in ("compute", "recompute", "tp_comm")}
+    times = {k: m * slowest[k] for k in ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm")}
     times["pp_bubble"] = np.where(c.pp > 1, bubble, 0.0)
     times["pp_comm"] = _pp_seconds(ctx, regime, c)
     worst = _largest_stage_params(ctx, regime, c, layout)
@@ -181,7 +191,7 @@ def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     element_bytes = regime.numerics.compute_bytes
     if ctx.workload.precision == "fp8":
         element_bytes = np.where(c.sequence_parallel, (FLOAT8_BYTES + element_bytes) / 2, element_bytes)
-    nbytes = element_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
+    nbytes = element_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len / c.cp
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp, c.tp)
     four = 4 * comm.collective_seconds("all_reduce", nbytes, c.tp, bandwidth, latency)
     return _exposed(ctx, four, ctx.profile.overlap("tp") * four)
@@ -191,8 +201,8 @@ def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
     """Activation sends between stages: forward and backward per micro-batch; the fill and drain
     ones sit on the critical path, steady-state ones are partly hidden."""
     nbytes = (regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
-              / np.where(c.sequence_parallel, c.tp, 1))
-    span = c.tp * c.dp * c.pp
+              / c.cp / np.where(c.sequence_parallel, c.tp, 1))
+    span = c.tp * c.data_ranks * c.pp
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, span)
     one = comm.p2p_seconds(nbytes, bandwidth, latency)
     steady = 2 * c.num_micro_batches * one
@@ -213,17 +223,21 @@ def _dp_seconds(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     """ZeRO 0/1: one all-reduce of the gradients per step (DDP no_sync while accumulating), hidden
     behind the last backward. ZeRO 2/3 (FSDP2): per micro-batch a reduce-scatter of the gradients
     (fp32 with fp32 master weights, else bf16) and one (2) or two (3) all-gathers of compute-dtype
-    parameters, hidden behind compute."""
-    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.dp, c.dp)
+    parameters, hidden behind compute. The group is dp x cp (context-parallel ranks reduce their
+    gradients too: torchtitan's dp_shard_cp). Expert gradients, 1/ep of them per rank, are reduced
+    over the dp x cp / ep expert-data-parallel ranks; this counts them over dp x cp (the ring's
+    volume differs by (n-1)/n only)."""
+    group = c.data_ranks
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * group, group)
     grad_bytes = reduce_bytes(ctx.workload) * worst["trainable"]
     param_bytes = regime.numerics.compute_bytes * (worst["trainable"] + worst["frozen"]) + worst["quantized"] * 0.5
     # DDP all-reduces 25 MB buckets (torch DDP bucket_cap_mb); FSDP2 gathers and scatters per unit
     # (each decoder layer, the root, and the embedding and head when sharded on their own)
     buckets = np.maximum(1, np.ceil(grad_bytes / DDP_BUCKET_BYTES))
     units = np.maximum(layout.layers["first"], layout.layers["last"]) + 1 + 2 * c.shard_ends
-    all_reduce = comm.collective_seconds("all_reduce", grad_bytes, c.dp, bandwidth, latency, buckets)
-    scatter = comm.collective_seconds("reduce_scatter", grad_bytes, c.dp, bandwidth, latency, units)
-    gather = comm.collective_seconds("all_gather", param_bytes, c.dp, bandwidth, latency, units)
+    all_reduce = comm.collective_seconds("all_reduce", grad_bytes, group, bandwidth, latency, buckets)
+    scatter = comm.collective_seconds("reduce_scatter", grad_bytes, group, bandwidth, latency, units)
+    gather = comm.collective_seconds("all_gather", param_bytes, group, bandwidth, latency, units)
     m = c.num_micro_batches
     per_micro_compute = slowest["total"]
     backward_share = per_micro_compute * 2 / 3
@@ -251,7 +265,8 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[
     """Optimizer step: memory-bound over the local (sharded) parameters. Offload moves gradients
     to the host and parameters back over PCIe and runs the step on the host CPU."""
     w = ctx.workload
-    local = worst["trainable"] / np.where(c.zero >= 1, c.dp, 1)
+    sharded = c.zero >= 1  # over dp x cp: the whole layer's share (experts included); else this rank's
+    local = np.where(sharded, worst["trainable_full"], worst["trainable"]) / np.where(sharded, c.data_ranks, 1)
     per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
     memory_eff = ctx.compute_params.memory_efficiency
     on_device = local * per_param / ctx.memory_bytes_per_s
@@ -259,7 +274,9 @@ def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[
     on_host = local * per_param / (host_bw * memory_eff)
     cb = regime.numerics.compute_bytes
     pcie_step = comm.pcie_seconds(ctx.cluster, ctx.profile, local * (FP32 + cb))
-    shard = (worst["trainable"] + worst["frozen"]) / np.where(c.zero >= 2, c.dp, 1)
+    fsdp = c.zero >= 2
+    shard = (np.where(fsdp, worst["trainable_full"] + worst["frozen_full"], worst["trainable"] + worst["frozen"])
+             / np.where(fsdp, c.data_ranks, 1))
     pcie_params = c.num_micro_batches * comm.pcie_seconds(ctx.cluster, ctx.profile, shard * (2 * FP32 + FP32))
     hidden = ctx.profile.overlap("offload")
     offload = np.select([c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS],

@@ -7,10 +7,20 @@ fp32 gradients, fp32 AdamW moments — the same 16 bytes as ZeRO's 2+2+12, Rajbh
   frozen    the compute dtype (a LoRA base in bf16: 2)
   NF4       QLoRA base linears: 0.5 byte + double-quantised constants (Dettmers et al. 2023 §3:
             0.127 bit per parameter), i.e. 0.5159 byte
-ZeRO / FSDP2 over the dp ranks: 1 shards optimizer state; 2 (FSDP2 reshard_after_forward=False)
+ZeRO / FSDP2 over the dp x cp ranks (torchtitan's dp_shard_cp mesh: context-parallel ranks hold the
+same parameters and shard them like data-parallel ones): 1 shards optimizer state; 2 (FSDP2 reshard_after_forward=False)
 and 3 (fully_shard) shard parameters, gradients and state, and hold compute-dtype copies while
 they compute (2: the whole stage from forward to the end of backward; 3: the layer running, the
 one prefetched, and the root module with embedding and head).
+
+Context parallelism (cp) splits each micro-batch's sequence over cp ranks: every activation, the
+logits and the loss temporaries per rank are those of seq_len / cp tokens; the ring attention adds
+the all-gathered K/V of the whole sequence and fp32 dK/dV accumulators while a layer's attention
+runs its backward (torch.distributed.tensor.experimental._context_parallel._attention).
+Expert parallelism (ep) gives each rank num_experts / ep of the routed experts (torchtitan
+expert_parallel.py, Megatron-Core's expert-model-parallel group): the unsharded expert weights,
+gradients and states on a rank are divided by ep; ZeRO / FSDP shards them further over the
+expert-data-parallel ranks (dp x cp / ep), which is the same dp x cp share of the whole layer.
 
 The peak is the larger of two moments:
   forward/backward: params + states + grads held + copies + activations in flight + the larger of
@@ -85,19 +95,44 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     quantized = n * layer.quantized_tp / t
     per_layer = layer.trainable_tp / t + layer.trainable_rep + layer.frozen_tp / t + layer.frozen_rep + layer.quantized_tp / t
     root = first * (emb.total - emb.quantized_tp) / tv + last * (head.total + tied_copy) / tv
-    layer_pad, root_pad = layer.padding(c.dp), (emb + head).padding(c.dp)
+    layer_pad, root_pad = layer.padding(c.data_ranks), (emb + head).padding(c.data_ranks)
     stage = n * per_layer + root
     # the executor's vocabulary-parallel embedding (RowwiseParallel) gets its gradient replicated: DTensor's
     # embedding backward all-reduces a whole-vocabulary gradient that AccumulateGrad then keeps
     replicated = first * np.where((t > 1) & ~ctx.spec.tie_word_embeddings & full & (c.zero < 2),
                                   emb.trainable_tp * (1 - 1 / t), 0.0)
-    return {"trainable": trainable, "frozen": frozen, "quantized": quantized,
-            "per_layer": per_layer, "per_layer_quantized": layer.quantized_tp / t, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep,
+    full = {"trainable": trainable, "frozen": frozen, "quantized": quantized,
+            "per_layer": per_layer, "per_layer_quantized": layer.quantized_tp / t, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep}
+    local = _expert_local(regime, c, n, full)
+    return {**local, **{f"{k}_full": v for k, v in full.items()},
             "root": root, "root_trainable": first * emb_trainable + last * head_trainable,
             "root_embedding": first * (emb.total - emb.quantized_tp) / tv, "root_head": last * (head.total + tied_copy) / tv,
             "head_trainable": last * head_trainable, "vocab_split": tv, "embedding_replicated_grad": replicated,
             "layer_padding": layer_pad, "root_padding": root_pad,
             "padding": (n * per_layer * layer_pad + root * root_pad) / np.maximum(stage, 1)}
+
+
+def _expert_local(regime: Regime, c: Candidates, layers: np.ndarray,
+                  full: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The counts of `full` as one expert-parallel rank holds them before ZeRO: the routed experts'
+    share divided by ep (their TP split is Megatron-Core's default expert-tensor-parallel size = tp).
+    `_full` keys keep the whole layer's, which ZeRO / FSDP shards over dp x cp."""
+    x, t = regime.experts, c.tp
+    gone = 1 - 1 / c.ep  # the other ep ranks' share; 0 without expert parallelism
+    trainable = (x.trainable_tp / t + x.trainable_rep) * gone
+    frozen = (x.frozen_tp / t + x.frozen_rep) * gone
+    quantized = x.quantized_tp / t * gone
+    return {"trainable": full["trainable"] - layers * trainable, "frozen": full["frozen"] - layers * frozen,
+            "quantized": full["quantized"] - layers * quantized,
+            "per_layer": full["per_layer"] - (trainable + frozen + quantized),
+            "per_layer_quantized": full["per_layer_quantized"] - quantized,
+            "per_layer_trainable": full["per_layer_trainable"] - trainable}
+
+
+def _at(p: dict[str, np.ndarray], key: str, divisor) -> np.ndarray:
+    """Parameters of `key` before dividing by `divisor` ranks: sharded, the whole layer's (each
+    expert-data-parallel rank holds 1 / (dp x cp / ep) of 1 / ep of the experts); else this rank's."""
+    return np.where(np.asarray(divisor) > 1, p[f"{key}_full"], p[key])
 
 
 def stage_memory(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
@@ -144,27 +179,28 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
     """Parameters, gradients, optimizer states and their host share, as stored on the device."""
     w, n = ctx.workload, regime.numerics
     fsdp = c.zero >= 2
-    shard = np.where(fsdp, c.dp, 1) * 1.0
-    shard_state = np.where(c.zero >= 1, c.dp, 1)
+    shard = np.where(fsdp, c.data_ranks, 1) * 1.0
+    shard_state = np.where(c.zero >= 1, c.data_ranks, 1)
+    trainable, trainable_state = _at(p, "trainable", shard), _at(p, "trainable", shard_state)
     master_bytes = FP32 if w.master_dtype == "fp32" else 2
     state_bytes = OPTIMIZER_STATE_BYTES[(w.optimizer, w.master_dtype)]
     pad = np.where(fsdp, p["padding"], 1.0)  # FSDP2 pads dim 0 to a multiple of the ranks
-    frozen = p["frozen"] * n.compute_bytes + p["quantized"] * NF4_BYTES_PER_PARAM
-    params = (p["trainable"] * master_bytes + frozen) * pad / shard
-    states = p["trainable"] * state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
+    frozen = _at(p, "frozen", shard) * n.compute_bytes + _at(p, "quantized", shard) * NF4_BYTES_PER_PARAM
+    params = (trainable * master_bytes + frozen) * pad / shard
+    states = trainable_state * state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
     # ZeRO-Offload (optimizer): fp32 master, moments and fp32 grads live on the host; the device keeps
     # compute-dtype params and grads. FSDP2 CPUOffloadPolicy (params): everything lives on the host
     # (each reduce-scattered gradient is moved there).
     offload_opt, offload_all = c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS
     grad_bytes = np.where(offload_all, 0.0, np.where(offload_opt, n.compute_bytes, master_bytes))  # as stored
-    grads = (p["trainable"] * grad_bytes * pad
+    grads = (trainable * grad_bytes * pad
              + np.where(c.offload == OFFLOAD_NONE, p["embedding_replicated_grad"] * master_bytes, 0.0)) / shard
-    params = np.where(offload_opt, (p["trainable"] * n.compute_bytes + frozen) * pad / shard, params)
+    params = np.where(offload_opt, (trainable * n.compute_bytes + frozen) * pad / shard, params)
     params = np.where(offload_all, 0.0, params)
     states = np.where(offload_opt | offload_all, 0.0, states)
-    host = np.where(offload_opt | offload_all, p["trainable"] * (2 * master_bytes + state_bytes) / shard_state, 0.0)
+    host = np.where(offload_opt | offload_all, trainable_state * (2 * master_bytes + state_bytes) / shard_state, 0.0)
     host = host + np.where(offload_all, frozen * pad / shard, 0.0)
-    temps = _optimizer_temporaries(ctx, p, shard_state, shard, master_bytes) * (c.offload == OFFLOAD_NONE)
+    temps = _optimizer_temporaries(ctx, {**p, "trainable": trainable_state}, shard_state, shard, master_bytes) * (c.offload == OFFLOAD_NONE)
     # gradients are held during forward/backward when they accumulate over micro-batches; under a
     # pipeline, torch.distributed.pipelining turns off FSDP's gradient sync and resharding until the
     # last micro-batch, so the stage's gradients accumulate unsharded in the reduce dtype
@@ -183,7 +219,8 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
                 store: dict[str, np.ndarray]) -> StepParts:
     w, spec, num = ctx.workload, ctx.spec, regime.numerics
     p, cb = store["p"], num.compute_bytes
-    tokens, s, t = c.micro_batch_size * w.seq_len, w.seq_len, c.tp
+    # context parallelism: each rank holds seq_len / cp of every sequence (2 x cp chunks divide it)
+    tokens, s, t = c.micro_batch_size * w.seq_len // c.cp, w.seq_len, c.tp
     sp_div = np.where(c.sequence_parallel, t, 1)
 
     def per_micro_batch(b) -> np.ndarray:
@@ -205,12 +242,12 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     head_weights = has_head * vocab * hidden / p["vocab_split"] * (w.method == "full")
     tied = spec.tie_word_embeddings * has_head * has_emb * store["master_bytes"] * head_weights
     casts = num.autocast & (c.zero <= 1)
-    trained_matmuls = regime.layer.params.trainable_tp / t
-    steps = [(per_micro_batch(step.alive), step.weight_params_tp / t + step.weight_params_rep,
-              step.done_params_tp / t + step.done_params_rep) for step in regime.layer.backward]
+    gone = regime.experts.trainable_tp * (1 - 1 / c.ep)  # the experts other ep ranks hold
+    trained_matmuls = (regime.layer.params.trainable_tp - gone) / t
+    steps = _backward_steps(regime, t, gone, per_micro_batch)
     if w.optimizer_in_backward:
         gb = 0.0 * gb
-    grad_layer = gb * p["per_layer_trainable"] * layer_pad / shard
+    grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
     boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
     ends = fsdp & c.shard_ends  # the embedding and the head are FSDP units of their own
     embedding_trainable = p["root_trainable"] - p["head_trainable"]
@@ -238,8 +275,30 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         root_grads=np.where(fsdp & ~ends, cb * p["head_trainable"] * root_pad, 0.0),
         root_grads_all=np.where(fsdp, cb * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad, 0.0),
         layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
-        boundary=boundary, layers_resident=layers,
+        boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
         checkpointed=c.recompute != 0)
+
+
+def _backward_steps(regime: Regime, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(alive, weights made here, made before) of each backward step of a layer on this rank: the
+    routed experts' weight gradients are of the rank's 1/ep of them (`gone`: the others' share)."""
+    steps, experts_done = [], False
+    for step in regime.layer.backward:  # in backward order: the ops before the experts see them done
+        own = step.name == "experts"
+        steps.append((per_micro_batch(step.alive), (step.weight_params_tp - (gone if own else 0.0)) / t
+                      + step.weight_params_rep,
+                      (step.done_params_tp - (gone if experts_done else 0.0)) / t + step.done_params_rep))
+        experts_done = experts_done or own
+    return steps
+
+
+def _ring_bytes(spec, c: Candidates, tokens: np.ndarray, compute_bytes: int) -> np.ndarray:
+    """Context parallelism's buffers while a layer's attention runs its backward (torch's
+    _templated_ring_attention_backward): K and V all-gathered over the cp ranks (its default
+    rotate method, ALL_GATHER), and this rank's dK, dV in fp32 twice (the accumulator and the one
+    passed round the ring; _cp_options.convert_to_f32)."""
+    kv = 2 * spec.kv_dim / c.tp * tokens  # K and V of this rank's tokens
+    return np.where(c.cp > 1, kv * (c.cp * compute_bytes + 2 * FP32), 0.0)
 
 
 def _gathered_bytes(compute_bytes: int, params: np.ndarray, quantized: np.ndarray) -> np.ndarray:

@@ -74,6 +74,7 @@ class StepParts:
     boundary: np.ndarray  # pipeline send/receive buffers
     layers_resident: np.ndarray  # layers whose saved activations stay on the device (activation offload)
     checkpointed: np.ndarray  # layers recompute their forward in the backward (bool)
+    ring: np.ndarray | float = 0.0  # context parallelism's K/V gather and dK/dV buffers in a layer's backward
 
 
 def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
@@ -169,7 +170,7 @@ def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.
     below = x.others + np.minimum(index, x.layers_resident) * x.kept_layer + x.embedding + x.tied_grad
     stored = np.where(x.fsdp & ~x.ends, above * x.grad_layer, x.grad_head + above * x.grad_layer)
     grads = np.where(x.grads_held > 0, x.grads_held, stored + step[0])
-    return _moment(grads, _layer_copies(x, index, above), below + step[1], 0.0)
+    return _moment(grads, _layer_copies(x, index, above) + x.ring, below + step[1], 0.0)
 
 
 def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray) -> np.ndarray:

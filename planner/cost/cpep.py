@@ -1,0 +1,81 @@
+"""Time of context parallelism (the ring attention) and expert parallelism (the MoE all-to-alls),
+per decoder layer and micro-batch on one rank.
+
+Context parallelism, as torch.distributed.tensor.experimental.context_parallel runs it (what
+torchtitan's apply_cp uses; torch/distributed/tensor/experimental/_context_parallel/_attention.py,
+`_templated_ring_attention` and its backward). The default rotate method is ALL_GATHER
+(`_ContextParallelOptions.rotate_method`; torchtitan's default too): in the forward each rank
+all-gathers its K and V shard over the cp group once, issued before the first (local) block and
+awaited before the second, so it hides behind one block of attention; with head-tail load balancing
+(each rank holds chunks i and 2·cp-1-i) every one of the cp blocks is 1/cp of the rank's causal
+attention. The backward all-gathers K and V again and passes the fp32 dK/dV accumulators round the
+ring (ALL_TO_ALL rotater = permute_tensor to the next rank), cp sends of the rank's K/V shard in
+fp32, each behind one block's backward. The softmax rescaling (`_SDPAMerger.step`, fp32) is a
+memory-bound pass over the rank's output per block; the backward accumulates dQ and dK/dV in fp32
+per block. Megatron / TransformerEngine's `cp_comm_type="p2p"` passes K/V blocks point to point
+instead; its volume is the same (cp-1 shards per rank), its overlap per block. The share of a
+block's compute the exchange can hide behind is the profile's overlap `cp` (hand-set to dp's prior,
+0.8, in calibration/profiles/initial.json: no measured cp runs have been fitted yet).
+
+Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
+tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a
+dispatch and a combine all-to-all in the forward and two in the backward, of tokens x top-k x
+hidden elements in the compute dtype, each rank sending (ep-1)/ep of them, on the slowest link of
+the ep group; not overlapped by default (profile overlap `ep`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost import comm
+from planner.cost.candidates import Candidates
+from planner.cost.compute import _attention_seconds
+from planner.cost.context import Context, Regime
+
+FP32 = 4
+
+
+def _exposed(ctx: Context, comm_s: np.ndarray, hideable_s: np.ndarray) -> np.ndarray:
+    hidden = np.minimum(comm_s, hideable_s)
+    return comm_s - hidden + ctx.profile.hidden_comm_cost() * hidden
+
+
+def cp_seconds(ctx: Context, regime: Regime, c: Candidates) -> dict[str, np.ndarray]:
+    """Per layer and micro-batch: `forward_comm`, `backward_comm` (exposed ring traffic) and
+    `forward_work`, `backward_work` (the rescaling passes); zero where cp = 1."""
+    w, spec = ctx.workload, ctx.spec
+    cb = regime.numerics.compute_bytes
+    tokens = c.micro_batch_size * w.seq_len / c.cp
+    kv_shard = 2 * spec.kv_dim / c.tp * tokens  # K and V elements of this rank
+    q_local = spec.q_dim / c.tp * tokens
+    attention = regime.layer.attention_flops_per_token_seq * tokens * w.seq_len / c.tp
+    fwd_attn, bwd_attn = _attention_seconds(ctx, attention)
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.cp, c.cp)
+    gather = comm.collective_seconds("all_gather", kv_shard * cb * c.cp, c.cp, bandwidth, latency)
+    send = comm.p2p_seconds(kv_shard * FP32, bandwidth, latency)
+    overlap = ctx.profile.parallel_overlap("cp")
+    block_fwd, block_bwd = fwd_attn / c.cp, bwd_attn / c.cp
+    forward = _exposed(ctx, gather, overlap * block_fwd)
+    backward = _exposed(ctx, gather, overlap * block_bwd) + c.cp * _exposed(ctx, send, overlap * block_bwd)
+    # per block: read the block's output (compute dtype) and the fp32 accumulator, write it back;
+    # backward: read and write the fp32 dQ, dK, dV accumulators
+    merge_bytes = c.cp * q_local * (cb + 2 * FP32)
+    grads_bytes = c.cp * 2 * FP32 * (q_local + kv_shard)
+    on = c.cp > 1
+    return {"forward_comm": np.where(on, forward, 0.0), "backward_comm": np.where(on, backward, 0.0),
+            "forward_work": np.where(on, merge_bytes / ctx.memory_bytes_per_s, 0.0),
+            "backward_work": np.where(on, grads_bytes / ctx.memory_bytes_per_s, 0.0)}
+
+
+def ep_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
+    """One all-to-all of a layer's routed tokens (dispatch or combine), exposed; zero where ep = 1.
+    Each TP rank exchanges its sequence-parallel share of the tokens (all of them without SP)."""
+    spec, w = ctx.spec, ctx.workload
+    if not spec.is_moe:
+        return np.zeros(len(c))
+    tokens = c.micro_batch_size * w.seq_len / c.cp / np.where(c.sequence_parallel, c.tp, 1)
+    nbytes = tokens * spec.experts_per_token * spec.hidden_size * regime.numerics.compute_bytes
+    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.ep, c.ep)
+    one = comm.collective_seconds("all_to_all", nbytes, c.ep, bandwidth, latency)
+    return np.where(c.ep > 1, one * (1 - ctx.profile.parallel_overlap("ep")), 0.0)
