@@ -69,11 +69,11 @@ def ways_out(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> list[
     from planner.capabilities import TARGETS
 
     ideas = []
-    if request.target != "executor":
-        for target in TARGETS:
-            if target != request.target and fits(replace(request, target=target), pins):
-                ideas.append(f"--target {target}")
-                break
+    for target in TARGETS:  # another engine that runs what this one cannot (context parallelism, ...)
+        if target != request.target and fits(replace(request, target=target), pins):
+            engine = "this project's executor" if target == "executor" else target
+            ideas.append(f"--target {target} (planned for {engine}; its own export)")
+            break
     devices = resolved.cluster.num_devices
     for factor in (2, 4, 8, 16, 32, 64):
         more = replace(request, gpus=devices * factor, flavor=None, gpu=resolved.hardware.name,
