@@ -9,6 +9,7 @@ pandas and altair, the cold search), so the first paint carries content.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,9 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     cols[1].metric("Longest sequence (micro-batch 1)", f"{limits['longest_seq_len']:,} tokens" if limits["longest_seq_len"] else "none")
     cols[2].metric("Fewest devices", f"{limits['fewest_devices']:,}" if limits["fewest_devices"] else "> 16384")
     st.subheader("Top candidates")
-    st.dataframe(frame(page["candidates"]), hide_index=True, width="stretch")
-    st.caption("Ranges: the ~80 % interval of the calibration's cross-validated errors.")
+    st.dataframe(frame(page["candidates"]), hide_index=True, width="stretch",
+                 column_config=right_aligned("GiB per device", "tokens/s", "MFU"))
+    st.caption("In brackets: the ~80 % interval, from the calibration's cross-validated errors.")
     st.subheader("Memory per device, by category")
     st.altair_chart(memory_chart(page["memory"], page.get("memory_intervals", []), page["capacity_bytes"] / 2**30),
                     width="stretch")
@@ -114,6 +116,13 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     left, right = st.columns(2)
     left.download_button("Plan JSON", json.dumps(page["plan"], indent=2), file_name="plan.json", mime="application/json")
     right.download_button("Launch command", page["launch"], file_name="launch.sh", mime="text/x-shellscript")
+
+
+def right_aligned(*columns: str) -> dict[str, Any]:
+    """Formatted numbers (text) aligned like numbers, where this streamlit can (alignment: 1.50+)."""
+    if "alignment" not in inspect.signature(st.column_config.Column).parameters:
+        return {}
+    return {c: st.column_config.Column(alignment="right") for c in columns}
 
 
 def frame(rows: list[dict[str, Any]]) -> Any:
@@ -133,9 +142,9 @@ def memory_chart(rows: list[dict[str, Any]], intervals: list[dict[str, Any]], ca
     layers = [bars, capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity GiB:Q", tooltip=["capacity GiB"])]
     if intervals:
         layers.append(alt.Chart(frame(intervals)).mark_errorbar(ticks=True, color="black", thickness=2).encode(
-            x="low GiB:Q", x2="high GiB:Q", y=alt.Y("candidate:N", sort=None),
+            x=alt.X("low GiB:Q", title=title), x2="high GiB:Q", y=alt.Y("candidate:N", sort=None),
             tooltip=["candidate", alt.Tooltip("peak GiB:Q", format=".1f"), alt.Tooltip("low GiB:Q", format=".1f"),
-                     alt.Tooltip("high GiB:Q", format=".1f")]))
+                     alt.Tooltip("high GiB:Q", format=".1f")]).properties(name="interval"))
     return alt.layer(*layers)
 
 
@@ -146,13 +155,17 @@ def throughput_chart(rows: list[dict[str, Any]]) -> alt.LayerChart:
 
     data = alt.Chart(frame(rows))
     x = alt.X("devices:Q", scale=alt.Scale(**LOG2))
+
+    def y(field: str) -> alt.Y:
+        return alt.Y(field, scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"),
+                     title="tokens/s (log; dashed: linear scaling)")
+
     tips = ["devices", alt.Tooltip("tokens/s:Q", format=",.0f"), alt.Tooltip("tokens/s per device:Q", format=",.0f")]
-    line = data.mark_line(point=True).encode(x=x, y=alt.Y("tokens/s:Q", scale=alt.Scale(type="log"),
-                                                          title="tokens/s (log; dashed: linear scaling)"), tooltip=tips)
-    linear = data.mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y="linear:Q")
-    layers = [linear, line]
+    layers = [data.mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y=y("linear:Q")),
+              data.mark_line(point=True).encode(x=x, y=y("tokens/s:Q"), tooltip=tips)]
     if rows and rows[0]["tokens/s low"] is not None:
-        layers.append(data.mark_errorbar(ticks=True).encode(x=x, y="tokens/s low:Q", y2="tokens/s high:Q"))
+        layers.append(data.mark_errorbar(ticks=True).encode(x=x, y=y("tokens/s low:Q"), y2="tokens/s high:Q")
+                      .properties(name="interval"))
     return alt.layer(*layers)
 
 
@@ -195,7 +208,8 @@ def show_capacity(fields: dict[str, Any], config_text: str | None) -> None:
         st.success(best)
         st.caption(result["recommendation"]["summary"])
     st.altair_chart(capacity_chart(views.capacity_chart_rows(result)), width="stretch")
-    st.dataframe(frame(views.capacity_rows(result)), hide_index=True, width="stretch")
+    st.dataframe(frame(views.capacity_rows(result)), hide_index=True, width="stretch",
+                 column_config=right_aligned("time", "GPU-hours", "cost USD", "tokens/s", "MFU", "GiB per device"))
 
 
 def capacity_chart(rows: list[dict[str, Any]]) -> alt.FacetChart:
@@ -205,7 +219,8 @@ def capacity_chart(rows: list[dict[str, Any]]) -> alt.FacetChart:
     return alt.Chart(frame(rows)).mark_line(point=True).encode(
         x=alt.X("devices:Q", scale=alt.Scale(**LOG2)), y=alt.Y("value:Q", scale=alt.Scale(type="log"), title=None),
         tooltip=["option", "measure", alt.Tooltip("value:Q", format=",.1f")],
-    ).properties(width=420, height=260).facet(column=alt.Column("measure:N", title=None)).resolve_scale(y="independent")
+    ).properties(width=420, height=260).facet(
+        column=alt.Column("measure:N", title=None, sort=["time (hours)"])).resolve_scale(y="independent")
 
 
 def main() -> None:

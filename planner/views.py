@@ -123,20 +123,20 @@ def candidate_rows(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "SP": "yes" if cfg.get("sequence_parallel") else "no", "ZeRO": _distribution(cfg),
                      "offload": cfg.get("offload", "none"), "recompute": cfg["recompute"],
                      "micro-batch": cfg["micro_batch_size"], "micro-batches": cfg["num_micro_batches"],
-                     "GiB per device": round(mem["peak_bytes"] / GIB, 1),
-                     "GiB range": _span(mem.get("peak_bytes_range"), GIB, ".1f"),
-                     "tokens/s": round(time["tokens_per_s"]),
-                     "tokens/s range": _span(time.get("tokens_per_s_range"), 1, ",.0f"),
+                     "GiB per device": _with_span(mem["peak_bytes"], mem.get("peak_bytes_range"), GIB, ".1f"),
+                     "tokens/s": _with_span(time["tokens_per_s"], time.get("tokens_per_s_range"), 1, ",.0f"),
                      "MFU": f"{time['mfu']:.1%}"})
     return rows
 
 
-def _span(low_high: list[float] | None, unit: float, spec: str) -> str:
-    return "-" if not low_high else f"{low_high[0] / unit:{spec}} – {low_high[1] / unit:{spec}}"
+def _with_span(value: float, low_high: list[float] | None, unit: float, spec: str) -> str:
+    """e.g. "64.1 (55.5–77.7)": the prediction and its ~80 % interval, or the prediction alone."""
+    text = f"{value / unit:{spec}}"
+    return text if not low_high else f"{text} ({low_high[0] / unit:{spec}}–{low_high[1] / unit:{spec}})"
 
 
 def _distribution(cfg: dict[str, Any]) -> str:
-    return {0: "0 (replicated)", 1: "1 (optimizer)", 2: "2 (+grads)", 3: "3 / FSDP (+params)"}[cfg["zero"]]
+    return {0: "0 (replicated)", 1: "1 (optimizer)", 2: "2 (+grads)", 3: "3 (FSDP)"}[cfg["zero"]]
 
 
 def rejected_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
