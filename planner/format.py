@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import sys
 import textwrap
 from collections.abc import Sequence
 
 GIB = 2**30
-PLAIN_WIDTH = 160  # columns of a table when stdout is not a terminal (pipes, files, tests): stable output
+PLAIN_WIDTH = 100_000  # characters a table may take when stdout is not a terminal: a row is one line, never cut
 
 
 def gib(nbytes: float) -> str:
@@ -48,8 +47,9 @@ def peak(flops: float | None) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
     """A table drawn by rich; `align` has one 'l' or 'r' per column (default: numbers right). On a
-    terminal it takes the terminal's width, with a bold header; otherwise plain ASCII, PLAIN_WIDTH
-    (or $COLUMNS) wide, one line per row, the first column starting each line."""
+    terminal it fits the terminal's width (long cells wrap), with a bold header; otherwise (pipes,
+    files, tests) plain ASCII at its natural width: one line per row, the first column starting each
+    line, the same whatever the terminal."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -64,7 +64,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str |
         grid.add_column(Text(header), justify="right" if side == "r" else "left", no_wrap=i == 0)
     for row in rows:
         grid.add_row(*(Text(str(c)) for c in row))
-    width = shutil.get_terminal_size().columns if tty else int(os.environ.get("COLUMNS") or PLAIN_WIDTH)
+    width = shutil.get_terminal_size().columns if tty else PLAIN_WIDTH
     out = io.StringIO()
     Console(file=out, width=width, force_terminal=tty, color_system="auto" if tty else None, highlight=False,
             soft_wrap=False).print(grid)
