@@ -103,7 +103,7 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     cols[2].metric("Fewest devices", f"{limits['fewest_devices']:,}" if limits["fewest_devices"] else "> 16384")
     st.subheader("Top candidates")
     st.dataframe(frame(page["candidates"]), hide_index=True, width="stretch",
-                 column_config=right_aligned("GiB per device", "tokens/s", "MFU"))
+                 column_config=right_aligned("GiB per device", "tokens/s", "MFU", widths={"tokens/s": 150}))
     st.caption("In brackets: the ~80 % interval, from the calibration's cross-validated errors.")
     st.subheader("Memory per device, by category")
     st.altair_chart(memory_chart(page["memory"], page.get("memory_intervals", []), page["capacity_bytes"] / 2**30),
@@ -118,11 +118,12 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     right.download_button("Launch command", page["launch"], file_name="launch.sh", mime="text/x-shellscript")
 
 
-def right_aligned(*columns: str) -> dict[str, Any]:
-    """Formatted numbers (text) aligned like numbers, where this streamlit can (alignment: 1.50+)."""
+def right_aligned(*columns: str, widths: dict[str, int] | None = None) -> dict[str, Any]:
+    """Formatted numbers (text) aligned like numbers, where this streamlit can (alignment and widths in
+    pixels: 1.50+); `widths` fixes a column's pixels (the grid keeps the width it sized on the first run)."""
     if "alignment" not in inspect.signature(st.column_config.Column).parameters:
         return {}
-    return {c: st.column_config.Column(alignment="right") for c in columns}
+    return {c: st.column_config.Column(alignment="right", width=(widths or {}).get(c)) for c in columns}
 
 
 def frame(rows: list[dict[str, Any]]) -> Any:
@@ -135,14 +136,15 @@ def memory_chart(rows: list[dict[str, Any]], intervals: list[dict[str, Any]], ca
     import altair as alt
 
     title = f"GiB per device (red line: the device's {capacity_gib:.1f} GiB; black: the peak's ~80 % interval)"
+    order = list(dict.fromkeys(r["candidate"] for r in rows))  # #1, #2, ... top down in every layer
     bars = alt.Chart(frame(rows)).mark_bar().encode(
-        x=alt.X("sum(GiB):Q", title=title), y=alt.Y("candidate:N", title=None, sort=None),
+        x=alt.X("sum(GiB):Q", title=title), y=alt.Y("candidate:N", title=None, sort=order),
         color=alt.Color("category:N", title=None), tooltip=["candidate", "category", alt.Tooltip("GiB:Q", format=".1f")])
     capacity = alt.Chart(frame([{"capacity GiB": capacity_gib}]))
     layers = [bars, capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity GiB:Q", tooltip=["capacity GiB"])]
     if intervals:
         layers.append(alt.Chart(frame(intervals)).mark_errorbar(ticks=True, color="black", thickness=2).encode(
-            x=alt.X("low GiB:Q", title=title), x2="high GiB:Q", y=alt.Y("candidate:N", sort=None),
+            x=alt.X("low GiB:Q", title=title), x2="high GiB:Q", y=alt.Y("candidate:N", sort=order),
             tooltip=["candidate", alt.Tooltip("peak GiB:Q", format=".1f"), alt.Tooltip("low GiB:Q", format=".1f"),
                      alt.Tooltip("high GiB:Q", format=".1f")]).properties(name="interval"))
     return alt.layer(*layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 from planner.api import Request, make_plan, resolve, suggest
@@ -124,15 +125,27 @@ def candidate_rows(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "offload": cfg.get("offload", "none"), "recompute": cfg["recompute"],
                      "micro-batch": cfg["micro_batch_size"], "micro-batches": cfg["num_micro_batches"],
                      "GiB per device": _with_span(mem["peak_bytes"], mem.get("peak_bytes_range"), GIB, ".1f"),
-                     "tokens/s": _with_span(time["tokens_per_s"], time.get("tokens_per_s_range"), 1, ",.0f"),
+                     "tokens/s": _with_span(time["tokens_per_s"], time.get("tokens_per_s_range"), 1, ",.0f", _thousands),
                      "MFU": f"{time['mfu']:.1%}"})
     return rows
 
 
-def _with_span(value: float, low_high: list[float] | None, unit: float, spec: str) -> str:
-    """e.g. "64.1 (55.5–77.7)": the prediction and its ~80 % interval, or the prediction alone."""
+def _with_span(value: float, low_high: list[float] | None, unit: float, spec: str,
+               bound: Callable[[float], str] | None = None) -> str:
+    """e.g. "64.1 (55.5–77.7)" or "237,859 (175k–330k)": the prediction and its ~80 % interval
+    (each bound through `bound`, else like the value), or the prediction alone."""
     text = f"{value / unit:{spec}}"
-    return text if not low_high else f"{text} ({low_high[0] / unit:{spec}}–{low_high[1] / unit:{spec}})"
+    if not low_high:
+        return text
+    low, high = (bound(v / unit) if bound else f"{v / unit:{spec}}" for v in low_high)
+    return f"{text} ({low}–{high})"
+
+
+def _thousands(value: float) -> str:
+    """A rough bound, short: 174,980 -> "175k", 48,145 -> "48.1k", 950 -> "950"."""
+    if value >= 1e4:
+        return f"{value / 1e3:,.0f}k"
+    return f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
 
 
 def _distribution(cfg: dict[str, Any]) -> str:
