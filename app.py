@@ -1,26 +1,34 @@
 """"What fits?" — the planner in a page: pick a model and hardware, see what fits, how fast, and
 what it costs. Thin over planner.views (which calls planner.api); no cost-model code here.
 
-    streamlit run app.py
+    streamlit run app.py        (from the repository root: .streamlit/config.toml sets the file watcher)
+
+The header, the request in words and a spinner are drawn before anything slow (the planner's import,
+pandas and altair, the cold search), so the first paint carries content.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
-from planner import views
-from planner.api import list_hardware, list_models
-from planner.errors import Infeasible, PlannerError
-from planner.hardware import MOAI_FLAVORS
+st.set_page_config(page_title="llm-planner: what fits?", layout="wide")
+HEADER = st.empty()  # the page's title: drawn now, refined once the request and then the answer are known
+HEADER.title("llm-planner: what fits?")
+
+from planner import views  # noqa: E402  (after the first paint: the import takes a second cold)
+from planner.api import list_hardware, list_models  # noqa: E402
+from planner.errors import Infeasible, PlannerError  # noqa: E402
+from planner.hardware import MOAI_FLAVORS  # noqa: E402
+
+if TYPE_CHECKING:
+    import altair as alt
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-st.set_page_config(page_title="llm-planner: what fits?", layout="wide")
+LOG2 = {"type": "log", "base": 2}
 
 
 @st.cache_data(show_spinner=False)
@@ -70,12 +78,18 @@ def sidebar() -> tuple[str, dict[str, Any], str | None]:
         fields["lora_rank"] = int(st.sidebar.number_input("LoRA rank", min_value=1, value=16))
         fields["lora_targets"] = st.sidebar.multiselect("LoRA targets", LORA_TARGETS, default=list(LORA_TARGETS))
     fields["precision"] = st.sidebar.selectbox("Precision", ["bf16", "fp16", "fp8", "fp32"])
+    if views.has_target():  # shown once planner.api.Request takes a target engine
+        fields["target"] = st.sidebar.selectbox("Target engine", views.TARGET_ENGINES,
+                                                help="the training stack the plan is written for")
     return page, fields, config_text
 
 
 def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
-    page = what_fits(json.dumps(fields, sort_keys=True), config_text)
-    st.title(f"{page['model']} on {page['gpus']} x {page['hardware']}")
+    HEADER.title(views.headline(fields, config_text))
+    st.caption(views.request_summary(fields))
+    with st.spinner("Searching every layout that fits…", show_time=True):
+        page = what_fits(json.dumps(fields, sort_keys=True), config_text)
+    HEADER.title(f"{page['model']} on {page['gpus']} x {page['hardware']}")
     limits = page["limits"]
     if "infeasible" in page:
         st.error(f"Does not fit. {page['infeasible']}")
@@ -85,14 +99,17 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     st.caption(page["summary"])
     cols = st.columns(3)
     cols[0].metric("Largest micro-batch that fits", limits["largest_micro_batch"] or "none")
-    cols[1].metric("Longest sequence (micro-batch 1)", limits["longest_seq_len"] or "none")
-    cols[2].metric("Fewest devices", limits["fewest_devices"] or "> 16384")
-    st.subheader("Memory per device, by category")
-    st.altair_chart(memory_chart(page["memory"], page["capacity_bytes"] / 2**30), width="stretch")
+    cols[1].metric("Longest sequence (micro-batch 1)", f"{limits['longest_seq_len']:,} tokens" if limits["longest_seq_len"] else "none")
+    cols[2].metric("Fewest devices", f"{limits['fewest_devices']:,}" if limits["fewest_devices"] else "> 16384")
     st.subheader("Top candidates")
-    st.dataframe(pd.DataFrame(page["candidates"]), hide_index=True, width="stretch")
+    st.dataframe(frame(page["candidates"]), hide_index=True, width="stretch",
+                 column_config=right_aligned("GiB per device", "tokens/s", "MFU", widths={"tokens/s": 150}))
+    st.caption("In brackets: the ~80 % interval, from the calibration's cross-validated errors.")
+    st.subheader("Memory per device, by category")
+    st.altair_chart(memory_chart(page["memory"], page.get("memory_intervals", []), page["capacity_bytes"] / 2**30),
+                    width="stretch")
     st.subheader("Rejected candidates, by reason")
-    st.dataframe(pd.DataFrame(page["rejected"]), hide_index=True, width="stretch")
+    st.dataframe(frame(page["rejected"]), hide_index=True, width="stretch")
     show_scaling(fields, config_text, page["hardware"])
     st.subheader("Take it with you")
     st.code(page["launch"], language="bash")
@@ -101,16 +118,62 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
     right.download_button("Launch command", page["launch"], file_name="launch.sh", mime="text/x-shellscript")
 
 
-def memory_chart(rows: list[dict[str, Any]], capacity_gib: float) -> alt.LayerChart:
-    title = f"GiB per device (red line: the device's {capacity_gib:.1f} GiB)"
-    bars = alt.Chart(pd.DataFrame(rows)).mark_bar().encode(
-        x=alt.X("sum(GiB):Q", title=title), y=alt.Y("candidate:N", title=None, sort=None),
+def right_aligned(*columns: str, widths: dict[str, int] | None = None) -> dict[str, Any]:
+    """Formatted numbers (text) aligned like numbers, where this streamlit can (alignment and widths in
+    pixels: 1.50+); `widths` fixes a column's pixels (the grid keeps the width it sized on the first run)."""
+    if "alignment" not in inspect.signature(st.column_config.Column).parameters:
+        return {}
+    return {c: st.column_config.Column(alignment="right", width=(widths or {}).get(c)) for c in columns}
+
+
+def frame(rows: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def memory_chart(rows: list[dict[str, Any]], intervals: list[dict[str, Any]], capacity_gib: float) -> alt.LayerChart:
+    import altair as alt
+
+    title = f"GiB per device (red line: the device's {capacity_gib:.1f} GiB; black: the peak's ~80 % interval)"
+    order = list(dict.fromkeys(r["candidate"] for r in rows))  # #1, #2, ... top down in every layer
+    bars = alt.Chart(frame(rows)).mark_bar().encode(
+        x=alt.X("sum(GiB):Q", title=title), y=alt.Y("candidate:N", title=None, sort=order),
         color=alt.Color("category:N", title=None), tooltip=["candidate", "category", alt.Tooltip("GiB:Q", format=".1f")])
-    capacity = alt.Chart(pd.DataFrame({"capacity GiB": [capacity_gib]}))
-    return bars + capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity GiB:Q", tooltip=["capacity GiB"])
+    capacity = alt.Chart(frame([{"capacity GiB": capacity_gib}]))
+    layers = [bars, capacity.mark_rule(color="red", strokeWidth=2).encode(x="capacity GiB:Q", tooltip=["capacity GiB"])]
+    if intervals:
+        layers.append(alt.Chart(frame(intervals)).mark_errorbar(ticks=True, color="black", thickness=2).encode(
+            x=alt.X("low GiB:Q", title=title), x2="high GiB:Q", y=alt.Y("candidate:N", sort=order),
+            tooltip=["candidate", alt.Tooltip("peak GiB:Q", format=".1f"), alt.Tooltip("low GiB:Q", format=".1f"),
+                     alt.Tooltip("high GiB:Q", format=".1f")]).properties(name="interval"))
+    return alt.layer(*layers)
+
+
+def throughput_chart(rows: list[dict[str, Any]]) -> alt.LayerChart:
+    """tokens/s against devices on log-log axes (linear scaling is a straight line, dashed for reference),
+    with the prediction's ~80 % interval as error bars."""
+    import altair as alt
+
+    data = alt.Chart(frame(rows))
+    x = alt.X("devices:Q", scale=alt.Scale(**LOG2))
+
+    def y(field: str) -> alt.Y:
+        return alt.Y(field, scale=alt.Scale(type="log"), axis=alt.Axis(format="~s"),
+                     title="tokens/s (log; dashed: linear scaling)")
+
+    tips = ["devices", alt.Tooltip("tokens/s:Q", format=",.0f"), alt.Tooltip("tokens/s per device:Q", format=",.0f")]
+    layers = [data.mark_line(strokeDash=[4, 4], color="gray").encode(x=x, y=y("linear:Q")),
+              data.mark_line(point=True).encode(x=x, y=y("tokens/s:Q"), tooltip=tips)]
+    if rows and rows[0]["tokens/s low"] is not None:
+        layers.append(data.mark_errorbar(ticks=True).encode(x=x, y=y("tokens/s low:Q"), y2="tokens/s high:Q")
+                      .properties(name="interval"))
+    return alt.layer(*layers)
 
 
 def show_scaling(fields: dict[str, Any], config_text: str | None, hardware: str) -> None:
+    import altair as alt
+
     st.subheader("Scaling: tokens/s and cost per million tokens vs device count")
     default, hint = views.price_hint(hardware)
     price = st.number_input("Price per device-hour (USD)", min_value=0.0, value=default or 0.0, help=hint)
@@ -118,17 +181,18 @@ def show_scaling(fields: dict[str, Any], config_text: str | None, hardware: str)
     if not rows:
         st.info("No larger device count fits either.")
         return
-    frame = pd.DataFrame(rows)
     cost = "USD per M tokens" if price else "GPU-hours per M tokens"
     left, right = st.columns(2)
-    left.altair_chart(alt.Chart(frame).mark_line(point=True).encode(
-        x=alt.X("devices:Q", scale=alt.Scale(type="log", base=2)), y="tokens/s:Q"), width="stretch")
-    right.altair_chart(alt.Chart(frame).mark_line(point=True).encode(
-        x=alt.X("devices:Q", scale=alt.Scale(type="log", base=2)), y=alt.Y(f"{cost}:Q")), width="stretch")
+    left.altair_chart(throughput_chart(rows), width="stretch")
+    right.altair_chart(alt.Chart(frame(rows)).mark_line(point=True).encode(
+        x=alt.X("devices:Q", scale=alt.Scale(**LOG2)), y=alt.Y(f"{cost}:Q"),
+        tooltip=["devices", alt.Tooltip(f"{cost}:Q", format=",.3f")]), width="stretch")
 
 
 def show_capacity(fields: dict[str, Any], config_text: str | None) -> None:
-    st.title("Capacity planning")
+    HEADER.title("Capacity planning")
+    st.caption(f"{fields.get('model') or fields.get('upload_name')} on {fields.get('flavor') or fields.get('gpu')}: "
+               f"{views.request_summary(fields)}")
     cols = st.columns(5)
     tokens = cols[0].number_input("Tokens to train (billions)", min_value=0.001, value=2.0) * 1e9
     default, hint = views.price_hint(fields.get("gpu") or "h100-sxm-80gb")
@@ -137,23 +201,28 @@ def show_capacity(fields: dict[str, Any], config_text: str | None) -> None:
     budget = cols[3].number_input("Budget (USD, 0 = none)", min_value=0.0, value=0.0) or None
     max_gpus = int(cols[4].number_input("Most devices", min_value=1, value=1024))
     moai = "flavor" in fields
-    result = capacity(json.dumps(fields, sort_keys=True), config_text, tokens, price, deadline, budget, max_gpus, moai)
-    best = result["recommendation"]
+    with st.spinner("Planning every device count…", show_time=True):
+        result = capacity(json.dumps(fields, sort_keys=True), config_text, tokens, price, deadline, budget, max_gpus, moai)
+    best = views.recommendation_text(result)
     if best is None:
         st.warning(f"No option meets it: {result['unmet']}")
     else:
-        cost = "" if best["cost"] is None else f", {best['cost']:,.0f} USD"
-        st.success(f"Recommended ({result['rule']}): {best['flavor'] or best['gpus']} devices — {best['hours']:,.1f} h, "
-                   f"{best['gpu_hours']:,.0f} GPU-hours{cost}")
-        st.caption(best["summary"])
-    frame = pd.DataFrame([{"option": o["flavor"] or o["gpus"], "devices": o["gpus"], "fits": o["fits"],
-                           "hours": o["hours"], "GPU-hours": o["gpu_hours"], "cost USD": o["cost"],
-                           "tokens/s": o["tokens_per_s"], "why not": o["reason"]} for o in result["options"]])
-    st.dataframe(frame, hide_index=True, width="stretch")
-    fitting = frame[frame["fits"]]
-    st.altair_chart(alt.Chart(fitting).mark_line(point=True).encode(
-        x=alt.X("devices:Q", scale=alt.Scale(type="log", base=2)), y=alt.Y("hours:Q", scale=alt.Scale(type="log")),
-        tooltip=["option", "hours", "GPU-hours", "cost USD"]), width="stretch")
+        st.success(best)
+        st.caption(result["recommendation"]["summary"])
+    st.altair_chart(capacity_chart(views.capacity_chart_rows(result)), width="stretch")
+    st.dataframe(frame(views.capacity_rows(result)), hide_index=True, width="stretch",
+                 column_config=right_aligned("time", "GPU-hours", "cost USD", "tokens/s", "MFU", "GiB per device"))
+
+
+def capacity_chart(rows: list[dict[str, Any]]) -> alt.FacetChart:
+    """Time and cost (or GPU-hours) against devices, side by side, log-log."""
+    import altair as alt
+
+    return alt.Chart(frame(rows)).mark_line(point=True).encode(
+        x=alt.X("devices:Q", scale=alt.Scale(**LOG2)), y=alt.Y("value:Q", scale=alt.Scale(type="log"), title=None),
+        tooltip=["option", "measure", alt.Tooltip("value:Q", format=",.1f")],
+    ).properties(width=420, height=260).facet(
+        column=alt.Column("measure:N", title=None, sort=["time (hours)"])).resolve_scale(y="independent")
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ import argparse
 
 from planner.commands.common import print_json
 
+DESCRIPTION_CHARS = 64  # hardware descriptions are cut at a word to this many characters
+
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -13,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from planner import api
-    from planner.format import gib, table
+    from planner.format import gib, peak, shorten, table
     from planner.hardware import FLAVOR_DEVICE, MOAI_FLAVORS, flavor_devices
 
     if args.command == "models":
@@ -32,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(table(["name", "chip", "memory GiB", "bf16 TFLOP/s", "fp8 TFLOP/s", "HBM TB/s", "per node", "description"],
                 [[r["name"], r["chip"] or "-", gib(r["memory_bytes"]),
-                  f"{r['peak_flops'].get('bf16', 0) / 1e12:.1f}",
-                  f"{r['peak_flops']['fp8'] / 1e12:.1f}" if "fp8" in r["peak_flops"] else "-",
-                  f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}", r["devices_per_node"], r["description"][:52]]
+                  peak(r["peak_flops"].get("bf16")), peak(r["peak_flops"].get("fp8")),
+                  f"{r['hbm_bandwidth_bytes_per_s'] / 1e12:.2f}", r["devices_per_node"],
+                  shorten(r["description"], DESCRIPTION_CHARS)]
                  for r in rows], align="llrrrrrl"))
     flavors = ", ".join(f"{f} ({flavor_devices(f)})" for f in MOAI_FLAVORS)
     print(f"\nMoAI flavors (--flavor; devices = {FLAVOR_DEVICE}): {flavors}")
