@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from executor.lifeline import bind_to_parent, started_by_torchrun
 from executor.checks import check_device, check_supported, check_world, plan_notes
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
@@ -52,9 +53,14 @@ def uses_cuda(document: dict) -> bool:
     return document["hardware"].get("vendor") != "cpu"
 
 
-def check_environment(document: dict, on_cuda: bool) -> None:
+def check_environment(document: dict, on_cuda: bool, options: RunOptions | None = None) -> None:
+    from executor.preflight import preflight_reason
+
     spec, hardware, cluster, workload, config = typed_plan(document)
     check_supported(spec, workload, config, on_cuda)
+    reason = preflight_reason(spec, workload, config, options)
+    if reason:
+        raise InvalidRequest(reason)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_world(cluster, config, world)
     if on_cuda:
@@ -92,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions.parse(sys.argv[1:] if argv is None else argv)
     output = options.output_dir
     rank = int(os.environ.get("RANK", "0"))
+    if started_by_torchrun():
+        bind_to_parent()  # a worker never outlives torchrun (executor/lifeline.py)
     try:
         document = load_plan(options.plan)
         on_cuda = uses_cuda(document)
-        check_environment(document, on_cuda)
+        check_environment(document, on_cuda, options)
     except PlannerError as exc:
         if rank == 0:
             print(f"planner train: {exc}", file=sys.stderr)
