@@ -66,7 +66,7 @@ def _model_reason(spec: ModelSpec, workload: Workload) -> str | None:
         config = hf_config(spec, workload)
     except Exception as exc:  # noqa: BLE001 - transformers' own validation, said in one line
         return f"transformers cannot build the plan's config ({_first_line(exc)}); {FIX}"
-    reason = _config_reason(config, workload)
+    reason = _config_reason(config, workload) or _sequence_reason(config, spec, workload)
     if reason:
         return reason
     return _count_reason(spec, workload)
@@ -87,14 +87,14 @@ def _config_reason(config: Any, workload: Workload) -> str | None:
         if (key.endswith("dropout") or key.endswith("_pdrop")) and isinstance(value, (int, float)) \
                 and not isinstance(value, bool) and not (math.isfinite(value) and 0 <= value < 1):
             return f"the config's {key} is {value}; a dropout must be a probability in [0, 1); {FIX}"
-    return _sequence_reason(config, workload)
+    return None
 
 
-def _sequence_reason(config: Any, workload: Workload) -> str | None:
+def _sequence_reason(config: Any, spec: ModelSpec, workload: Workload) -> str | None:
     """Learned position embeddings (GPT-2's wpe, n_positions rows) hold a fixed number of positions;
     rotary ones (Llama) have no table to run past."""
-    limit = getattr(config, "max_position_embeddings", None)
-    learned = getattr(config, "model_type", "") == "gpt2" or getattr(config, "position_embedding_type", "") == "absolute"
+    limit = getattr(config, "max_position_embeddings", None)  # GPT2Config maps it to n_positions
+    learned = spec.positions == "learned" or getattr(config, "position_embedding_type", "") == "absolute"
     if learned and isinstance(limit, int) and workload.seq_len > limit:
         return (f"the plan's seq-len {workload.seq_len} exceeds the model's {limit} learned positions "
                 f"(n_positions); plan with --seq-len {limit} or less")
