@@ -22,7 +22,7 @@ import os
 import pickle
 import re
 import shutil
-from pathlib import Path, PurePosixPath, PosixPath
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, Callable
 
 import torch
@@ -215,19 +215,22 @@ def _prune(root: Path) -> None:
 
 # -- loading without running code -------------------------------------------------------------
 
+# what DCP's `.metadata` pickles besides its own metadata classes (torch 2.13)
+METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+                    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): dcp_metadata._MEM_FORMAT_ENCODING,
+                    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+                    ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): PosixPath,
+                    ("pathlib", "PurePosixPath"): PurePosixPath}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` holds its dataclasses, torch dtypes and sizes, and paths; nothing else loads."""
+    """DCP's metadata classes, torch dtypes and sizes, and paths load; nothing else does."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in METADATA_GLOBALS:
+            return METADATA_GLOBALS[(module, name)]
         if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type):
             return getattr(dcp_metadata, name)
-        if module == dcp_metadata.__name__ and name == "_MEM_FORMAT_ENCODING":
-            return dcp_metadata._MEM_FORMAT_ENCODING
-        allowed = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
-                   ("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-                   ("pathlib", "PosixPath"): PosixPath, ("pathlib", "PurePosixPath"): PurePosixPath}
-        if (module, name) in allowed:
-            return allowed[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")

@@ -1,7 +1,12 @@
 """`planner train` on this node: check the Plan, start torchrun with one process per device the
 Plan names, and record the run; after an out-of-memory failure, `--fallback` retries the Plan's
 runner-ups in order. For several nodes, `--print-launch` prints the torchrun line to start on
-each node (the Slurm script is `planner export`'s)."""
+each node (the Slurm script is `planner export`'s).
+
+The launcher owns what it starts (executor/lifeline.py): it holds DIR/run.lock for the run's life,
+torchrun runs in a process group of its own and dies with the launcher (SIGKILL included), the
+workers die with torchrun, and SIGINT/SIGTERM/SIGHUP stop torchrun and are recorded. A record the
+launcher composes takes only this attempt's metrics rows, never those of the run it resumed."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def preflight_reason(spec: ModelSpec, workload: Workload, config: ParallelConfig
                      options: Any = None) -> str | None:
     """Why the executor must not start this Plan, or None. Pure: reads no data files, touches no
     device (the model is built on the meta device). `options`: RunOptions, for the learning rate."""
-    checks = (lambda: _options_reason(options), lambda: _spec_reason(spec), lambda: _model_reason(spec, workload))
+    checks = (lambda: _options_reason(options), lambda: _batch_reason(workload, config), lambda: _spec_reason(spec),
+              lambda: _model_reason(spec, workload))
     for check in checks:
         reason = check()
         if reason:
@@ -44,6 +45,17 @@ def _options_reason(options: Any) -> str | None:
     decay = getattr(options, "weight_decay", None)
     if decay is not None and not (isinstance(decay, (int, float)) and math.isfinite(decay) and decay >= 0):
         return f"--weight-decay must be a finite number >= 0, got {decay}"
+    return None
+
+
+def _batch_reason(workload: Workload, config: ParallelConfig) -> str | None:
+    """dp x micro-batch x micro-batches is the global batch (a hand-edited plan may break it; the
+    workers would fail in a collective)."""
+    rows = config.dp * config.micro_batch_size * config.num_micro_batches
+    if rows != workload.global_batch:
+        return (f"the plan's dp {config.dp} x micro-batch {config.micro_batch_size} x {config.num_micro_batches} "
+                f"micro-batches is {rows} rows, not its global batch {workload.global_batch}; write the plan "
+                "again with `planner suggest --save-plan`")
     return None
 
 

@@ -15,8 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from executor.lifeline import bind_to_parent, started_by_torchrun
 from executor.checks import check_device, check_supported, check_world, plan_notes
+from executor.lifeline import bind_to_parent, started_by_torchrun
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
 from planner.errors import InvalidRequest, PlannerError

@@ -78,6 +78,11 @@ def test_hf_config_that_is_not_the_spec_is_refused():
     assert "parameters but its model spec" in reason and f"{3_164_416:,}" in reason
 
 
+def test_micro_batches_that_do_not_add_up_to_the_global_batch():
+    config = replace(CONFIG, num_micro_batches=3)
+    assert "is 3 rows, not its global batch 8" in preflight_reason(load_model("llama-tiny"), WORKLOAD, config)
+
+
 @pytest.mark.parametrize("lr", [math.nan, math.inf, 0.0, -1e-3])
 def test_learning_rate_must_be_finite_and_positive(lr):
     reason = preflight_reason(load_model("llama-tiny"), WORKLOAD, CONFIG, _options(lr=lr))
