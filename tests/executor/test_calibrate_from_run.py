@@ -1,13 +1,18 @@
 """Calibration from one real executor run (issue 5): fit on a single CPU run of llama-tiny, then
-a second, different run is predicted better than with the shipped profile. Real runs, no mocks.
+a second, different run is predicted better than before the fit. Real runs, no mocks.
 
-The two runs train at the same time, so that whatever else loads the machine slows both alike
-(run one after the other, a load that came and went between them once made the fit look wrong:
-errors -0.24 before, +0.80 after); what is compared is what a fit can know, the two runs' speeds
-under the same conditions."""
+What a fit can know is the speed of this machine, and a loaded machine is slower: measured one
+after the other, a load that came and went between the two runs once made the fit look wrong
+(errors -0.24 before, +0.80 after), and how far the shipped profile is from this machine's speed
+depends on the load too. So the two runs train at the same time (whatever else loads the machine
+slows both), and "before" is a profile that puts the CPU at a tenth of the shipped efficiency:
+one run must move the CPU's efficiency to what it measured (in sample within 10 %), and that
+must carry over to the other run. The comparison holds unless the second run is measured about
+1.7x slower, relative to the first, than it would be alone (the fit's own error on it is ~12 %)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -45,10 +50,22 @@ def test_one_cpu_run_improves_the_prediction_of_another(tmp_path):
     measured = {runs[c.id]: c for c in load_measurements(store=str(store))}
     assert set(measured) == {"first", "second"} and all(c.usable for c in measured.values())
 
+    wrong = _slow_cpu_profile(tmp_path / "wrong.json", factor=0.1)
     fitted = tmp_path / "profile.json"
-    data = fit_profile([measured["first"]], load_profile())  # one run on the "cpu" hardware
-    fitted.write_text(json.dumps(data))
-    before = validate([measured["second"]])["rows"][0].throughput_error
+    fitted.write_text(json.dumps(fit_profile([measured["first"]], load_profile(str(wrong)))))  # one run on "cpu"
+    assert abs(validate([measured["first"]], str(fitted))["rows"][0].throughput_error) < 0.1
+    before = validate([measured["second"]], str(wrong))["rows"][0].throughput_error
     after = validate([measured["second"]], str(fitted))["rows"][0].throughput_error
     assert abs(after) < abs(before), (before, after)
-    assert abs(validate([measured["first"]], str(fitted))["rows"][0].throughput_error) < 0.1
+
+
+def _slow_cpu_profile(path, factor: float):
+    """The shipped profile with the CPU's efficiencies times `factor` and its per-layer overhead
+    divided by it: a profile that is wrong about this machine whatever the load."""
+    data = copy.deepcopy(load_profile().data)
+    cpu = data["compute"]["cpu"]["*"]
+    for key in ("matmul_efficiency_max", "attention_efficiency", "memory_efficiency"):
+        cpu[key] *= factor
+    cpu["layer_overhead_s"] /= factor
+    path.write_text(json.dumps(data))
+    return path
