@@ -115,7 +115,7 @@ def _inject_disk_full(step: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _is_disk_full(exc: BaseException | None, depth: int = 0) -> bool:
+def is_disk_full(exc: BaseException | None, depth: int = 0) -> bool:
     """An ENOSPC/EDQUOT anywhere in the error, its causes, or DCP's per-rank failures."""
     if exc is None or depth > 8:
         return False
@@ -123,7 +123,7 @@ def _is_disk_full(exc: BaseException | None, depth: int = 0) -> bool:
         return True
     failures = getattr(exc, "failures", None) or {}  # torch.distributed.checkpoint's CheckpointException
     nested = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    return any(_is_disk_full(e, depth + 1) for e in [exc.__cause__, exc.__context__, *nested]
+    return any(is_disk_full(e, depth + 1) for e in [exc.__cause__, exc.__context__, *nested]
                if isinstance(e, BaseException))
 
 
@@ -143,7 +143,7 @@ def _agreed(action: Callable[[], None], what: str) -> None:
     try:
         action()
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - shared with the other ranks, raised below
-        error, disk_full = f"{type(exc).__name__}: {exc}", _is_disk_full(exc)
+        error, disk_full = f"{type(exc).__name__}: {exc}", is_disk_full(exc)
     reports: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, (error, disk_full))
     failed = [(rank, e, full) for rank, (e, full) in enumerate(reports) if e]

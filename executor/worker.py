@@ -7,6 +7,7 @@ record when no rank could (e.g. an OOM on rank 3 while rank 0 waits in a collect
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -94,6 +95,20 @@ def train(document: dict, options: RunOptions, device: torch.device, recorder: R
             "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
 
 
+def _outcome(exc: Exception) -> tuple[str, str, int]:
+    """(status, one-line error, exit status) of a failed training."""
+    from executor.checkpoint import is_disk_full
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
+    if isinstance(exc, PlannerError):
+        return "failed", str(exc), EXIT_REFUSED
+    if is_disk_full(exc):
+        return "failed", f"the disk is full ({exc}); free space, then add --resume", EXIT_REFUSED
+    traceback.print_exc()  # into the launcher's log of this attempt
+    return "failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     options = RunOptions.parse(sys.argv[1:] if argv is None else argv)
     output = options.output_dir
@@ -116,15 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     status, error, extra, code = "finished", None, {}, 0
     try:
         extra = train(document, options, device, recorder)
-    except torch.OutOfMemoryError as exc:
-        status, error, code = "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
-    except PlannerError as exc:
-        status, error, code = "failed", str(exc), EXIT_REFUSED
-    except Exception as exc:
-        status, error, code = "failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED
-        traceback.print_exc()  # into the launcher's log of this attempt
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, as what it is
+        status, error, code = _outcome(exc)
     if code:
-        write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
+        with contextlib.suppress(OSError):  # a full disk may refuse the note too; the launcher then says so
+            write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
     if rank == 0:
         record = run_record(status, error, document, recorder.measured(), environment(device, config.devices),
                             {"options": options.to_dict(), **extra})

@@ -129,3 +129,17 @@ def test_full_disk_while_saving_is_one_line_and_publishes_nothing(tmp_path, monk
         checkpoint.save(tmp_path, 4, model, optimizers, {"seed": 0})
     assert "\n" not in str(caught.value) and "step-00000004" in str(caught.value)
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path)] == [2]
+
+
+def test_a_full_disk_anywhere_in_training_is_refused_not_internal():
+    from executor.worker import EXIT_FAILED, EXIT_REFUSED, _outcome
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "metrics.jsonl")
+        except OSError as exc:
+            raise RuntimeError("while writing metrics") from exc
+    except RuntimeError as wrapped:
+        status, error, code = _outcome(wrapped)
+    assert (status, code) == ("failed", EXIT_REFUSED) and error.startswith("the disk is full") and "\n" not in error
+    assert _outcome(ValueError("something else"))[2] == EXIT_FAILED
