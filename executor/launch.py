@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -189,7 +190,8 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> tuple[int, signal.Signal
             os.killpg(proc.pid, signal.SIGTERM)
 
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, forward) for sig in wanted}
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes handlers
+    previous = {sig: signal.signal(sig, forward) for sig in wanted} if in_main_thread else {}
     try:
         rc = proc.wait()
     finally:

@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from store_helpers import TINY_CONFIG, TINY_REQUEST, executor_record, without
+from tests.store_helpers import TINY_CONFIG, TINY_REQUEST, executor_record, without
 
 from calibration import store
 from calibration.run import from_record
