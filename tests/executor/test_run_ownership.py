@@ -143,6 +143,25 @@ def test_damaged_newest_checkpoint_then_full_disk(tmp_path, single_process_losse
     assert [r.status for r in iter_runs(tmp_path / "runs.sqlite")].count("failed") == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_sigterm_stops_the_run_and_records_it(tmp_path):
+    plan = make_plan(tmp_path / "plan.json", 1, micro_batch_size=4)
+    run = tmp_path / "run"
+    proc = _start(plan, run, 400)
+    try:
+        _wait_for_step(run / "metrics.jsonl", 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM and err.count("\n") == 1 and "--resume" in err, err
+    _assert_nothing_runs_on(run, grace_s=1.0)
+    record = json.loads((run / "summary.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("killed: stopped by SIGTERM")
+    assert record["measured"]["steps"] == len(losses(run)) < 400
+
+
 def test_a_run_folder_has_one_holder(tmp_path):
     first, second = RunLock(tmp_path), RunLock(tmp_path)
     first.acquire("run")
