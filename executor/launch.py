@@ -1,25 +1,39 @@
 """`planner train` on this node: check the Plan, start torchrun with one process per device the
 Plan names, and record the run; after an out-of-memory failure, `--fallback` retries the Plan's
 runner-ups in order. For several nodes, `--print-launch` prints the torchrun line to start on
-each node (the Slurm script is `planner export`'s)."""
+each node (the Slurm script is `planner export`'s).
+
+The launcher owns what it starts (executor/lifeline.py): it holds DIR/run.lock for the run's life,
+torchrun runs in a process group of its own and dies with the launcher (SIGKILL included), the
+workers die with torchrun, and SIGINT/SIGTERM/SIGHUP stop torchrun and are recorded. A record the
+launcher composes takes only this attempt's metrics rows, never those of the run it resumed."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from executor.checks import all_reasons, unsupported_reason
+from executor.lifeline import LAUNCHER_PID_ENV, RunLock, child_preexec
 from executor.options import RunOptions
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig, Plan, load_plan, typed_plan
 
 RDZV_PORT = 29500
+ATTEMPT_ENV = "EXECUTOR_ATTEMPT"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def worker_command(options: RunOptions, nproc: int, nnodes: int = 1) -> list[str]:
@@ -46,8 +60,12 @@ def dry_run(plan_path: str) -> tuple[int, str]:
     """`planner train --plan P --dry-run`: every check the executor makes before it launches (the
     plan file, its layout, the model, method and hardware support), without data or devices.
     Returns (0, one line) when the plan would run, (2, the reasons) when not."""
+    from executor.preflight import preflight_reason
+
     plan = load_plan(plan_path)
     reasons = all_reasons(plan)
+    if not reasons:  # the model as transformers will build it (meta device): config, shape, count
+        reasons = [r for r in (preflight_reason(plan.model, plan.workload, plan.config),) if r]
     if reasons:
         return 2, "the plan would not run: " + "; and ".join(reasons)
     c = plan.config
@@ -62,7 +80,8 @@ def runner_up_plans(plan: Plan) -> list[Plan]:
 
 
 def preflight(document: Plan, options: RunOptions) -> None:
-    """What can be refused before any process starts: the Plan, the devices, the data, the output."""
+    """What can be refused before any process starts: the Plan and its model, the devices, the
+    data, the output."""
     from executor.data import load_examples
     from executor.tokenizer import load_tokenizer
     from executor.worker import check_environment, uses_cuda
@@ -75,7 +94,7 @@ def preflight(document: Plan, options: RunOptions) -> None:
     saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     os.environ.update(WORLD_SIZE=processes, LOCAL_WORLD_SIZE=processes)  # what torchrun will set
     try:
-        check_environment(document, uses_cuda(document))
+        check_environment(document, uses_cuda(document), options)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -89,16 +108,34 @@ def preflight(document: Plan, options: RunOptions) -> None:
     output = options.output_dir
     if output.exists() and not output.is_dir():
         raise InvalidRequest(f"--output {options.output} is a file; give a folder")
-    if not options.resume and (output / "checkpoints").exists():
+
+
+def _check_fresh_output(options: RunOptions) -> None:
+    if not options.resume and (options.output_dir / "checkpoints").exists():
         raise InvalidRequest(f"{options.output} already holds a run's checkpoints; add --resume to continue it "
                              "or give a new --output")
 
 
 def launch(options: RunOptions, fallback: bool = False) -> int:
+    """Train with the Plan, holding DIR/run.lock for the run's life (executor/lifeline.py)."""
     document = load_plan(options.plan)
     preflight(document, options)
     output = options.output_dir
     output.mkdir(parents=True, exist_ok=True)
+    with RunLock(output) as lock:
+        lock.acquire(str(options.output))
+        _check_fresh_output(options)
+        try:
+            return _attempts(document, options, fallback)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise InvalidRequest(f"the disk under {options.output} is full ({exc.strerror}); free space "
+                                     "and add --resume") from None
+            raise
+
+
+def _attempts(document: Plan, options: RunOptions, fallback: bool) -> int:
+    output = options.output_dir
     attempts = [document] + (runner_up_plans(document) if fallback else [])
     for number, plan in enumerate(attempts):
         spec, _, _, workload, config = typed_plan(plan)
@@ -122,18 +159,25 @@ def _attempt(plan: Plan, options: RunOptions, resume: bool) -> tuple[str, int]:
     for stale in [output / "summary.json", *output.glob("failure-rank-*.json")]:
         stale.unlink(missing_ok=True)
     run_options = RunOptions(**{**options.to_dict(), "plan": str(plan_path), "resume": resume})
-    env = dict(os.environ)
+    attempt = uuid.uuid4().hex[:12]  # tags this attempt's metrics rows (executor/measure.py)
+    env = {**os.environ, ATTEMPT_ENV: attempt, LAUNCHER_PID_ENV: str(os.getpid())}
     env.setdefault("OMP_NUM_THREADS", "1")  # TORCH-NOTES: one thread per process
     nproc = plan.config.devices
     log_path = output / "logs" / f"torchrun-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w") as log:  # torchrun's failure reports and the workers' warnings
-        rc = subprocess.call(worker_command(run_options, nproc), env=env, stderr=log)
-    summary = _summary_or_compose(plan, run_options, rc)
+        # its own process group, and SIGKILL when this process dies (executor/lifeline.py)
+        proc = subprocess.Popen(worker_command(run_options, nproc), env=env, stderr=log, preexec_fn=child_preexec)
+        rc, stopped_by = _wait_forwarding_signals(proc)
+    summary = _summary_or_compose(plan, run_options, rc, attempt, stopped_by, log_path)
     _record_in_store(summary, options)
     status = summary["status"]
     if status == "finished":
         return status, 0
+    if stopped_by is not None:
+        print(f"planner train: stopped by {stopped_by.name}; continue with --resume (record in "
+              f"{output / 'summary.json'})", file=sys.stderr)
+        return status, 128 + stopped_by
     failures = [json.loads(p.read_text()) for p in sorted(output.glob("failure-rank-*.json"))]
     if any(f.get("exit") == 2 for f in failures):
         print(f"planner train: {summary.get('error')}", file=sys.stderr)
@@ -143,11 +187,34 @@ def _attempt(plan: Plan, options: RunOptions, resume: bool) -> tuple[str, int]:
     return status, 1
 
 
-def _summary_or_compose(plan: Plan, options: RunOptions, rc: int) -> dict:
-    """The worker's record, or one composed from metrics.jsonl and the failure notes of the ranks."""
+def _wait_forwarding_signals(proc: subprocess.Popen) -> tuple[int, signal.Signals | None]:
+    """Wait for torchrun; SIGINT/SIGTERM/SIGHUP sent to this process are passed on to torchrun's
+    group as SIGTERM (torchrun then stops its workers), and the run is recorded as stopped."""
+    received: list[signal.Signals] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes handlers
+    previous = {sig: signal.signal(sig, forward) for sig in wanted} if in_main_thread else {}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return rc, (received[0] if received else None)
+
+
+def _summary_or_compose(plan: Plan, options: RunOptions, rc: int, attempt: str,
+                        stopped_by: signal.Signals | None, log_path: Path) -> dict:
+    """The worker's record, or one composed from this attempt's rows of metrics.jsonl (never an
+    earlier run's: a resumed folder keeps them) and the failure notes of the ranks."""
     output = options.output_dir
     path = output / "summary.json"
-    if path.exists():
+    if path.exists() and stopped_by is None:
         return json.loads(path.read_text())
     from executor.measure import Recorder, environment, run_record, write_json
 
@@ -158,16 +225,32 @@ def _summary_or_compose(plan: Plan, options: RunOptions, rc: int) -> dict:
     metrics = output / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         row = json.loads(line)
+        if row.get("attempt") != attempt:
+            continue
         recorder.add(row["step"], row["loss"], row["step_s"])
         recorder.note_memory(row.get("peak_memory_bytes"), row.get("peak_reserved_bytes"))
-    failures = [json.loads(p.read_text()) for p in sorted(output.glob("failure-rank-*.json"))]
-    oom = next((f for f in failures if f.get("status") == "oom"), None)
-    failure = oom or (failures[0] if failures else {"status": "failed", "error": f"workers exited with status {rc}"})
+    failure = _failure(output, rc, stopped_by, log_path)
     device = torch.device("cuda" if plan.hardware.vendor != "cpu" and torch.cuda.is_available() else "cpu")
     record = run_record(failure["status"], failure["error"], plan.to_dict(), recorder.measured(),
                         environment(device, config.devices), {"options": options.to_dict()})
     write_json(path, record)
     return record
+
+
+def _failure(output: Path, rc: int, stopped_by: signal.Signals | None, log_path: Path) -> dict:
+    """Why the attempt ended: a signal to the launcher, an OOM on any rank, a rank's note, a worker
+    killed by a signal (torchrun's report in the log), or torchrun's exit status."""
+    if stopped_by is not None:
+        return {"status": "failed", "error": f"killed: stopped by {stopped_by.name} before the last step"}
+    failures = [json.loads(p.read_text()) for p in sorted(output.glob("failure-rank-*.json"))]
+    oom = next((f for f in failures if f.get("status") == "oom"), None)
+    if oom or failures:
+        return oom or failures[0]
+    killed = re.search(r"Signal \d+ \((SIG[A-Z]+)\) received by PID", log_path.read_text(errors="replace")) \
+        if log_path.exists() else None
+    if killed:
+        return {"status": "failed", "error": f"killed: a worker was stopped by {killed.group(1)} (out of host memory?)"}
+    return {"status": "failed", "error": f"workers exited with status {rc}"}
 
 
 def _record_in_store(summary: dict, options: RunOptions) -> None:

@@ -22,6 +22,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        self.attempt = os.environ.get("EXECUTOR_ATTEMPT")  # the launcher's tag: whose rows these are
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -39,7 +40,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "attempt": self.attempt} if self.attempt else record) + "\n")
 
 
 @dataclass

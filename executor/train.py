@@ -170,12 +170,11 @@ class Trainer:
 
     def resume_step(self, plan_config: dict) -> int:
         output = self.options.output_dir
-        found = checkpoint.latest_complete(output) if self.options.resume else None
-        if found is None:
+        step = checkpoint.load_newest(output, self.p.state_module, self.p.optimizers,
+                                      self._checkpoint_meta(plan_config)) if self.options.resume else None
+        if step is None:
             self.report.metrics.reset()
             return 0
-        step, path = found
-        checkpoint.load(path, self.p.state_module, self.p.optimizers, self._checkpoint_meta(plan_config))
         self.report.metrics.truncate_after(step)
         return step
 

@@ -7,6 +7,7 @@ record when no rank could (e.g. an OOM on rank 3 while rank 0 waits in a collect
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from executor.checks import check_device, check_supported, check_world, plan_notes
+from executor.lifeline import bind_to_parent, started_by_torchrun
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
 from planner.errors import InvalidRequest, PlannerError
@@ -54,9 +56,14 @@ def uses_cuda(plan: Plan) -> bool:
     return plan.hardware.vendor != "cpu"
 
 
-def check_environment(document: Plan, on_cuda: bool) -> None:
+def check_environment(document: Plan, on_cuda: bool, options: RunOptions | None = None) -> None:
+    from executor.preflight import preflight_reason
+
     spec, hardware, cluster, workload, config = typed_plan(document)
     check_supported(spec, workload, config, on_cuda)
+    reason = preflight_reason(spec, workload, config, options)
+    if reason:
+        raise InvalidRequest(reason)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_world(cluster, config, world)
     if on_cuda:
@@ -92,14 +99,30 @@ def train(document: Plan, options: RunOptions, device: torch.device, recorder: R
             "compile": should_compile(workload), "memory_probe_error": trainer.probe.error, "notes": notes}
 
 
+def _outcome(exc: Exception) -> tuple[str, str, int]:
+    """(status, one-line error, exit status) of a failed training."""
+    from executor.checkpoint import is_disk_full
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
+    if isinstance(exc, PlannerError):
+        return "failed", str(exc), EXIT_REFUSED
+    if is_disk_full(exc):
+        return "failed", f"the disk is full ({exc}); free space, then add --resume", EXIT_REFUSED
+    traceback.print_exc()  # into the launcher's log of this attempt
+    return "failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED
+
+
 def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> int:
     options = RunOptions.parse(sys.argv[1:] if argv is None else argv)
     output = options.output_dir
     rank = int(os.environ.get("RANK", "0"))
+    if started_by_torchrun():
+        bind_to_parent()  # a worker never outlives torchrun (executor/lifeline.py)
     try:
         document = load_plan(options.plan)
         on_cuda = uses_cuda(document)
-        check_environment(document, on_cuda)
+        check_environment(document, on_cuda, options)
     except PlannerError as exc:
         if rank == 0:
             print(f"planner train: {exc}", file=sys.stderr)
@@ -112,15 +135,11 @@ def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> in
     status, error, extra, code = "finished", None, {}, 0
     try:
         extra = train(document, options, device, recorder, trainer_class)
-    except torch.OutOfMemoryError as exc:
-        status, error, code = "oom", f"out of memory: {str(exc).splitlines()[0]}", EXIT_OOM
-    except PlannerError as exc:
-        status, error, code = "failed", str(exc), EXIT_REFUSED
-    except Exception as exc:
-        status, error, code = "failed", f"{type(exc).__name__}: {exc}", EXIT_FAILED
-        traceback.print_exc()  # into the launcher's log of this attempt
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, as what it is
+        status, error, code = _outcome(exc)
     if code:
-        write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
+        with contextlib.suppress(OSError):  # a full disk may refuse the note too; the launcher then says so
+            write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
     if rank == 0:
         record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, config.devices),
                             {"options": options.to_dict(), **extra})

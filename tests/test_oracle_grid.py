@@ -23,6 +23,18 @@ def test_grid_records_versions_and_is_the_grid_the_code_defines():
             (defined["model"], json.loads(json.dumps(defined["workload"])), defined["config"]), stored["name"]
 
 
+def test_the_grid_extra_pins_the_versions_the_grid_was_traced_with():
+    """`pip install -e .[all]` (or .[grid]) installs what the re-trace tests need to run, not skip."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    pins = dict(requirement.split("==") for requirement in extras["grid"])
+    assert pins == {k: DOC[k].split("+")[0] for k in ("torch", "transformers", "peft")}
+    assert "grid" in extras["all"][0]
+
+
 def test_grid_covers_the_space_the_issue_asks_for():
     specs = {p["name"]: resolve(request_and_config(p)[0]).spec for p in POINTS}
     params = [count_params(s) for s in specs.values()]

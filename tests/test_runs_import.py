@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from store_helpers import executor_record, write_summary
+from tests.store_helpers import executor_record, write_summary
 
 from calibration.cases import SHIPPED_CASES, adapt
 from calibration.commands.runs import ORIGIN_CHOICES

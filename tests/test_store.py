@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from store_helpers import TINY_CONFIG, TINY_REQUEST, executor_record, without
+from tests.store_helpers import TINY_CONFIG, TINY_REQUEST, executor_record, without
 
 from planner import api
 from planner import runstore as store

@@ -9,7 +9,7 @@ import pytest
 from calibration.cases import load_cases
 from calibration.validate import plausibility, predict_case, validate
 
-from conftest import SHARED_CASES
+from tests.conftest import SHARED_CASES
 
 
 @pytest.fixture(scope="module")
