@@ -348,6 +348,8 @@ def json_object(value: Any, name: str) -> dict[str, Any] | None:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise FieldError(name, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            raise FieldError(name, "is nested too deep or holds an unreadable number") from None
     if not isinstance(value, dict):
         raise FieldError(name, "must be a JSON object")
     return value

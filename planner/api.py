@@ -23,6 +23,7 @@ from planner.plan import ParallelConfig, check_config, plan_document
 from planner.profile import load_profile
 from planner.search import Pins, SearchResult, search
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
+from planner.validity import check_degrees, check_sequence, check_workload
 
 DEFAULT_GPU = "h100-sxm-80gb"
 
@@ -90,6 +91,8 @@ def resolve(request: Request) -> Resolved:
                         activation_offload=request.activation_offload,
                         optimizer_in_backward=request.optimizer_in_backward, compile=request.compile,
                         loss_parallel=request.loss_parallel, fp32_logits=request.fp32_logits)
+    check_workload(workload, cluster.num_devices)  # bounds before any search enumerates them
+    check_sequence(spec, workload.seq_len)  # learned positions end at max_position_embeddings
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     profile = load_profile(request.calibration)
     if request.memory_margin is not None and not 0 <= request.memory_margin < 1:
@@ -101,6 +104,7 @@ def resolve(request: Request) -> Resolved:
 def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:
     """One explicit configuration. Invalid -> InvalidRequest; valid but too big -> fits: false."""
     r = resolve(request)
+    check_degrees(dp=config.dp, tp=config.tp, pp=config.pp, micro_batch_size=config.micro_batch_size, vpp=config.vpp)
     check_config(r.spec, r.workload, r.cluster, config)
     estimates = evaluate(r.context, Candidates.from_configs([config]))
     return estimates.prediction(r.context, 0)
@@ -112,7 +116,8 @@ def suggest(request: Request, pins: Pins | None = None, top: int = 5) -> dict[st
         raise InvalidRequest(f"--top must be a positive whole number, got {top}")
     started = time.perf_counter()
     r = resolve(request)
-    result = search(r.context, pins or Pins())
+    pins = pins or Pins()
+    result = search(r.context, pins)
     seconds = time.perf_counter() - started
     if not result.feasible:
         raise Infeasible(_no_fit_message(request, r, result, pins or Pins()))

@@ -2,8 +2,16 @@
 an Accelerate FSDP config (YAML), a torchtitan job config (TOML) and a Slurm batch script.
 
 Pure Python (no torch, no yaml/toml libraries): the YAML and TOML here are small block mappings
-whose scalars are written as JSON scalars, which both formats read as the same values. Tests load
-every output with the format's own parser (json, yaml.safe_load, tomllib, torchrun's argparse).
+whose keys are ours and whose scalars are written as JSON scalars (YAML) or TOML basic strings,
+which both formats read as the same values. Tests load every output with the format's own parser
+(json, yaml.safe_load, tomllib, torchrun's argparse).
+
+Escaping (issue 18): every word of a shell line is quoted with shlex.quote, except a word made only
+of plain characters and `$VAR` / `${VAR}` / `${VAR:?message}` references (the `--data "$DATA"`
+default, Slurm's variables), which is double-quoted so that the variable, and nothing else, expands:
+`$(...)`, backticks, quotes and newlines never reach the shell unquoted. Comment lines (`# Plan:`)
+carry names with every non-printable character replaced, so that no newline can end them; names
+in folder and job names are cut to [A-Za-z0-9_.-].
 
 Assumption to align with the executor when merging: each node runs
     torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT \
@@ -18,6 +26,7 @@ says so in a note (recomputation and kernels that live in the training code).
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -26,6 +35,7 @@ from typing import Any
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig, typed_plan
 from planner.specs import Cluster, ModelSpec, Workload
+from planner.validity import MAX_HOURS, MAX_STEPS, check_number, printable
 
 FORMATS = ("torchrun", "deepspeed", "accelerate", "torchtitan", "slurm")
 EXECUTOR_MODULE = "executor.train"
@@ -74,6 +84,7 @@ def export_plan(document: dict[str, Any], fmt: str, options: LaunchOptions | Non
     step_s = (document.get("prediction") or {}).get("time", {}).get("step_s")
     plan = _Plan(spec, cluster, workload, config, step_s)
     options = options or LaunchOptions()
+    _check_options(options)
     render, suffix = {"torchrun": (torchrun_script, ".sh"), "deepspeed": (deepspeed_json, ".json"),
                       "accelerate": (accelerate_yaml, ".yaml"), "torchtitan": (torchtitan_toml, ".toml"),
                       "slurm": (slurm_script, ".sbatch")}[fmt]
@@ -81,9 +92,30 @@ def export_plan(document: dict[str, Any], fmt: str, options: LaunchOptions | Non
     return Export(text=text, notes=tuple(plan.notes), suffix=suffix)
 
 
+def _check_options(options: LaunchOptions) -> None:
+    """What a person typed for the launch: printable paths, a real port, bounded steps and time."""
+    for name in ("plan_path", "data", "output"):
+        value = getattr(options, name)
+        if not isinstance(value, str) or not value or not value.isprintable():
+            flag = {"plan_path": "the plan path", "data": "--data", "output": "--run-dir"}[name]
+            raise InvalidRequest(f"{flag} {value!r:.80} is empty or holds control characters; give a plain path")
+    if isinstance(options.port, bool) or not isinstance(options.port, int) or not 1 <= options.port <= 65535:
+        raise InvalidRequest(f"--port must be a TCP port from 1 to 65535, got {options.port!r:.40}")
+    if options.steps is not None:
+        check_number(options.steps, "--steps", MAX_STEPS, integer=True)
+    if options.time_limit_s is not None:
+        check_number(options.time_limit_s / 3600, "--time-limit-hours", MAX_HOURS)
+
+
+def safe_name(name: str) -> str:
+    """A model name as one path component or Slurm job name: [A-Za-z0-9_.-], never '.' or '..'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", str(name)).strip(".-") or "model"
+
+
 def describe(plan: _Plan) -> str:
+    """One line, printable (a comment's text in every format)."""
     c = plan.config
-    return (f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
+    return printable(f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
             f"({plan.cluster.num_nodes} node(s) of {plan.cluster.devices_per_node}): dp {c.dp}, tp {c.tp}, pp {c.pp}, "
             f"micro-batch {c.micro_batch_size} x {c.num_micro_batches}, recompute {c.recompute}, zero {c.zero}, "
             f"offload {c.offload}, {plan.workload.method}, {plan.workload.precision}")
@@ -91,13 +123,23 @@ def describe(plan: _Plan) -> str:
 
 # -- torchrun and Slurm ------------------------------------------------------------------------
 
-def _word(value: str) -> str:
-    """A shell word: one holding `$VAR` stays expandable (double quotes), anything else is quoted."""
-    if "$" in value:
-        if any(ch in value for ch in '"`\\'):
-            raise InvalidRequest(f"{value!r} mixes a $variable with quotes or backslashes; give a plain path")
+# plain characters, and variable references that expand to a value and run nothing
+_PLAIN = r"[A-Za-z0-9_./:=,+@%-]"
+# a name runs to its end (the lookahead), so each text splits one way only: no backtracking blow-up
+_VARIABLE = r"\$[A-Za-z_][A-Za-z0-9_]*(?![A-Za-z0-9_])|\$\{[A-Za-z_][A-Za-z0-9_]*(?::\?[A-Za-z0-9 _.,=-]*)?\}"
+_EXPANDABLE = re.compile(rf"(?:{_PLAIN}|{_VARIABLE})*")
+
+
+def shell_word(value: str) -> str:
+    """A shell word: `$VAR`-style references stay expandable (double quotes around plain text and
+    variables only); anything else is single-quoted by shlex.quote and reaches the program verbatim."""
+    if "$" in value and _EXPANDABLE.fullmatch(value):
         return f'"{value}"'
     return shlex.quote(value)
+
+
+def shell_join(words: list[str]) -> str:
+    return " ".join(shell_word(w) for w in words)
 
 
 def executor_args(options: LaunchOptions) -> list[str]:
@@ -112,10 +154,6 @@ def torchrun_words(plan: _Plan, options: LaunchOptions, nnodes: str, endpoint: s
             "-m", EXECUTOR_MODULE, *executor_args(options)]
 
 
-def _join(words: list[str]) -> str:
-    return " ".join(_word(w) for w in words)
-
-
 def torchrun_script(plan: _Plan, options: LaunchOptions) -> str:
     nodes = plan.cluster.num_nodes
     if nodes == 1:
@@ -124,13 +162,19 @@ def torchrun_script(plan: _Plan, options: LaunchOptions) -> str:
         endpoint = "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}" + f":{options.port}"
         where = f"Run the same line on each of the {nodes} nodes (MASTER_ADDR = one node's address):"
     words = torchrun_words(plan, options, str(nodes), endpoint, "llm-planner")
-    return f"# Plan: {describe(plan)}\n# {where}\n{_join(words)}\n"
+    return f"# Plan: {describe(plan)}\n# {where}\n{shell_join(words)}\n"
 
 
 def _slurm_time(plan: _Plan, options: LaunchOptions) -> str | None:
     seconds = options.time_limit_s
-    if seconds is None and options.steps is not None and plan.step_s:
-        seconds = plan.step_s * options.steps * (1 + options.time_margin_fraction) + options.time_startup_s
+    step_s = plan.step_s
+    if not isinstance(step_s, (int, float)) or isinstance(step_s, bool) or not 0 < step_s < math.inf:
+        step_s = None  # a plan without a usable prediction: no time from it
+    if seconds is None and options.steps is not None and step_s:
+        seconds = step_s * options.steps * (1 + options.time_margin_fraction) + options.time_startup_s
+        if seconds > MAX_HOURS * 3600:
+            raise InvalidRequest(f"--steps {options.steps} at the predicted {step_s:.3g} s a step take over "
+                                 f"{MAX_HOURS:.0e} hours; use fewer steps or set --time-limit-hours")
     if seconds is None:
         return None
     minutes = max(1, int(-(-seconds // 60)))
@@ -140,7 +184,7 @@ def _slurm_time(plan: _Plan, options: LaunchOptions) -> str | None:
 def slurm_script(plan: _Plan, options: LaunchOptions) -> str:
     """sbatch script: one task per node, each a torchrun agent (Slurm docs: sbatch, srun)."""
     cluster = plan.cluster
-    directives = [f"--job-name=llm-planner-{re.sub(r'[^A-Za-z0-9_.-]', '-', plan.spec.name)}",
+    directives = [f"--job-name=llm-planner-{safe_name(plan.spec.name)}",
                   f"--nodes={cluster.num_nodes}", "--ntasks-per-node=1", f"--gpus-per-node={cluster.devices_per_node}",
                   "--exclusive", "--output=%x-%j.out"]
     time_limit = _slurm_time(plan, options)
@@ -152,11 +196,12 @@ def slurm_script(plan: _Plan, options: LaunchOptions) -> str:
     words = torchrun_words(plan, options, "$SLURM_NNODES", endpoint, "$SLURM_JOB_ID")
     lines = ["#!/bin/bash", *[f"#SBATCH {d}" for d in directives], f"# Plan: {describe(plan)}",
              "set -euo pipefail"]
-    if options.data.startswith("$"):
-        name = options.data.strip("${}").split(":")[0]
+    variable = re.match(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", options.data)
+    if variable:
+        name = variable.group(1)
         lines.append(f': "${{{name}:?set {name} to the training data}}"')
     lines += ['head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-              "srun " + _join(words)]
+              "srun " + shell_join(words)]
     return "\n".join(lines) + "\n"
 
 
@@ -310,5 +355,25 @@ def torchtitan_toml(plan: _Plan, options: LaunchOptions) -> str:
              "# torchtitan >= 0.3 takes the same keys as overrides, e.g. --parallelism.tensor_parallel_degree"]
     for name, values in sections.items():
         lines.append(f"\n[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml_char(ch: str) -> str:
+    code = ord(ch)
+    if ch in '"\\':
+        return "\\" + ch
+    if code < 0x20 or code == 0x7F:
+        return f"\\u{code:04x}"
+    return "?" if 0xD800 <= code <= 0xDFFF else ch  # a lone surrogate cannot be written as UTF-8
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML value: strings as basic strings (TOML 1.0: the quote, the backslash and every control
+    character escaped), lists of them, and numbers and booleans as JSON writes them (the same in TOML)."""
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(ch) for ch in value) + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    assert isinstance(value, (bool, int, float)) and math.isfinite(value), value
+    return json.dumps(value)

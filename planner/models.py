@@ -11,8 +11,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest, read_json, unknown_name
+from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
 from planner.specs import ModelSpec
+from planner.validity import check_model
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
@@ -41,6 +42,7 @@ def load_model(ref: str | ModelSpec) -> ModelSpec:
         path = path / "config.json"
         if not path.is_file():
             raise InvalidRequest(f"folder {ref!r} holds no config.json; point --model at a Hugging Face model folder")
+    require_regular_file(path, "model config")  # a FIFO or device: refused, not "does not exist"
     if path.is_file():
         return spec_from_file(path)
     docs = catalog()
@@ -69,6 +71,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str, source: str = "") -> 
     fields = _READERS[model_type](_Config(config, source or name))
     spec = ModelSpec(name=name, family=model_type, source=source, hf_config=dict(config), **fields)
     _check_shape(spec)
+    check_model(spec)  # planner/validity.py: bounds, names, what transformers can build
     return spec
 
 
@@ -93,8 +96,8 @@ class _Config:
         value = self.data.get(key, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise InvalidRequest(f"{self.where}: {key} must be a non-negative number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise InvalidRequest(f"{self.where}: {key} must be a finite non-negative number, got {value!r}")
         return float(value)
 
     def bool(self, key: str, default: bool) -> bool:

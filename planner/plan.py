@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from planner.errors import InvalidRequest, read_json
@@ -157,12 +156,9 @@ def plan_document(spec: ModelSpec, hardware: Hardware, cluster: Cluster, workloa
 
 
 def save_plan(path: str, document: dict[str, Any]) -> None:
-    target = Path(path).expanduser()
-    if target.parent and not target.parent.exists():
-        raise InvalidRequest(f"cannot write plan to {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(target)
+    from planner.outfile import write_text
+
+    write_text(path, json.dumps(document, indent=2) + "\n", "plan")
 
 
 def load_plan(path: str) -> dict[str, Any]:

@@ -17,7 +17,9 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
 from planner.cost.estimate import Estimates, evaluate
+from planner.factor import divisors
 from planner.plan import OFFLOAD, RECOMPUTE, ZERO, structural_reason
+from planner.validity import check_degrees
 
 VPP_CHOICES = (1, 2, 4)
 
@@ -51,11 +53,6 @@ class SearchResult:
         return len(self.order)
 
 
-def divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
 def _options(pins: Pins, name: str, choices):
     value = getattr(pins, name)
     return [value] if value is not None else list(choices)
@@ -63,6 +60,7 @@ def _options(pins: Pins, name: str, choices):
 
 def search(ctx: Context, pins: Pins) -> SearchResult:
     spec, workload, n_dev = ctx.spec, ctx.workload, ctx.cluster.num_devices
+    check_degrees(dp=pins.dp, tp=pins.tp, pp=pins.pp, micro_batch_size=pins.micro_batch_size, vpp=pins.vpp)
     rejected: Counter = Counter()
     recompute = [RECOMPUTE.index(r) for r in _options(pins, "recompute", RECOMPUTE)]
     zeros = _options(pins, "zero", ZERO)

@@ -6,12 +6,11 @@ Everything is computed through planner.api, planner.whatfits, planner.capacity a
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from planner.api import Request, make_plan, resolve, suggest
 from planner.capacity import default_price, plan_capacity
-from planner.errors import Infeasible, InvalidRequest
+from planner.errors import Infeasible, InvalidRequest, parse_json
 from planner.export import export_plan
 from planner.models import spec_from_hf_config
 from planner.whatfits import what_fits
@@ -29,10 +28,7 @@ def request_from(fields: dict[str, Any], config_text: str | None = None) -> Requ
     values = {k: fields[k] for k in REQUEST_FIELDS if k in fields}
     values["lora_targets"] = tuple(values.get("lora_targets") or ())
     if config_text is not None:
-        try:
-            config = json.loads(config_text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"the uploaded config.json is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        config = parse_json(config_text, "the uploaded config.json")
         if not isinstance(config, dict):
             raise InvalidRequest("the uploaded config.json must hold a JSON object")
         name = str(config.get("_name_or_path") or fields.get("upload_name") or "uploaded-config")

@@ -37,15 +37,41 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="print the torchrun command (per node) instead of training")
 
 
-def run(args: argparse.Namespace) -> int:
-    from executor.launch import launch, print_launch
-    from executor.options import RunOptions
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Checked here, before torchrun starts: a NaN learning rate used to fail only inside the workers."""
     from planner.errors import InvalidRequest
+    from planner.validity import MAX_STEPS, check_number
 
     if not 0 <= args.max_bad_fraction <= 1:
         raise InvalidRequest(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
-    if args.lr <= 0:
-        raise InvalidRequest(f"--lr must be positive, got {args.lr}")
+    check_number(args.lr, "--lr", 1e3)  # AdamW diverges far below 1e3; NaN and inf never train
+    check_number(args.weight_decay, "--weight-decay", 1e3, allow_zero=True)
+    for flag, value in (("--steps", args.steps), ("--checkpoint-every", args.checkpoint_every),
+                        ("--eval-every", args.eval_every), ("--warmup-steps", max(args.warmup_steps, 0)),
+                        ("--memory-every", args.memory_every)):
+        check_number(value, flag, MAX_STEPS, integer=True, allow_zero=flag != "--steps")
+    if not -2**63 <= args.seed < 2**64:  # the range torch.manual_seed takes
+        raise InvalidRequest(f"--seed must be a 64-bit whole number, got {args.seed:.4g}")
+
+
+def _launch_text(options) -> str:
+    """The torchrun line(s) of --print-launch, every word escaped for the shell: arguments holding
+    `$(...)`, backticks or quotes are single-quoted; only plain `$VAR` references expand."""
+    from executor.launch import worker_command
+    from planner.export import shell_join
+    from planner.plan import load_plan, typed_plan
+
+    cluster = typed_plan(load_plan(options.plan))[2]
+    per_node, nnodes = min(cluster.devices_per_node, cluster.num_devices), cluster.num_nodes
+    head = "# on every node (set NODE_RANK and MASTER_ADDR):" if nnodes > 1 else "# on this node:"
+    return f"{head}\nOMP_NUM_THREADS=1 " + shell_join(worker_command(options, per_node, nnodes))
+
+
+def run(args: argparse.Namespace) -> int:
+    from executor.launch import launch
+    from executor.options import RunOptions
+
+    _check_numbers(args)
     options = RunOptions(plan=args.plan, data=args.data, steps=args.steps, output=args.output, resume=args.resume,
                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_data=args.eval_data,
                          init_from=args.init_from, tokenizer=args.tokenizer, seed=args.seed, lr=args.lr,
@@ -54,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
                          memory_every=args.memory_every, save_final=not args.no_save, progress=not args.no_progress,
                          store=args.store, record_in_store=not args.no_store)
     if args.print_launch:
-        print(print_launch(options))
+        print(_launch_text(options))
         return 0
     return launch(options, fallback=args.fallback)
