@@ -35,7 +35,8 @@ from typing import Any
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig, typed_plan
 from planner.specs import Cluster, ModelSpec, Workload
-from planner.validity import MAX_HOURS, MAX_STEPS, check_number, printable
+from planner.validity import (MAX_HOURS, MAX_STEPS, check_number, check_sequence, check_spec_matches_config,
+                              printable)
 
 FORMATS = ("torchrun", "deepspeed", "accelerate", "torchtitan", "slurm")
 EXECUTOR_MODULE = "executor.train"
@@ -81,6 +82,8 @@ def export_plan(document: dict[str, Any], fmt: str, options: LaunchOptions | Non
     if fmt not in FORMATS:
         raise InvalidRequest(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     spec, _hardware, cluster, workload, config = typed_plan(document)
+    check_spec_matches_config(spec)
+    check_sequence(spec, workload.seq_len)
     step_s = (document.get("prediction") or {}).get("time", {}).get("step_s")
     plan = _Plan(spec, cluster, workload, config, step_s)
     options = options or LaunchOptions()

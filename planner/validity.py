@@ -175,6 +175,23 @@ def check_model(spec: Any) -> None:
                              "set head_dim or hidden_size / heads to an even number")
 
 
+def check_spec_matches_config(spec: Any) -> None:
+    """A plan's model spec is what its hf_config builds (the executor instantiates the config): a
+    config edited to another model type or size than the spec predicted for is refused."""
+    if not spec.hf_config:
+        return  # a spec made in code, with no config to build from: nothing to compare
+    from dataclasses import fields, replace
+
+    from planner.models import spec_from_hf_config
+
+    rebuilt = spec_from_hf_config(spec.hf_config, name="plan", source="the plan's hf_config")
+    rebuilt = replace(rebuilt, name=spec.name, source=spec.source)
+    if rebuilt != spec:
+        differ = [f.name for f in fields(spec) if f.compare and getattr(spec, f.name) != getattr(rebuilt, f.name)]
+        raise InvalidRequest(f"the plan's model spec and its hf_config disagree on {', '.join(differ[:4])}; "
+                             "write the plan again with --save-plan")
+
+
 def check_sequence(spec: Any, seq_len: int) -> None:
     """A sequence the model can run: learned (or ALiBi-table) positions end at max_position_embeddings."""
     limited = spec.positions == "learned" or spec.family in BOUNDED_POSITION_FAMILIES

@@ -139,6 +139,12 @@ def make_hostile_dir(base: Path) -> Path:
     plan = _cli("predict", "--model", "llama-tiny", "--gpus", "2", "--global-batch", "4", "--seq-len", "256",
                 "--dp", "2", "--save-plan", str(base / "plan.json"), cwd=base)
     assert plan.returncode == 0, plan.stderr
+    document = json.loads((base / "plan.json").read_text())
+    for name, changes in (("plan-bert.json", {"model_type": "bert"}), ("plan-bigger.json", {"hidden_size": 512}),
+                          ("plan-nan.json", {"rms_norm_eps": 1e-5, "attention_dropout": float("nan")})):
+        edited = json.loads(json.dumps(document))
+        edited["model"]["hf_config"].update(changes)
+        (base / name).write_text(json.dumps(edited))
     return base
 
 
@@ -174,6 +180,7 @@ def C(name: str, *argv: str, ok=None, env=None) -> Case:
 TINY = ("--model", "llama-tiny")
 EXPLICIT = ("--dp", "1", "--micro-batch-size", "1")
 PLAN = "{d}/plan.json"
+TRAIN = ("train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r")
 
 CASES = [
     # -- suggest: sizes and degrees ------------------------------------------------------------
@@ -306,7 +313,8 @@ CASES = [
     C("fits hw nan", "fits", *TINY, "--gpu", "{d}/hw-nan.json"),
     C("fits deep model", "fits", "--model", "{d}/deep.json"),
     # -- listings ------------------------------------------------------------------------------
-    C("models json", "models", "--json", ok=_json_ok(lambda rows: len(rows) > 5 and all(r["params"] > 0 for r in rows))),
+    C("models json", "models", "--json",
+      ok=_json_ok(lambda rows: len(rows) > 5 and all(r["params"] > 0 for r in rows))),
     C("models extra argument", "models", "extra"),
     C("hardware json", "hardware", "--json", ok=_json_ok(lambda rows: all(r["memory_bytes"] > 0 for r in rows))),
     C("hardware unknown option", "hardware", "--bogus"),
@@ -367,21 +375,25 @@ CASES = [
     C("export plan a list", "export", "{d}/plan-list.json", "--format", "torchrun"),
     C("export plan missing", "export", "{d}/nope.json", "--format", "torchrun"),
     C("export unknown format", "export", PLAN, "--format", "yaml"),
+    C("export plan whose config is bert", "export", "{d}/plan-bert.json", "--format", "torchrun"),
+    C("export plan whose config is bigger", "export", "{d}/plan-bigger.json", "--format", "deepspeed"),
+    C("export plan whose config has NaN dropout", "export", "{d}/plan-nan.json", "--format", "slurm"),
     C("export deepspeed ok", "export", PLAN, "--format", "deepspeed",
       ok=lambda out: json.loads(out)["train_batch_size"] == 4),
     # -- train (planner side of the launcher: argument checks and --print-launch) ----------------
-    C("train lr nan", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r", "--lr", "nan"),
-    C("train lr inf", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r", "--lr", "inf"),
-    C("train lr negative", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r", "--lr", "-1"),
-    C("train weight decay nan", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r",
-      "--weight-decay", "nan"),
-    C("train bad fraction nan", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r",
-      "--max-bad-fraction", "nan"),
+    C("train lr nan", *TRAIN, "--lr", "nan"),
+    C("train lr inf", *TRAIN, "--lr", "inf"),
+    C("train lr negative", *TRAIN, "--lr", "-1"),
+    C("train weight decay nan", *TRAIN, "--weight-decay", "nan"),
+    C("train bad fraction nan", *TRAIN, "--max-bad-fraction", "nan"),
     C("train steps 2**62", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", BIG, "--output", "{d}/r"),
-    C("train seed 2**70", "train", "--plan", PLAN, "--data", "{d}/runs.txt", "--steps", "1", "--output", "{d}/r",
-      "--seed", str(2**70)),
+    C("train seed 2**70", *TRAIN, "--seed", str(2**70)),
     C("train print-launch sane", "train", "--plan", PLAN, "--data", "data.json", "--steps", "1", "--output", "runs/x",
       "--print-launch", ok=lambda out: "--nproc-per-node=2" in out and "'runs/x'" not in out),
+    C("train plan whose config is bert", "train", "--plan", "{d}/plan-bert.json", "--data", "x", "--steps", "1",
+      "--output", "{d}/r"),
+    C("train plan whose config is bigger", "train", "--plan", "{d}/plan-bigger.json", "--data", "x", "--steps", "1",
+      "--output", "{d}/r", "--print-launch"),
     C("train print-launch plan deep", "train", "--plan", "{d}/deep.json", "--data", "x", "--steps", "1",
       "--output", "{d}/r", "--print-launch"),
     C("train print-launch plan fifo", "train", "--plan", "{d}/fifo.json", "--data", "x", "--steps", "1",

@@ -54,6 +54,17 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequest(f"--seed must be a 64-bit whole number, got {args.seed:.4g}")
 
 
+def _check_plan(path: str) -> None:
+    """Before any process starts: the plan's hf_config builds the model the plan predicted for, and
+    runs its sequence length (planner/validity.py; transformers' own build is the executor's check)."""
+    from planner.plan import load_plan, typed_plan
+    from planner.validity import check_sequence, check_spec_matches_config
+
+    spec, _hardware, _cluster, workload, _config = typed_plan(load_plan(path))
+    check_spec_matches_config(spec)
+    check_sequence(spec, workload.seq_len)
+
+
 def _launch_text(options) -> str:
     """The torchrun line(s) of --print-launch, every word escaped for the shell: arguments holding
     `$(...)`, backticks or quotes are single-quoted; only plain `$VAR` references expand."""
@@ -72,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from executor.options import RunOptions
 
     _check_numbers(args)
+    _check_plan(args.plan)
     options = RunOptions(plan=args.plan, data=args.data, steps=args.steps, output=args.output, resume=args.resume,
                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_data=args.eval_data,
                          init_from=args.init_from, tokenizer=args.tokenizer, seed=args.seed, lr=args.lr,
