@@ -48,6 +48,8 @@ MIN_BANDWIDTH_BYTES_PER_S = 1e3
 # optimizer steps and tokens: trainings run ~1e6 steps and ~3e13 tokens
 MAX_STEPS = 10**12
 MAX_TOKENS = 1e18
+# measured throughput: the largest clusters reach ~1e8 tokens/s
+MAX_TOKENS_PER_S = 1e12
 # money and time: a device-hour costs ~1-10 USD; the largest trainings cost ~1e9 USD and run ~1e4 hours
 MAX_PRICE_PER_HOUR = 1e6
 MAX_BUDGET = 1e15

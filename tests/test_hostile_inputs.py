@@ -145,7 +145,31 @@ def make_hostile_dir(base: Path) -> Path:
         edited = json.loads(json.dumps(document))
         edited["model"]["hf_config"].update(changes)
         (base / name).write_text(json.dumps(edited))
+    _run_records(base)
     return base
+
+
+RECORD_EDITS = {  # run@1 records (`runs import`) edited by hand: each must be rejected, none stored
+    "record-hw-nan": lambda r: r["plan"]["hardware"]["peak_flops"].update(bf16=float("nan")),
+    "record-hidden-str": lambda r: r["plan"]["model"].update(hidden_size="big"),
+    "record-name-newline": lambda r: r["plan"]["model"].update(name="x\n$(touch PWNED)"),
+    "record-model-name-newline": lambda r: r.update(model_name="x\n$(touch PWNED)"),
+    "record-seq-2**62": lambda r: r["plan"]["workload"].update(seq_len=2**62),
+    "record-gpus-2**63": lambda r: r["plan"]["cluster"].update(num_devices=2**63),
+    "record-steps-10**400": lambda r: r["measured"].update(steps=10**400),
+    "record-tokens-1e308": lambda r: r["measured"].update(tokens_per_s=1e308, tokens_per_s_per_device=1e308),
+    "record-memory-1e308": lambda r: r["measured"].update(peak_reserved_bytes=1e308),
+    "record-memory-nan": lambda r: r["measured"].update(peak_reserved_bytes=float("nan")),
+}
+
+
+def _run_records(base: Path) -> None:
+    record = json.loads((ROOT / "calibration" / "data" / "h100_runs" / "executor-mbs4-compiled.json").read_text())
+    for name, edit in RECORD_EDITS.items():
+        edited = json.loads(json.dumps(record))
+        edited["run_id"] = name
+        edit(edited)
+        (base / f"{name}.json").write_text(json.dumps(edited))
 
 
 def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -337,6 +361,10 @@ CASES = [
     C("runs import csv tokens nan", "runs", "import", "{d}/runs-nan.csv", "--store", "{d}/s1.sqlite"),
     C("runs import csv tokens 1e400", "runs", "import", "{d}/runs-inf.csv", "--store", "{d}/s1.sqlite"),
     C("runs import csv gpus 2**63", "runs", "import", "{d}/runs-huge.csv", "--store", "{d}/s1.sqlite"),
+    *[C(f"runs import {name}", "runs", "import", f"{{d}}/{name}.json", "--store", "{d}/s2.sqlite")
+      for name in RECORD_EDITS],
+    C("runs list after rejected records", "runs", "list", "--store", "{d}/s2.sqlite", "--json",
+      ok=lambda out: out.strip() in ("", "[]")),
     C("runs import fifo", "runs", "import", "{d}/fifo.csv", "--store", "{d}/s1.sqlite"),
     C("runs import folder with fifo summary", "runs", "import", "{d}/fifo-run", "--store", "{d}/s1.sqlite"),
     C("runs import unknown suffix", "runs", "import", "{d}/runs.txt", "--store", "{d}/s1.sqlite"),
