@@ -211,3 +211,23 @@ def test_print_launch_quotes_every_word(base_plan, tmp_path):
     argv = _run_script(text, tmp_path)[0]
     assert argv[1:3] == ["-m", "torch.distributed.run"]
     assert _value_after(argv, "--output") == hostile and _value_after(argv, "--data") == hostile
+
+
+def test_streamlit_page_launch_text_with_a_hostile_uploaded_config(tmp_path):
+    """The page shows `export_plan(plan, "torchrun")` as its launch command; an uploaded config whose
+    name is `$(...)` gives a line that runs only torchrun; a name with a newline, or JSON nested too
+    deep, is refused with a one-line InvalidRequest."""
+    from planner import views
+
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512}
+    fields = {"gpu": "cpu", "gpus": 2, "seq_len": 128, "global_batch": 8, "method": "full", "precision": "fp32"}
+    page = views.what_fits_page(fields, json.dumps({**config, "_name_or_path": "$(touch PWNED)`touch PWNED`"}))
+    argv = _run_script(page["launch"], tmp_path)[0]
+    assert Path(argv[0]).name == "torchrun" and _value_after(argv, "--data") == "/data/corpus"
+    with pytest.raises(InvalidRequest, match="control character"):
+        views.what_fits_page(fields, json.dumps({**config, "_name_or_path": "x\nmain_process_ip: attacker"}))
+    with pytest.raises(InvalidRequest, match="control character"):
+        views.what_fits_page({**fields, "upload_name": "x\rname"}, json.dumps(config))
+    with pytest.raises(InvalidRequest, match="nested too deep"):
+        views.what_fits_page(fields, "[" * 100_000 + "]" * 100_000)
