@@ -9,7 +9,8 @@ Three kinds of check live here so that every entry point shares them:
   position and activation rules of the transformers classes the executor instantiates.
 
 The bounds are not physics: each is at least ten times the largest value in use today, and small
-enough that products of them stay exact in int64 (2**63) and finite in float64.
+enough that the integer products the search forms in int64 (pp x vpp, dp x micro-batch) stay far
+below 2**63 and every float64 time and byte count stays finite (tests/test_estimate_invariants.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from planner.errors import InvalidRequest
 
-# -- bounds (each at least 10x the largest in use; products stay far below 2**63) ----------------
+# -- bounds (each at least 10x the largest in use) ------------------------------------------------
 # devices: the largest announced training clusters hold ~2e5 accelerators
 MAX_DEVICES = 2**20
 # devices per node: an NVL72 rack is 72, the largest scale-up domains announced are ~576
