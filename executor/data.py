@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from executor.tokenizer import Tokenizer
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, require_regular_file
 
 IGNORE_INDEX = -100  # labels the loss skips (torch.nn.functional.cross_entropy's default ignore_index)
 
@@ -93,6 +93,7 @@ def row_segments(row: Any) -> Segments:
 def read_rows(path: str) -> list[tuple[str, Any]]:
     """(where, parsed row or BadRow) for every row of a JSON list or a JSONL file."""
     file = Path(path).expanduser()
+    require_regular_file(file, "--data")  # a FIFO would block the read forever
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -104,6 +105,8 @@ def read_rows(path: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"--data {path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
                                  "fix it or write one row per line (JSONL)") from None
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            raise InvalidRequest(f"--data {path} is nested too deep or holds an unreadable number; fix it") from None
         return [(f"row {i + 1}", row) for i, row in enumerate(rows)]
     found = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -113,6 +116,8 @@ def read_rows(path: str) -> list[tuple[str, Any]]:
             found.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             found.append((f"line {number}", BadRow(f"invalid JSON ({exc.msg})")))
+        except (RecursionError, ValueError):
+            found.append((f"line {number}", BadRow("nested too deep or holds an unreadable number")))
     return found
 
 

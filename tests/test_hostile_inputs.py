@@ -139,6 +139,9 @@ def make_hostile_dir(base: Path) -> Path:
     plan = _cli("predict", "--model", "llama-tiny", "--gpus", "2", "--global-batch", "4", "--seq-len", "256",
                 "--dp", "2", "--save-plan", str(base / "plan.json"), cwd=base)
     assert plan.returncode == 0, plan.stderr
+    cpu_plan = _cli("predict", "--model", "llama-tiny", "--gpu", "cpu", "--gpus", "1", "--global-batch", "2",
+                    "--seq-len", "64", "--save-plan", str(base / "plan-cpu.json"), cwd=base)
+    assert cpu_plan.returncode == 0, cpu_plan.stderr
     document = json.loads((base / "plan.json").read_text())
     for name, changes in (("plan-bert.json", {"model_type": "bert"}), ("plan-bigger.json", {"hidden_size": 512}),
                           ("plan-nan.json", {"rms_norm_eps": 1e-5, "attention_dropout": float("nan")})):
@@ -422,6 +425,11 @@ CASES = [
       "--output", "{d}/r"),
     C("train plan whose config is bigger", "train", "--plan", "{d}/plan-bigger.json", "--data", "x", "--steps", "1",
       "--output", "{d}/r", "--print-launch"),
+    # these reach the launcher's preflight, which reads --data (they import torch: a few seconds each)
+    C("train data nested too deep", "train", "--plan", "{d}/plan-cpu.json", "--data", "{d}/deep.json", "--steps", "1",
+      "--output", "{d}/r-deep", "--no-store", "--no-progress"),
+    C("train data a fifo", "train", "--plan", "{d}/plan-cpu.json", "--data", "{d}/fifo.json", "--steps", "1",
+      "--output", "{d}/r-fifo", "--no-store", "--no-progress"),
     C("train print-launch plan deep", "train", "--plan", "{d}/deep.json", "--data", "x", "--steps", "1",
       "--output", "{d}/r", "--print-launch"),
     C("train print-launch plan fifo", "train", "--plan", "{d}/fifo.json", "--data", "x", "--steps", "1",
