@@ -22,6 +22,7 @@ from planner.plan import OFFLOAD, RECOMPUTE, ZERO, structural_reason
 from planner.validity import check_degrees
 
 VPP_CHOICES = (1, 2, 4)
+BATCH_REASON = "global batch not divisible by dp x micro-batch"  # structural_reason's only micro-batch one
 
 
 @dataclass
@@ -69,13 +70,17 @@ def search(ctx: Context, pins: Pins) -> SearchResult:
     vpps = _options(pins, "vpp", VPP_CHOICES)
     per_triple = len(recompute) * len(zeros) * len(offloads) * len(sps) * len(vpps)
     triples = []
+    batches = divisors(workload.global_batch) if pins.micro_batch_size is None else [pins.micro_batch_size]
     for tp in _options(pins, "tp", divisors(n_dev)):
         for pp in _options(pins, "pp", divisors(n_dev // tp) if n_dev % tp == 0 else [1]):
             dp = n_dev // (tp * pp) if n_dev % (tp * pp) == 0 else 0
             if pins.dp is not None and dp != pins.dp:
                 rejected["does not match the pinned dp"] += per_triple
                 continue
-            batches = divisors(workload.global_batch) if pins.micro_batch_size is None else [pins.micro_batch_size]
+            first = structural_reason(spec, workload, n_dev, tp, pp, batches[0])
+            if first and first != BATCH_REASON:  # a reason of (tp, pp) alone holds for every micro-batch
+                rejected[first] += per_triple * len(batches)
+                continue
             for b in batches:
                 reason = structural_reason(spec, workload, n_dev, tp, pp, b)
                 if reason:

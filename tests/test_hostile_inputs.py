@@ -235,6 +235,9 @@ CASES = [
     C("suggest top 0", "suggest", *TINY, "--top", "0"),
     C("suggest top 2**62", "suggest", *TINY, "--gpus", "2", "--top", BIG, "--json",
       ok=_json_ok(lambda r: r["feasible"] >= 1 and all(_sane_prediction(p) for p in r["candidates"]))),
+    # the most divisors below the bounds (240 device counts, 448 micro-batches): searched, not hung
+    C("suggest most divisors", "suggest", "--model", "llama3-8b", "--gpus", "720720", "--global-batch", "8648640",
+      "--json", ok=_json_ok(lambda r: r["searched"] > 10**8 and all(_sane_prediction(p) for p in r["candidates"]))),
     C("suggest tp 2**62", "suggest", *TINY, "--tp", BIG),
     C("suggest pp 2**62", "suggest", *TINY, "--pp", BIG),
     C("suggest micro-batch 2**62", "suggest", *TINY, "--micro-batch-size", BIG),
