@@ -149,6 +149,11 @@ def make_hostile_dir(base: Path) -> Path:
         edited["model"]["hf_config"].update(changes)
         (base / name).write_text(json.dumps(edited))
     _run_records(base)
+    profile = json.loads((ROOT / "calibration" / "profiles" / "default.json").read_text())
+    for name, value in (("profile-eff5.json", 5.0), ("profile-effnan.json", float("nan"))):
+        edited = json.loads(json.dumps(profile))
+        edited["compute"]["default"]["*"]["matmul_efficiency_max"] = value
+        (base / name).write_text(json.dumps(edited))
     return base
 
 
@@ -318,6 +323,8 @@ CASES = [
     C("calibration deep json", "suggest", *TINY, "--calibration", "{d}/deep.json"),
     C("calibration fifo", "suggest", *TINY, "--calibration", "{d}/fifo.json"),
     C("calibration a list", "suggest", *TINY, "--calibration", "{d}/profile-list.json"),
+    C("calibration efficiency 5 (MFU over 100 %)", "suggest", *TINY, "--calibration", "{d}/profile-eff5.json"),
+    C("calibration efficiency nan", "predict", *TINY, *EXPLICIT, "--gpus", "1", "--calibration", "{d}/profile-effnan.json"),
     C("calibration missing", "suggest", *TINY, "--calibration", "{d}/nope.json"),
     # -- predict -------------------------------------------------------------------------------
     C("predict dp not dividing", "predict", *TINY, "--gpus", "8", "--dp", "3"),
