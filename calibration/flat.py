@@ -118,6 +118,8 @@ def _original(given: Any, row: dict[str, Any]) -> Any:
             return json.loads(given)
         except json.JSONDecodeError as exc:
             raise FieldError("input", f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            raise FieldError("input", "is nested too deep or holds an unreadable number") from None
     return given
 
 

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from calibration.cases import Case, adapt
 from calibration.flat import COLUMNS, check_columns, flat_row, run_from_flat
-from planner.errors import InvalidRequest, PlannerError
+from planner.errors import InvalidRequest, PlannerError, require_regular_file
 from planner.hardware import load_hardware, make_cluster
 from planner.plan import check_config
 from planner.runrecord import Measured, Run, from_record, to_record, with_prediction
@@ -95,7 +95,11 @@ def read_entries(path: Path) -> Iterator[Entry]:
             yield from read_entries(summary)
         return
     try:
+        require_regular_file(path, "run file")  # a FIFO would block the read forever
         content = path.read_text(encoding="utf-8-sig")
+    except InvalidRequest as exc:
+        yield Entry(str(path), error=str(exc))
+        return
     except (OSError, UnicodeDecodeError) as exc:
         yield Entry(str(path), error=f"cannot read it ({getattr(exc, 'strerror', None) or exc}); give a readable file")
         return
@@ -120,7 +124,14 @@ def _csv_entries(path: Path, content: str) -> Iterator[Entry]:
     if not reader.fieldnames:
         yield Entry(str(path), error="empty; a CSV needs a header line of column names")
         return
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a cell over csv.field_size_limit() (131,072 characters), a NUL byte, ...
+            yield Entry(f"{path}:{reader.line_num}", error=f"unreadable CSV ({exc}); fix the file")
+            return
         where = f"{path}:{reader.line_num}"
         if None in row:
             yield Entry(where, error="more cells than the header has columns")
@@ -137,6 +148,9 @@ def _jsonl_entries(path: Path, content: str) -> Iterator[Entry]:
         except json.JSONDecodeError as exc:
             yield Entry(f"{path}:{number}", error=f"not valid JSON ({exc.msg} at column {exc.colno})")
             continue
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            yield Entry(f"{path}:{number}", error="nested too deep or holds an unreadable number; fix the line")
+            continue
         yield _entry(f"{path}:{number}", item, path.parent)
 
 
@@ -148,6 +162,9 @@ def _json_entries(path: Path, content: str) -> Iterator[Entry]:
             yield from _jsonl_entries(path, content)
         else:
             yield Entry(f"{path}:{exc.lineno}", error=f"not valid JSON ({exc.msg} at column {exc.colno})")
+        return
+    except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+        yield Entry(str(path), error="nested too deep or holds an unreadable number; fix the file")
         return
     if isinstance(document, dict) and isinstance(document.get("cases"), list):
         document = document["cases"]

@@ -134,16 +134,11 @@ def versions() -> dict[str, str]:
 
 
 def load_grid(path: str | Path | None = None) -> dict[str, Any]:
-    from planner.errors import InvalidRequest
+    from planner.errors import InvalidRequest, read_json
 
     target = Path(path) if path else GRID_FILE
-    try:
-        document = json.loads(target.read_text())
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read oracle grid {target}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"oracle grid {target} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if document.get("format") != GRID_FORMAT:
+    document = read_json(target, "oracle grid")
+    if not isinstance(document, dict) or document.get("format") != GRID_FORMAT:
         raise InvalidRequest(f"{target} is not an oracle grid ({GRID_FORMAT}); write one with "
                              "`python -m calibration.oracle_grid`")
     return document

@@ -29,7 +29,7 @@ import torch
 from executor.rows import (ALPACA_PROMPT, ALPACA_PROMPT_INPUT, ASSISTANT_ROLES, CHAT_SYSTEM,  # noqa: F401
                            HUMAN_ROLES, BadRow, Segments, alpaca_segments, sharegpt_segments)
 from executor.tokenizer import Tokenizer
-from planner.errors import InvalidRequest
+from planner.errors import InvalidRequest, require_regular_file
 
 IGNORE_INDEX = -100  # labels the loss skips (torch.nn.functional.cross_entropy's default ignore_index)
 
@@ -68,6 +68,7 @@ def read_parquet(file: Path) -> list[tuple[str, Any]]:
 def read_rows(path: str) -> list[tuple[str, Any]]:
     """(where, parsed row or BadRow) for every row of a JSON list, a JSONL or a Parquet file."""
     file = Path(path).expanduser()
+    require_regular_file(file, "--data")  # a FIFO would block the read forever
     if file.suffix == ".parquet":
         return read_parquet(file)
     try:
@@ -81,6 +82,8 @@ def read_rows(path: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"--data {path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
                                  "fix it or write one row per line (JSONL)") from None
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            raise InvalidRequest(f"--data {path} is nested too deep or holds an unreadable number; fix it") from None
         return [(f"row {i + 1}", row) for i, row in enumerate(rows)]
     found = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -90,6 +93,8 @@ def read_rows(path: str) -> list[tuple[str, Any]]:
             found.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             found.append((f"line {number}", BadRow(f"invalid JSON ({exc.msg})")))
+        except (RecursionError, ValueError):
+            found.append((f"line {number}", BadRow("nested too deep or holds an unreadable number")))
     return found
 
 

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from executor.checks import all_reasons, unsupported_reason
 from executor.lifeline import LAUNCHER_PID_ENV, RunLock, child_preexec
 from executor.options import RunOptions
 from planner.errors import InvalidRequest
+from planner.export import shell_join
 from planner.plan import ParallelConfig, Plan, load_plan, typed_plan
 
 RDZV_PORT = 29500
@@ -51,9 +51,10 @@ def print_launch(options: RunOptions) -> str:
     cluster = load_plan(options.plan).cluster
     per_node = min(cluster.devices_per_node, cluster.num_devices)
     nnodes = cluster.num_nodes
-    parts = [shlex.quote(p) if "$" not in p else p for p in worker_command(options, per_node, nnodes)]
     head = "# on every node (set NODE_RANK and MASTER_ADDR):" if nnodes > 1 else "# on this node:"
-    return f"{head}\nOMP_NUM_THREADS=1 " + " ".join(parts)
+    # every word escaped for the shell: `$(...)`, backticks and quotes reach torchrun verbatim; only
+    # plain $VAR references (NODE_RANK, MASTER_ADDR) expand (planner/export.py shell_word)
+    return f"{head}\nOMP_NUM_THREADS=1 " + shell_join(worker_command(options, per_node, nnodes))
 
 
 def dry_run(plan_path: str) -> tuple[int, str]:

@@ -26,6 +26,7 @@ from planner.plan import ParallelConfig, Plan, check_config
 from planner.profile import load_profile
 from planner.search import Pins, SearchResult, search
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
+from planner.validity import check_degrees, check_sequence, check_workload
 
 DEFAULT_GPU = "h100-sxm-80gb"
 
@@ -104,6 +105,8 @@ def resolve(request: Request) -> Resolved:
     workload = request.workload
     if workload.global_batch is None:
         workload = replace(workload, global_batch=cluster.num_devices)
+    check_workload(workload, cluster.num_devices)  # bounds before any search enumerates them
+    check_sequence(spec, workload.seq_len)  # learned positions end at max_position_embeddings
     hardware.peak({"fp8": "fp8", "fp32": "fp32", "fp16": "fp16"}.get(workload.precision, "bf16"))
     rules_for(request.target, on_gpu(hardware))  # an unknown --target is a one-line error
     profile = load_profile(request.calibration)
@@ -117,6 +120,7 @@ def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:
     """One explicit configuration. Invalid -> InvalidRequest; valid but too big -> fits: false.
     The prediction says whether the request's target engine can run it (`runnable`, `runnable_reason`)."""
     r = resolve(request)
+    check_degrees(dp=config.dp, tp=config.tp, pp=config.pp, micro_batch_size=config.micro_batch_size, vpp=config.vpp)
     check_config(r.spec, r.workload, r.cluster, config)
     estimates = evaluate(r.context, Candidates.from_configs([config]))
     prediction = estimates.prediction(r.context, 0)

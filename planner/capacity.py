@@ -24,6 +24,7 @@ from planner.errors import Infeasible, InvalidRequest
 from planner.explain import seed_summary
 from planner.hardware import FLAVOR_DEVICE, MOAI_FLAVORS, flavor_devices, load_hardware
 from planner.search import Pins, search
+from planner.validity import check_capacity
 
 PRICES_FILE = Path(__file__).parent / "presets" / "prices.json"
 DEFAULT_MAX_GPUS = 1024
@@ -170,6 +171,7 @@ def plan_capacity(request: Request, tokens: float, price_per_gpu_hour: float | N
                   pins: Pins | None = None) -> dict[str, Any]:
     """The capacity curve and the recommendation. Raises Infeasible when no count fits."""
     _check_numbers(tokens, deadline_hours, budget, max_gpus)
+    check_capacity(tokens, price_per_gpu_hour, deadline_hours, budget, max_gpus)  # upper bounds too
     requests = _requests(request, max_gpus, flavor_family)
     if not requests:
         raise InvalidRequest(f"--max-gpus {max_gpus} leaves no device count (or flavor) to consider; raise it")

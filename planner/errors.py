@@ -46,16 +46,45 @@ def unknown_name(kind: str, name: str, known: Iterable[str], hint: str = "") -> 
     return InvalidRequest(f"unknown {kind} {name!r}{did_you_mean}{extra}")
 
 
-def read_json(path, what: str):
-    """Parse a JSON file a person pointed us at; unreadable or malformed -> one-line InvalidRequest."""
-    import json
+def require_regular_file(path, what: str) -> None:
+    """Refuse what is not a plain file (a FIFO, a device, a folder) before opening it: reading a FIFO
+    waits forever for a writer. Missing files are left to the caller's open() and its message."""
+    import stat
     from pathlib import Path
 
     target = Path(path).expanduser()
     try:
-        return json.loads(target.read_text())
+        mode = target.stat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise InvalidRequest(f"{what} {target} is {kind}; give a regular file")
+
+
+def parse_json(text: str, what: str):
+    """json.loads with one-line errors for malformed, too-deeply nested and over-long-number JSON."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
+    except RecursionError:
+        raise InvalidRequest(f"{what} is nested too deep to be a real document; fix the file") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise InvalidRequest(f"{what} holds an unreadable value ({str(exc)[:120]}); fix the file") from None
+
+
+def read_json(path, what: str):
+    """Parse a JSON file a person pointed us at; unreadable or malformed -> one-line InvalidRequest."""
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    require_regular_file(target, what)
+    try:
+        text = target.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise InvalidRequest(f"cannot read {what} {target}: {reason}") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"{what} {target} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
+    return parse_json(text, f"{what} {target}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from planner.plan import Plan
+from planner.validity import printable
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class _Plan:
 
 
 def describe(plan: _Plan) -> str:
+    """One line, printable (a comment's text in every format: no newline can end it)."""
     c = plan.config
-    return (f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
-            f"({plan.cluster.num_nodes} node(s) of {plan.cluster.devices_per_node}): dp {c.dp}, tp {c.tp}, pp {c.pp}, "
-            f"micro-batch {c.micro_batch_size} x {c.num_micro_batches}, recompute {c.recompute}, zero {c.zero}, "
-            f"offload {c.offload}, {plan.workload.method}, {plan.workload.precision}")
+    return printable(f"{plan.spec.name} on {plan.cluster.num_devices} x {plan.cluster.hardware.name} "
+                     f"({plan.cluster.num_nodes} node(s) of {plan.cluster.devices_per_node}): dp {c.dp}, tp {c.tp}, "
+                     f"pp {c.pp}, micro-batch {c.micro_batch_size} x {c.num_micro_batches}, recompute {c.recompute}, "
+                     f"zero {c.zero}, offload {c.offload}, {plan.workload.method}, {plan.workload.precision}")

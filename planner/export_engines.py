@@ -158,11 +158,9 @@ def torchtitan_module(plan: _Plan, options: LaunchOptions) -> str:
     flavor = TORCHTITAN_LLAMA3_FLAVORS[(spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads)]
     settings = torchtitan_settings(plan, options)
     converters = "[Float8LinearConverter.Config()]" if w.precision == "fp8" else "None"
-    lines = ['"""torchtitan 0.3 configuration of the plan: ' + describe(plan).replace('"', "'"),
-             "",
-             f"Run: torchrun --nproc-per-node {plan.cluster.devices_per_node} -m torchtitan.train "
+    lines = [f"# torchtitan 0.3 configuration of the plan: {describe(plan)}",
+             f"# Run: torchrun --nproc-per-node {plan.cluster.devices_per_node} -m torchtitan.train "
              "--module <this file's module name> --config plan",
-             '"""',
              "from torchtitan.components.quantization import Float8LinearConverter",
              "from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig",
              "from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC",

@@ -9,8 +9,9 @@ import re
 from functools import cache
 from pathlib import Path
 
-from planner.errors import InvalidRequest, read_json, unknown_name
+from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
 from planner.specs import Cluster, Hardware
+from planner.validity import MAX_DEVICES_PER_NODE, check_hardware_numbers, check_number
 
 PRESET_DIR = Path(__file__).parent / "presets" / "hardware"
 
@@ -42,6 +43,7 @@ def load_hardware(ref: str | Hardware) -> Hardware:
     if ref.lower() in known:
         return known[ref.lower()]
     path = Path(ref).expanduser()
+    require_regular_file(path, "hardware file")  # a FIFO or device: refused, not "does not exist"
     if path.is_file():
         hardware = Hardware.from_dict(read_json(path, "hardware file"))
         _check_hardware(hardware, str(path))
@@ -83,6 +85,7 @@ def make_cluster(hardware: Hardware, num_devices: int, devices_per_node: int | N
     per_node = hardware.devices_per_node if devices_per_node is None else devices_per_node
     if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node <= 0:
         raise InvalidRequest(f"--gpus-per-node must be a positive whole number, got {per_node!r}")
+    check_number(per_node, "--gpus-per-node", MAX_DEVICES_PER_NODE, integer=True)
     per_node = min(per_node, num_devices)
     if num_devices % per_node:
         raise InvalidRequest(f"--gpus {num_devices} is not a whole number of nodes of {per_node}; "
@@ -91,19 +94,7 @@ def make_cluster(hardware: Hardware, num_devices: int, devices_per_node: int | N
 
 
 def _check_hardware(hardware: Hardware, where: str) -> None:
-    positive = {"memory_bytes": hardware.memory_bytes, "hbm_bandwidth_bytes_per_s": hardware.hbm_bandwidth_bytes_per_s,
-                "intra_node_bandwidth_bytes_per_s": hardware.intra_node_bandwidth_bytes_per_s,
-                "inter_node_bandwidth_bytes_per_s": hardware.inter_node_bandwidth_bytes_per_s,
-                "devices_per_node": hardware.devices_per_node,
-                "pcie_bandwidth_bytes_per_s": hardware.pcie_bandwidth_bytes_per_s}
-    for key, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InvalidRequest(f"{where}: {key} must be a positive number, got {value!r}")
-    if not isinstance(hardware.peak_flops, dict) or not hardware.peak_flops:
-        raise InvalidRequest(f"{where}: peak_flops must map dtypes (bf16, fp32, ...) to FLOP/s")
-    for dtype, value in hardware.peak_flops.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InvalidRequest(f"{where}: peak_flops.{dtype} must be a positive number, got {value!r}")
+    check_hardware_numbers(hardware, where)  # finite, positive, bounded; a printable name
     if not isinstance(hardware.chip, str):
         raise InvalidRequest(f"{where}: chip must be the silicon's name as text (GH100, GA100, ...), "
                              f"got {hardware.chip!r}")

@@ -11,8 +11,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from planner.errors import InvalidRequest, read_json, unknown_name
+from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
 from planner.specs import ModelSpec
+from planner.validity import check_model
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
@@ -41,6 +42,7 @@ def load_model(ref: str | ModelSpec) -> ModelSpec:
         path = path / "config.json"
         if not path.is_file():
             raise InvalidRequest(f"folder {ref!r} holds no config.json; point --model at a Hugging Face model folder")
+    require_regular_file(path, "model config")  # a FIFO or device: refused, not "does not exist"
     if path.is_file():
         return spec_from_file(path)
     docs = catalog()
@@ -69,6 +71,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str, source: str = "") -> 
     fields = _READERS[model_type](_Config(config, source or name))
     spec = ModelSpec(name=name, family=model_type, source=source, hf_config=dict(config), **fields)
     _check_shape(spec)
+    check_model(spec)  # planner/validity.py: bounds, names, what transformers can build
     return spec
 
 
@@ -93,8 +96,8 @@ class _Config:
         value = self.data.get(key, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise InvalidRequest(f"{self.where}: {key} must be a non-negative number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise InvalidRequest(f"{self.where}: {key} must be a finite non-negative number, got {value!r}")
         return float(value)
 
     def bool(self, key: str, default: bool) -> bool:
@@ -210,3 +213,18 @@ def _check_shape(spec: ModelSpec) -> None:
     if spec.experts_per_token > spec.num_experts:
         raise InvalidRequest(f"{where}: num_experts_per_tok ({spec.experts_per_token}) exceeds "
                              f"num_local_experts ({spec.num_experts})")
+
+
+def check_spec_matches_config(spec: Any) -> None:
+    """A plan's model spec is what its hf_config builds (the executor instantiates the config): a
+    config edited to another model type or size than the spec predicted for is refused."""
+    if not spec.hf_config:
+        return  # a spec made in code, with no config to build from: nothing to compare
+    from dataclasses import fields, replace
+
+    rebuilt = spec_from_hf_config(spec.hf_config, name="plan", source="the plan's hf_config")
+    rebuilt = replace(rebuilt, name=spec.name, source=spec.source)
+    if rebuilt != spec:
+        differ = [f.name for f in fields(spec) if f.compare and getattr(spec, f.name) != getattr(rebuilt, f.name)]
+        raise InvalidRequest(f"the plan's model spec and its hf_config disagree on {', '.join(differ[:4])}; "
+                             "write the plan again with --save-plan")

@@ -21,7 +21,9 @@ from planner.layout import (OFFLOAD, RANK_ORDER, RECOMPUTE, ZERO, Dtypes, Parall
 from planner.capabilities import TARGETS
 from planner.rules import check_config, option_reason, structural_reason
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
+from planner.models import check_spec_matches_config
 from planner.strict import strict_dataclass
+from planner.validity import check_sequence
 
 __all__ = ["OFFLOAD", "RECOMPUTE", "ZERO", "ParallelConfig", "Plan", "check_config", "load_plan", "num_micro_batches",
            "option_reason", "save_plan", "structural_reason", "PLAN_FORMAT"]
@@ -50,6 +52,7 @@ class Plan:
         if self.target not in TARGETS:
             raise InvalidRequest(f"plan target must be one of {', '.join(TARGETS)}; got {self.target!r}")
         check_config(self.model, self.workload, self.cluster, self.config)
+        check_sequence(self.model, self.workload.seq_len)  # learned positions end where the model's do
 
     @property
     def cluster(self) -> Cluster:
@@ -116,6 +119,7 @@ class Plan:
                    runner_ups=tuple(_typed(document.get("runner_ups") or [], list, f"{where}: runner_ups")),
                    **_cluster(document["cluster"], where))
         _check_derived(plan, document, where)
+        check_spec_matches_config(plan.model)  # the executor builds the hf_config, not the spec
         return plan
 
 
@@ -176,15 +180,10 @@ def _check_derived(plan: Plan, document: dict[str, Any], where: str) -> None:
 
 
 def save_plan(path: str, plan: Plan | dict[str, Any]) -> None:
+    from planner.outfile import write_text
+
     document = plan.to_dict() if isinstance(plan, Plan) else plan
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise InvalidRequest(f"cannot write plan to {path}: it is a folder; give a file name")
-    if target.parent and not target.parent.exists():
-        raise InvalidRequest(f"cannot write plan to {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(target)
+    write_text(path, json.dumps(document, indent=2) + "\n", "plan")
 
 
 def load_plan(path: str) -> Plan:

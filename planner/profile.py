@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import InvalidRequest, read_json
+from planner.validity import check_profile_numbers
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "profiles" / "default.json"
 
@@ -166,3 +167,4 @@ def _check(data: Any, where: Path) -> None:
             raise InvalidRequest(f"calibration profile {where}: overlap lacks {kind!r}")
     if "default" not in data["memory"]:
         raise InvalidRequest(f"calibration profile {where}: memory lacks 'default'")
+    check_profile_numbers(data, where)

@@ -27,6 +27,8 @@ from planner.errors import InvalidRequest, PlannerError
 from planner.hardware import make_cluster
 from planner.plan import PLAN_FORMAT, ParallelConfig, check_config, is_plan_format
 from planner.specs import Cluster, Hardware, ModelSpec, Workload
+from planner.validity import (MAX_DEVICE_MEMORY_BYTES, MAX_HOURS, MAX_STEPS, MAX_TOKENS_PER_S,
+                              check_hardware_numbers, check_model, check_name, check_workload, show)
 
 RUN_FORMAT = "llm-planner/run@1"
 ORIGINS = ("executor", "published", "user")
@@ -39,6 +41,11 @@ class FieldError(InvalidRequest):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+
+
+MEASURED_BOUNDS = {"steps": MAX_STEPS, "tokens_per_s": MAX_TOKENS_PER_S, "tokens_per_s_per_device": MAX_TOKENS_PER_S,
+                   "step_s": MAX_HOURS * 3600, "peak_allocated_bytes": MAX_DEVICE_MEMORY_BYTES,
+                   "peak_reserved_bytes": MAX_DEVICE_MEMORY_BYTES}
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ class Measured:
         for name in ("loss_first", "loss_last"):  # a diverged run's NaN loss is kept as unknown
             loss = number(data.get(name), f"{prefix}{name}", minimum=None, finite=False)
             values[name] = loss if loss is None or math.isfinite(loss) else None
+        for name, upper in MEASURED_BOUNDS.items():  # an overflowing value is a typo, not a measurement
+            if values[name] is not None and values[name] > upper:
+                raise FieldError(f"{prefix}{name}", f"{show(values[name])} is beyond any real measurement "
+                                                   f"(at most {upper:.4g}); check the unit")
         return cls(**values)._with_totals(num_devices, prefix)
 
     def _with_totals(self, num_devices: int | None, prefix: str) -> Measured:
@@ -227,9 +238,8 @@ def from_record(record: Any, default_source: str = "") -> Run:
     origin = choice(record.get("origin"), "origin", ORIGINS)
     return Run(run_id=text(record.get("run_id"), "run_id"), origin=origin,
                status=choice(record.get("status"), "status", STATUSES),
-               model_name=optional_text(record.get("model_name"), "model_name") or (spec.name if spec else "?"),
-               hardware_name=optional_text(record.get("hardware_name"), "hardware_name")
-               or (hardware.name if hardware else "?"),
+               model_name=_name(record.get("model_name"), "model_name") or (spec.name if spec else "?"),
+               hardware_name=_name(record.get("hardware_name"), "hardware_name") or (hardware.name if hardware else "?"),
                num_devices=num_devices, devices_per_node=per_node, spec=spec, hardware=hardware,
                workload=workload, config=config,
                measured=Measured.from_dict(record.get("measured"), num_devices),
@@ -242,8 +252,30 @@ def from_record(record: Any, default_source: str = "") -> Run:
                input=copy.deepcopy(record["input"] if "input" in record else record))
 
 
+def _checked_spec(value: Any) -> ModelSpec:
+    spec = ModelSpec.from_dict(value)
+    check_model(spec)  # bounded sizes, a printable name (planner/validity.py)
+    return spec
+
+
+def _checked_hardware(value: Any) -> Hardware:
+    hardware = Hardware.from_dict(value)
+    check_hardware_numbers(hardware, "hardware")  # finite, positive, bounded: NaN cannot reach the store
+    return hardware
+
+
+def _name(value: Any, field_name: str) -> str | None:
+    value = optional_text(value, field_name)
+    if value is not None:
+        try:
+            check_name(value, field_name)  # names are printed in tables and written to exports
+        except InvalidRequest as exc:
+            raise FieldError(field_name, str(exc)) from None
+    return value
+
+
 def _typed_parts(plan: dict[str, Any], lenient: bool) -> tuple:
-    readers = (("model", ModelSpec.from_dict), ("hardware", Hardware.from_dict),
+    readers = (("model", _checked_spec), ("hardware", _checked_hardware),
                ("workload", Workload.from_dict), ("config", ParallelConfig.from_dict))
     parts = []
     for key, reader in readers:
@@ -264,6 +296,7 @@ def _check_runnable(spec: ModelSpec, hardware: Hardware, workload: Workload, con
         raise FieldError("plan.cluster.num_devices", "missing; give the number of devices")
     try:
         cluster = make_cluster(hardware, num_devices, per_node)
+        check_workload(workload, cluster.num_devices)
         check_config(spec, workload, cluster, config)
     except InvalidRequest as exc:
         raise FieldError("plan.config", str(exc)) from None
@@ -348,6 +381,8 @@ def json_object(value: Any, name: str) -> dict[str, Any] | None:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
             raise FieldError(name, f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        except (RecursionError, ValueError):  # nested 100,000 deep; an integer of over 4300 digits
+            raise FieldError(name, "is nested too deep or holds an unreadable number") from None
     if not isinstance(value, dict):
         raise FieldError(name, "must be a JSON object")
     return value

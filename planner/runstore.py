@@ -128,7 +128,11 @@ def connect(db_path: str | Path | None = None, create: bool = True) -> Iterator[
             yield None
             return
         if db_path is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # e.g. $PLANNER_STORE below a file
+                raise InvalidRequest(f"cannot create store {path}: {exc.strerror or exc} at {path.parent}; set "
+                                     f"${STORE_ENV} or --store to a path in a folder") from None
         elif not path.parent.is_dir():
             raise InvalidRequest(f"cannot create store {path}: folder {path.parent} does not exist; create it or "
                                  "give another --store")

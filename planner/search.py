@@ -20,11 +20,14 @@ from planner.cost.candidates import Candidates
 from planner.cost.context import Context
 from planner.cost.estimate import Estimates, evaluate
 from planner.capabilities import not_runnable
+from planner.factor import divisors
 from planner.layout import OFFLOAD, RECOMPUTE, ZERO
 from planner.rules import OPTION_RULES, STRUCTURAL_FIXES, rule_masks, structural_reason
+from planner.validity import check_degrees
 
 VPP_CHOICES = (1, 2, 4)
 CP_PAIRING = "even cp with an even micro-batch (half of each and twice the dp do the same with a shorter ring)"
+BATCH_REASON = "global batch not divisible by dp x micro-batch"  # structural_reason's only micro-batch one
 
 
 @dataclass
@@ -60,11 +63,6 @@ class SearchResult:
         return len(self.order)
 
 
-def divisors(n: int) -> list[int]:
-    small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
-
-
 def _options(pins: Pins, name: str, choices):
     value = getattr(pins, name)
     return [value] if value is not None else list(choices)
@@ -72,6 +70,7 @@ def _options(pins: Pins, name: str, choices):
 
 def search(ctx: Context, pins: Pins, target: str = "executor") -> SearchResult:
     spec, workload, n_dev = ctx.spec, ctx.workload, ctx.cluster.num_devices
+    check_degrees(dp=pins.dp, tp=pins.tp, pp=pins.pp, micro_batch_size=pins.micro_batch_size, vpp=pins.vpp)
     rejected: Counter = Counter()
     pinned_out: Counter = Counter()
     recompute = [RECOMPUTE.index(r) for r in _options(pins, "recompute", RECOMPUTE)]
@@ -99,6 +98,10 @@ def search(ctx: Context, pins: Pins, target: str = "executor") -> SearchResult:
                 free = pins.micro_batch_size is None and pins.dp is None
                 cp_batches = [b for b in batches if not (free and cp % 2 == 0 and b % 2 == 0)]
                 pinned_out[CP_PAIRING] += per_triple * (len(batches) - len(cp_batches))
+                first = structural_reason(spec, workload, n_dev, tp, pp, cp_batches[0], cp) if cp_batches else None
+                if first and first != BATCH_REASON:  # a reason of (tp, pp, cp) alone holds for every micro-batch
+                    rejected[first] += per_triple * len(cp_batches)
+                    continue
                 for b in cp_batches:
                     reason = structural_reason(spec, workload, n_dev, tp, pp, b, cp)
                     if reason:

@@ -14,7 +14,7 @@ from typing import Any
 
 from planner.api import Request, make_plan, resolve, suggest
 from planner.capacity import default_price, plan_capacity
-from planner.errors import Infeasible, InvalidRequest
+from planner.errors import Infeasible, InvalidRequest, parse_json
 from planner.export import export_plan
 from planner.plan import Plan
 from planner.format import duration
@@ -77,10 +77,7 @@ def request_from(fields: dict[str, Any], config_text: str | None = None) -> Requ
     if not values["lora_targets"] and values.get("method", "full") == "full":
         del values["lora_targets"]  # full training: the Workload's default (unused) targets
     if config_text is not None:
-        try:
-            config = json.loads(config_text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"the uploaded config.json is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        config = parse_json(config_text, "the uploaded config.json")
         if not isinstance(config, dict):
             raise InvalidRequest("the uploaded config.json must hold a JSON object")
         name = str(config.get("_name_or_path") or fields.get("upload_name") or "uploaded-config")

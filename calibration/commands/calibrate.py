@@ -23,19 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from calibration.fit import load_measurements, write_profile
     from calibration.validate import validate
     from planner.errors import InvalidRequest
+    from planner.outfile import output_path
     from planner.profile import load_profile
 
+    output_path(args.out, "fitted profile")  # before the fit
     runs = load_measurements(args.store, args.cases, args.origin, args.hardware)
     usable = [r for r in runs if r.usable and (r.tokens_per_s_per_device or r.memory_bytes)]
     if not usable:
         raise InvalidRequest("no usable measured runs to fit on; import some with `planner runs import` "
                              "or name --cases / --store")
-    out = Path(args.out).expanduser()
+    out = output_path(args.out, "fitted profile")
     data = write_profile(usable, load_profile(args.base), out, cross_validate=args.cross_validate)
     before, after = validate(usable, args.base), validate(usable, str(out))
     report = {"out": str(out), "runs": len(usable), "before": _stats(before), "after": _stats(after),

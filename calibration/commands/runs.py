@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 ORIGIN_CHOICES = ("executor", "published", "user")  # planner.runrecord.ORIGINS (a test keeps them equal)
@@ -84,15 +83,17 @@ def _export(args: argparse.Namespace) -> int:
     from planner.runstore import iter_runs
 
     fmt = args.format or ("csv" if args.output and args.output.lower().endswith(".csv") else "jsonl")
+    if args.output:
+        from planner.outfile import output_path
+
+        output_path(args.output, "runs export")  # before reading the store
     runs = iter_runs(args.store, origin=args.origin, hardware=args.hardware, model=args.model)
     if not args.output:
         export_runs(runs, fmt, sys.stdout)
         return 0
-    target = Path(args.output).expanduser()
-    if not target.parent.is_dir():
-        from planner.errors import InvalidRequest
+    from planner.outfile import output_path
 
-        raise InvalidRequest(f"cannot write {args.output}: folder {target.parent} does not exist")
+    target = output_path(args.output, "runs export")
     partial = target.with_name(target.name + ".partial")
     with partial.open("w", encoding="utf-8", newline="") as out:
         written = export_runs(runs, fmt, out)

@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "check":
         return _check(load_cases(args.cases), args)
+    if args.calibration:  # a bad profile is the request's fault, not every case's
+        from planner.profile import load_profile
+        load_profile(args.calibration)
     if args.store is not None:
         from calibration.fit import load_measurements
         from planner.runstore import default_store_path

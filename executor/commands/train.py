@@ -66,10 +66,31 @@ def _bool(text: str) -> bool:
     return parse_bool(text)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Checked here, before torchrun starts: a NaN learning rate used to fail only inside the workers."""
+    from planner.errors import InvalidRequest
+    from planner.validity import MAX_STEPS, check_number
+
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise InvalidRequest(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
+    check_number(args.lr, "--lr", 1e3)  # AdamW diverges far below 1e3; NaN and inf never train
+    check_number(args.weight_decay, "--weight-decay", 1e3, allow_zero=True)
+    check_number(args.max_grad_norm, "--max-grad-norm", 1e9, allow_zero=True)
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise InvalidRequest(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
+    for flag, value in (("--steps", args.steps), ("--checkpoint-every", args.checkpoint_every),
+                        ("--eval-every", args.eval_every), ("--warmup-steps", args.warmup_steps or 0),
+                        ("--memory-every", args.memory_every)):
+        check_number(value, flag, MAX_STEPS, integer=True, allow_zero=flag != "--steps")
+    if not -2**63 <= args.seed < 2**64:  # the range torch.manual_seed takes
+        raise InvalidRequest(f"--seed must be a 64-bit whole number, got {args.seed:.4g}")
+
+
 def run(args: argparse.Namespace) -> int:
     from executor.launch import dry_run, launch, print_launch
     from executor.options import RunOptions
     from planner.errors import InvalidRequest
+    from planner.plan import load_plan
 
     if args.dry_run:
         code, message = dry_run(args.plan)
@@ -80,14 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"the following arguments are required to train: {', '.join(missing)} "
                              "(or --dry-run to check the plan only)")
 
-    if not 0 <= args.max_bad_fraction <= 1:
-        raise InvalidRequest(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
-    if args.lr <= 0:
-        raise InvalidRequest(f"--lr must be positive, got {args.lr}")
-    if args.max_grad_norm < 0 or (args.warmup_steps is not None and args.warmup_steps < 0):
-        raise InvalidRequest("--max-grad-norm and --warmup-steps must be 0 or more")
-    if not 0 <= args.min_lr_ratio <= 1:
-        raise InvalidRequest(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
+    _check_numbers(args)
+    load_plan(args.plan)  # the plan file, its layout and its model, before anything else
     options = RunOptions(plan=args.plan, data=args.data, steps=args.steps, output=args.output, resume=args.resume,
                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, eval_data=args.eval_data,
                          eval_batches=args.eval_batches, init_from=args.init_from, tokenizer=args.tokenizer,

@@ -15,10 +15,10 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 def positive_int(text: str) -> int:
     try:
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    except ValueError:  # also over 4300 digits: the echo is cut to stay one readable line
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text[:40]!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text[:40]!r}")
     return value
 
 
@@ -26,9 +26,9 @@ def positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text[:40]!r}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text[:40]!r}")
     return value
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from planner.commands.common import positive_int, positive_number
 
@@ -26,23 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.errors import InvalidRequest
-    from planner.export import LaunchOptions, export_plan
+    from planner.export import LaunchOptions, export_plan, safe_name
+    from planner.outfile import output_path, write_text
     from planner.plan import load_plan
+    from planner.validity import MAX_HOURS, check_number
 
+    if args.output_file:
+        output_path(args.output_file, f"{args.format} export")  # before any work
+    if args.time_limit_hours is not None:
+        check_number(args.time_limit_hours, "--time-limit-hours", MAX_HOURS)
     plan = load_plan(args.plan)
-    model = plan.model.name.replace("/", "-")
-    options = LaunchOptions(plan_path=args.plan, data=args.data, output=args.run_dir or f"runs/{model}",
+    # the model's name reaches the folder cut to [A-Za-z0-9_.-]: never a `$(...)` inside double quotes
+    options = LaunchOptions(plan_path=args.plan, data=args.data, output=args.run_dir or f"runs/{safe_name(plan.model.name)}",
                             steps=args.steps, port=args.port,
                             time_limit_s=None if args.time_limit_hours is None else args.time_limit_hours * 3600)
     result = export_plan(plan, args.format, options)
     if args.output_file:
-        target = Path(args.output_file).expanduser()
-        if target.is_dir():
-            raise InvalidRequest(f"cannot write {args.output_file}: it is a folder; give a file name")
-        if not target.parent.exists():
-            raise InvalidRequest(f"cannot write {args.output_file}: folder {target.parent} does not exist")
-        target.write_text(result.text)
+        write_text(args.output_file, result.text, f"{args.format} export")
     else:
         sys.stdout.write(result.text)
     for note in result.notes:

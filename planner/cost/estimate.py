@@ -117,6 +117,10 @@ def evaluate(ctx: Context, c: Candidates) -> Estimates:
     tokens_per_s = ctx.workload.tokens_per_step / step
     flops = model_flops_per_token(ctx, ctx.regime(False))
     mfu = flops * tokens_per_s / (ctx.cluster.num_devices * ctx.mfu_peak_flops)
+    # invariants, not user errors: inputs are bounded and finite where they enter (planner/validity.py)
+    assert np.all(np.isfinite(step) & (step > 0)), f"step time not finite and positive: {step[~(step > 0)][:3]}"
+    assert np.all((mfu > 0) & (mfu <= 1)), f"MFU outside (0, 1]: {mfu[~((mfu > 0) & (mfu <= 1))][:3]}"
+    assert np.all(np.isfinite(merged_memory["reserved"])), "a memory prediction that is not finite"
     fits = merged_memory["reserved"] <= ctx.hardware.memory_bytes
     host_fits = merged_memory["host"] * ctx.cluster.devices_per_node <= ctx.hardware.host_memory_bytes_per_node
     with_margin = merged_memory["reserved"] * (1 + ctx.memory_margin) <= ctx.hardware.memory_bytes
