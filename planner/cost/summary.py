@@ -7,7 +7,7 @@ check that evaluating a summary equals walking the graph op by op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planner.graph import ModelGraph
 from planner.ops import Op, Saved
@@ -52,6 +52,7 @@ class Matmul:
     recomputed_selective: bool  # re-run in backward under selective recomputation
     row_parallel: bool = False  # TP splits its input features, not its output's
     float8: bool = False
+    share: float = 1.0  # of a mixed stack's layers, the share that have this matmul (flops_per_token includes it)
 
 
 @dataclass(frozen=True)
@@ -145,16 +146,42 @@ def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> 
 
 
 def summarize(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSummary]:
-    """(layer, embedding side, head side) of a model graph."""
+    """(layer, embedding side, head side) of a model graph. The layer of a stack with several kinds
+    of layer is their mean (`mean_layer`)."""
     quantized = graph.workload.method == "qlora"
     r, h = graph.numerics.residual_bytes, graph.spec.hidden_size
     layer_input = Saved("layer_in", r * h, "sp")
-    layer = summarize_ops(graph.block_ops(), quantized, layer_input)
+    layer = mean_layer([(summarize_ops(ops, quantized, layer_input), count) for ops, count in graph.kind_ops()])
     ends = graph.end_ops()
     head_names = {"final_norm", "lm_head"}
     embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
     head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
     return layer, embedding, head
+
+
+def mean_layer(kinds: list[tuple[PartSummary, int]]) -> PartSummary:
+    """One layer standing for a stack of several kinds: every quantity that adds up over layers
+    (parameters, matmul FLOPs, attention FLOPs, memory traffic, saved tensors) is the count-weighted
+    mean, so that L times it is the stack's exact sum; each matmul keeps its own GEMM shape (its
+    efficiency) with its FLOPs times its share of the layers; the backward steps are every kind's,
+    so the largest step is the largest of any kind. A uniform stack's layer is returned as is."""
+    if len(kinds) == 1:
+        return kinds[0][0]
+    total = sum(count for _, count in kinds)
+    params, io, attention = ParamGroups(), Bytes(), 0.0
+    saved = {policy: Bytes() for policy in RECOMPUTE_POLICIES}
+    matmuls: list[Matmul] = []
+    backward: list[BackwardStep] = []
+    for part, count in kinds:
+        share = count / total
+        params = params + part.params.scale(share)
+        io = io + part.io_bytes.scale(share)
+        attention += part.attention_flops_per_token_seq * share
+        for policy in RECOMPUTE_POLICIES:
+            saved[policy] = saved[policy] + part.saved[policy].scale(share)
+        matmuls += [replace(m, flops_per_token=m.flops_per_token * share, share=m.share * share) for m in part.matmuls]
+        backward += part.backward
+    return PartSummary(params, tuple(matmuls), attention, io, saved, tuple(backward))
 
 
 def selective_kept_matmuls(ops: list[Op]) -> set[str]:
