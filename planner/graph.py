@@ -58,9 +58,9 @@ class ModelGraph:
     def block_ops(self) -> list[Op]:
         return _ordered(self.block)
 
-    def kind_ops(self) -> list[tuple[list[Op], int]]:
-        """Each kind of layer's ops with the number of layers of that kind."""
-        return [(_ordered(block), len(indices)) for _, indices, block in self.blocks]
+    def kind_ops(self) -> list[tuple[list[Op], tuple[int, ...]]]:
+        """Each kind of layer's ops with the indices of the layers of that kind."""
+        return [(_ordered(block), indices) for _, indices, block in self.blocks]
 
     def end_ops(self) -> list[Op]:
         return _ordered(self.ends)
@@ -353,5 +353,5 @@ def count_params(spec: ModelSpec) -> int:
     """Parameters as transformers instantiates the model (tied embeddings counted once), summed
     over the layers of each kind."""
     graph = build_graph(spec, Workload(seq_len=1, global_batch=1), Numerics(2, 2, False))
-    layers = sum(count * sum(op.params for op in ops) for ops, count in graph.kind_ops())
+    layers = sum(len(indices) * sum(op.params for op in ops) for ops, indices in graph.kind_ops())
     return layers + sum(op.params for op in graph.end_ops())

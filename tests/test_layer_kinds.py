@@ -52,7 +52,7 @@ def test_mean_layer_times_depth_is_the_sum_over_layers(name):
     spec, graph = _graph(name)
     layer, _, _ = summarize(graph)
     layer_input = Saved("layer_in", graph.numerics.residual_bytes * spec.hidden_size, "sp")
-    parts = [(summarize_ops(ops, False, layer_input), count) for ops, count in graph.kind_ops()]
+    parts = [(summarize_ops(ops, False, layer_input), len(indices)) for ops, indices in graph.kind_ops()]
     L = spec.num_layers
 
     def close(a, b):
@@ -135,3 +135,37 @@ def test_suggest_plans_todays_models(name, gpus):
     result = suggest(Request(model=name, gpu="h100-sxm-80gb", gpus=gpus, seq_len=4096, global_batch=512), top=1)
     best = result["candidates"][0]
     assert result["feasible"] > 0 and best["fits"] and result["request"]["params"] == count_params(load_model(name))
+
+
+@pytest.mark.parametrize("layers, pp, vpp", [(61, 4, 1), (61, 8, 1), (4, 4, 1), (48, 4, 2), (48, 3, 4), (7, 1, 1)])
+def test_stage_kind_counts_follow_the_executors_split(layers, pp, vpp):
+    """A stage holds exactly the layers executor/pipeline.py gives its rank."""
+    import numpy as np
+
+    from planner.cost.stages import kind_count
+    pipeline = pytest.importorskip("executor.pipeline")
+    split = pipeline.layers_per_stage(layers, pp, vpp)
+    kinds = [tuple(range(3)), tuple(range(3, layers)), tuple(range(0, layers, 2))]
+    for rank in range(pp):
+        held = [i for stage in pipeline.stage_indices(rank, pp, vpp) for i in split[stage]]
+        for indices in kinds:
+            ours = kind_count(indices, layers, np.array([rank]), np.array([pp]), np.array([vpp]))
+            assert int(ours[0]) == len(set(held) & set(indices))
+
+
+def test_each_pipeline_stage_holds_its_own_kinds():
+    """tiny-mla on 4 stages: the first stage holds the dense layer only, the others a MoE layer each."""
+    from planner.cost.candidates import Candidates
+    from planner.cost.context import Regime, stage_layout
+    from planner.cost.stages import role_layer
+    from planner.cost.summary import summarize_parts
+    from planner.plan import ParallelConfig
+
+    spec, graph = _graph("tiny-mla")
+    regime = Regime(graph.numerics, *summarize_parts(graph))
+    layout = stage_layout(spec.num_layers, Candidates.from_configs([ParallelConfig(dp=1, tp=1, pp=4, micro_batch_size=1,
+                                                                             num_micro_batches=4)]))
+    (dense, _), (sparse, _) = regime.kinds
+    assert role_layer(regime, layout, "first", spec.num_layers).params.total[0] == pytest.approx(dense.params.total)
+    assert role_layer(regime, layout, "last", spec.num_layers).params.total[0] == pytest.approx(sparse.params.total)
+    assert dense.params.total < sparse.params.total

@@ -5,13 +5,13 @@ per-stage layout of a pipeline (which stage holds which layers, how many micro-b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from planner.cost.candidates import Candidates
-from planner.cost.summary import PartSummary, summarize
+from planner.cost.summary import KindSummaries, PartSummary, summarize_parts
 from planner.graph import build_graph, numerics_for
 from planner.hardware import chip_of
 from planner.ops import Numerics
@@ -34,6 +34,7 @@ class Regime:
     layer: PartSummary
     embedding: PartSummary
     head: PartSummary
+    kinds: KindSummaries = ()  # a stack of several kinds of layer: each kind's summary and layers
 
 
 class Context:
@@ -46,7 +47,7 @@ class Context:
         for params_sharded in (False, True):
             numerics = numerics_for(workload, params_sharded)
             graph = build_graph(spec, workload, numerics)
-            self.regimes[params_sharded] = Regime(numerics, *summarize(graph))
+            self.regimes[params_sharded] = Regime(numerics, *summarize_parts(graph))
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]
@@ -113,6 +114,9 @@ class StageLayout:
     exists: dict[str, np.ndarray]  # role -> bool (a middle stage needs pp >= 3)
     has_embedding: dict[str, np.ndarray]
     has_head: dict[str, np.ndarray]
+    stage_index: dict[str, np.ndarray] = field(default_factory=dict)  # role -> pipeline rank it stands for
+    pp: np.ndarray | None = None
+    vpp: np.ndarray | None = None
 
 
 ROLES = ("first", "middle", "last")
@@ -137,4 +141,4 @@ def stage_layout(num_layers: int, c: Candidates) -> StageLayout:
     has_embedding = {"first": np.ones(len(p), bool), "middle": np.zeros(len(p), bool), "last": p == 1}
     has_head = {"first": p == 1, "middle": np.zeros(len(p), bool), "last": np.ones(len(p), bool)}
     # with one stage, "first" is the whole model and also carries the head
-    return StageLayout(layers, in_flight, chunks, exists, has_embedding, has_head)
+    return StageLayout(layers, in_flight, chunks, exists, has_embedding, has_head, index, p, v)

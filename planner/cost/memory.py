@@ -25,6 +25,7 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
+from planner.cost.stages import role_layer
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -68,7 +69,8 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     """Unsharded-by-ZeRO parameter counts on one TP rank of this stage, by storage class, and the
     FSDP2 padding of its tensors over the data-parallel ranks."""
     t = c.tp
-    layer, emb, head = regime.layer.params, regime.embedding.params, regime.head.params
+    layer = role_layer(regime, layout, role, ctx.spec.num_layers).params  # the stage's mix of layer kinds
+    emb, head = regime.embedding.params, regime.head.params
     n = layout.layers[role]
     first, last = layout.has_embedding[role], layout.has_head[role]
     full = ctx.workload.method == "full"
@@ -189,7 +191,8 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     def per_micro_batch(b) -> np.ndarray:
         return b.evaluate(tokens, s, t, sp_div)
 
-    saved = {name: per_micro_batch(regime.layer.saved[name]) for name in ("none", "selective", "full")}
+    layer = role_layer(regime, layout, role, spec.num_layers)  # the stage's mix of layer kinds
+    saved = {name: per_micro_batch(layer.saved[name]) for name in ("none", "selective", "full")}
     kept = np.select([c.recompute == 0, c.recompute == 1], [saved["none"], saved["selective"]], saved["full"])
     layers, has_emb, has_head = layout.layers[role], layout.has_embedding[role], layout.has_head[role]
     vocab, hidden = spec.vocab_size, spec.hidden_size
@@ -205,9 +208,9 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     head_weights = has_head * vocab * hidden / p["vocab_split"] * (w.method == "full")
     tied = spec.tie_word_embeddings * has_head * has_emb * store["master_bytes"] * head_weights
     casts = num.autocast & (c.zero <= 1)
-    trained_matmuls = regime.layer.params.trainable_tp / t
+    trained_matmuls = layer.params.trainable_tp / t
     steps = [(per_micro_batch(step.alive), step.weight_params_tp / t + step.weight_params_rep,
-              step.done_params_tp / t + step.done_params_rep) for step in regime.layer.backward]
+              step.done_params_tp / t + step.done_params_rep) for step in layer.backward]
     if w.optimizer_in_backward:
         gb = 0.0 * gb
     grad_layer = gb * p["per_layer_trainable"] * layer_pad / shard
