@@ -117,6 +117,7 @@ class StageLayout:
     stage_index: dict[str, np.ndarray] = field(default_factory=dict)  # role -> pipeline rank it stands for
     pp: np.ndarray | None = None
     vpp: np.ndarray | None = None
+    role_layers: dict = field(default_factory=dict)  # (regime, role) -> that stage's mean layer (stages.py)
 
 
 ROLES = ("first", "middle", "last")

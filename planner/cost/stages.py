@@ -19,6 +19,13 @@ def role_layer(regime: Regime, layout: StageLayout, role: str, num_layers: int) 
     """The mean layer of the stage `role` plays, per candidate; a uniform stack's one layer."""
     if not regime.kinds:
         return regime.layer
+    key = (id(regime), role)
+    if key not in layout.role_layers:
+        layout.role_layers[key] = _stage_mean(regime, layout, role, num_layers)
+    return layout.role_layers[key]
+
+
+def _stage_mean(regime: Regime, layout: StageLayout, role: str, num_layers: int) -> PartSummary:
     counts = [kind_count(indices, num_layers, layout.stage_index[role], layout.pp, layout.vpp)
               for _, indices in regime.kinds]
     held = np.maximum(sum(counts), 1)

@@ -193,9 +193,29 @@ def mean_layer(kinds: list[tuple[PartSummary, Any]], dims: tuple[tuple[int, floa
             saved[policy] = saved[policy] + part.saved[policy].scale(share)
         matmuls += [replace(m, flops_per_token=m.flops_per_token * share, share=m.share * share) for m in part.matmuls]
         backward += part.backward
-    if dims is None:
-        dims = tuple((d, n * share) for part, share in kinds for d, n in part.params.dims)
-    return PartSummary(replace(params, dims=dims), tuple(matmuls), attention, io, saved, tuple(backward))
+    if dims is None:  # tensors with the same dim 0 pad alike: one entry each (ParamGroups.padding)
+        merged: dict[int, float] = {}
+        for part, share in kinds:
+            for d, n in part.params.dims:
+                merged[d] = merged.get(d, 0.0) + n * share
+        dims = tuple(merged.items())
+    return PartSummary(replace(params, dims=dims), tuple(matmuls), attention, io, saved, _undominated(backward))
+
+
+def _undominated(steps: list[BackwardStep]) -> tuple[BackwardStep, ...]:
+    """The steps that can hold the layer's peak: memory at a step grows with every one of its
+    quantities (planner/cost/moments.py, _largest_step), so a step no larger than another in all of
+    them never decides it."""
+    def key(step: BackwardStep) -> tuple[float, ...]:
+        a = step.alive
+        return (a.tp, a.sp, a.none, a.seq, step.weight_params_tp, step.weight_params_rep,
+                step.done_params_tp, step.done_params_rep)
+
+    keys = [key(step) for step in steps]
+    kept = [step for i, step in enumerate(steps)
+            if not any(j != i and all(x <= y for x, y in zip(keys[i], other)) and (keys[i] != other or j < i)
+                       for j, other in enumerate(keys))]
+    return tuple(kept)
 
 
 def selective_kept_matmuls(ops: list[Op]) -> set[str]:
