@@ -19,11 +19,6 @@ from planner.specs import ATTENTION_TYPES
 
 # families transformers ships whose layers are not softmax attention + MLP: what they lack here
 NOT_YET = {
-    "qwen3_next": "Gated DeltaNet linear-attention layers",
-    "qwen3_5": "Gated DeltaNet linear-attention layers",
-    "qwen3_5_text": "Gated DeltaNet linear-attention layers",
-    "qwen3_5_moe": "Gated DeltaNet linear-attention layers",
-    "qwen3_5_moe_text": "Gated DeltaNet linear-attention layers",
     "kimi_linear": "Kimi Delta Attention (linear-attention) layers",
     "nemotron_h": "Mamba-2 state-space layers",
     "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
@@ -272,6 +267,45 @@ def _minimax_m2(c: Config) -> dict[str, Any]:
     return f
 
 
+def _gated_deltanet(c: Config, f: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3NextConfig / Qwen3_5TextConfig attention: three Gated DeltaNet layers to one full
+    attention layer (full_attention_interval), whose q_proj also makes an output gate; per-head q/k norm."""
+    interval = c.int("full_attention_interval", default=4)
+    f.update(head_dim=c.int("head_dim", default=256), qk_norm="head", attention_output_gate=True,
+             linear_key_heads=c.int("linear_num_key_heads", default=16),
+             linear_value_heads=c.int("linear_num_value_heads", default=32),
+             linear_key_head_dim=c.int("linear_key_head_dim", default=128),
+             linear_value_head_dim=c.int("linear_value_head_dim", default=128),
+             linear_conv_kernel=c.int("linear_conv_kernel_dim", default=4),
+             layer_types=_attention_types(c, f["num_layers"], lambda i: "linear_attention" if (i + 1) % interval
+                                          else "full_attention"))
+    return f
+
+
+def _qwen_shared_moe(c: Config, f: dict[str, Any], experts: int, top_k: int, sparse: tuple[str, ...]) -> dict[str, Any]:
+    """Routed experts of moe_intermediate_size and a sigmoid-gated shared expert (Qwen2-MoE style)."""
+    f.update(num_experts=experts, experts_per_token=c.int("num_experts_per_tok", default=top_k),
+             dense_intermediate_size=f["intermediate_size"], intermediate_size=c.int("moe_intermediate_size", default=512),
+             shared_expert_intermediate_size=c.int("shared_expert_intermediate_size", default=512),
+             shared_expert_gate=True, mlp_layer_types=sparse)
+    return f
+
+
+def _qwen3_next(c: Config) -> dict[str, Any]:
+    f = _gated_deltanet(c, llama_like(c))
+    experts = c.int("num_experts", default=512)
+    return _qwen_shared_moe(c, f, experts, 10, _qwen_moe_layers(c, f["num_layers"], experts))
+
+
+def _qwen3_5_moe(c: Config) -> dict[str, Any]:
+    """Qwen3_5MoeTextConfig: every layer MoE (no intermediate_size key)."""
+    c = Config({"intermediate_size": 1, **c.data}, c.where)
+    f = _gated_deltanet(c, llama_like(c))
+    f = _qwen_shared_moe(c, f, c.int("num_experts", default=256), 8, ("sparse",) * f["num_layers"])
+    f["dense_intermediate_size"] = 0
+    return f
+
+
 def text_config(config: dict[str, Any], text_type: str) -> dict[str, Any]:
     """The language model of a multimodal config (gemma3, llama4): its text_config, typed."""
     text = dict(config.get("text_config") or {})
@@ -286,7 +320,9 @@ FAMILY_READERS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "gemma2": lambda c: _gemma(c, 2, ""), "gemma3_text": lambda c: _gemma(c, 6, "head"),
     "phi3": _phi3, "olmo2": _olmo2, "olmo3": _olmo3, "smollm3": _smollm3, "llama4_text": _llama4,
     "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2, "glm4_moe": _glm4_moe,
-    "minimax_m2": _minimax_m2,
+    "minimax_m2": _minimax_m2, "qwen3_next": _qwen3_next, "qwen3_5_text": lambda c: _gated_deltanet(c, llama_like(c)),
+    "qwen3_5_moe_text": _qwen3_5_moe,
 }
 # multimodal configs whose text part we read: model_type -> the text config's model_type
-TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text"}
+TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text", "qwen3_5": "qwen3_5_text",
+              "qwen3_5_moe": "qwen3_5_moe_text"}

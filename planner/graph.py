@@ -20,6 +20,7 @@ import networkx as nx
 
 from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
                          chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
+from planner.linear_attention import gated_deltanet
 from planner.mla import mla_attention
 from planner.specs import LayerKind, ModelSpec, Workload
 
@@ -126,6 +127,8 @@ class _BlockBuilder:
             self.attn_in, self.mlp_in = "layer_in", "mid"
         if s.is_mla:
             mla_attention(self)
+        elif self.kind.attention == "linear_attention":
+            gated_deltanet(self)
         else:
             self.attention()
         if post:
@@ -190,7 +193,8 @@ class _BlockBuilder:
             self.linear("qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim, s.qkv_bias, x, column=True)
         else:
             start = self.last
-            for name, width in (("q_proj", s.q_dim), ("k_proj", s.kv_dim), ("v_proj", s.kv_dim)):
+            q_width = s.q_dim * (2 if s.attention_output_gate else 1)  # Qwen3-Next: query and gate
+            for name, width in (("q_proj", q_width), ("k_proj", s.kv_dim), ("v_proj", s.kv_dim)):
                 self.linear(name, s.hidden_size, width, s.qkv_bias, x, column=True, after=start)
             self.last = ["q_proj", "k_proj", "v_proj"]
         if s.qk_norm:  # Qwen3 / Gemma 3: RMSNorm per head (one head_dim weight); OLMo 2: over the whole width
@@ -228,6 +232,10 @@ class _BlockBuilder:
 
     def attention_out(self, width: int) -> None:
         s, c = self.spec, self.n.compute_bytes
+        if s.attention_output_gate:  # attn_output * sigmoid(gate): keeps the gate and the output
+            self.add(Op("output_gate", "elementwise", io_bytes_per_token=4 * c * width, out_bytes_per_token=c * width,
+                        saved=(Saved("output_gate.gate", c * width), Saved("attn.out", c * width)),
+                        grads=(Saved("output_gate.grad", 3 * c * width),)))
         if s.attention_sinks:  # gpt-oss: one learned logit per head, joined to the softmax
             self.add(Op("sinks", "elementwise", params=s.num_heads, param_dims=((s.num_heads, s.num_heads),)))
         # sdpa_attention_forward returns attn_output.transpose(1, 2).contiguous(); the flash kernels
@@ -235,7 +243,8 @@ class _BlockBuilder:
         # saves as the attention output itself
         self.add(Op("attn_transpose", "elementwise", io_bytes_per_token=2 * c * width,
                     out_bytes_per_token=c * width))
-        self.linear("o_proj", width, s.hidden_size, s.out_bias, "attn.out", column=False)
+        out_key = "output_gate.out" if s.attention_output_gate else "attn.out"
+        self.linear("o_proj", width, s.hidden_size, s.out_bias, out_key, column=False)
 
     def residual(self, name: str, dropout: bool) -> None:
         r, h = self.n.residual_bytes, self.spec.hidden_size

@@ -183,6 +183,9 @@ def _check_layers(spec: ModelSpec, where: str) -> None:
                              "give sliding_window or make them full_attention")
     if "chunked_attention" in types and spec.attention_chunk_size <= 0:
         raise InvalidRequest(f"{where}: layer_types has chunked_attention layers but attention_chunk_size is not set")
+    if "linear_attention" in types and not (spec.linear_value_heads and spec.linear_key_heads):
+        raise InvalidRequest(f"{where}: layer_types has linear_attention layers but model_type {spec.family} has no "
+                             "linear-attention heads; use full_attention or a model_type with linear attention")
     if "sparse" in spec.mlp_layer_types and not spec.is_moe:
         raise InvalidRequest(f"{where}: some layers are mixture-of-experts but the number of experts is "
                              f"{spec.num_experts}; give at least 2 experts or no MoE layers")

@@ -23,7 +23,7 @@ OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
 MLP_TYPES = ("dense", "sparse")
 
 
@@ -31,7 +31,7 @@ MLP_TYPES = ("dense", "sparse")
 class LayerKind:
     """What sets one decoder layer apart from another of the same model."""
 
-    attention: str = "full_attention"  # one of ATTENTION_TYPES
+    attention: str = "full_attention"  # one of ATTENTION_TYPES (linear_attention: a Gated DeltaNet mixer)
     rope: bool = True  # rotary embedding applied to q and k
     mlp: str = "dense"  # dense (gated or plain MLP) | sparse (routed experts)
 
@@ -85,6 +85,13 @@ class ModelSpec:
     qk_rope_head_dim: int = 0
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
+    # Gated DeltaNet linear-attention layers (Qwen3-Next, Qwen3.5: layer_types linear_attention)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    attention_output_gate: bool = False  # q_proj also makes a sigmoid gate on attention's output (Qwen3-Next)
     embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma): no parameter
     attn_logit_softcapping: float = 0.0  # tanh soft-cap of attention logits (Gemma 2)
     final_logit_softcapping: float = 0.0  # tanh soft-cap of the LM head's logits (Gemma 2)

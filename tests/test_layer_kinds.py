@@ -133,7 +133,8 @@ def _config(**changes):
     (_config(model_type="qwen3_moe", num_experts=4, mlp_only_layers=[9]), "mlp_only_layers names layer 9"),
     (_config(model_type="deepseek_v3", first_k_dense_replace=7), "first_k_dense_replace (7) exceeds"),
     (_config(model_type="qwen3moe"), "nearest: qwen3_moe"),
-    (_config(model_type="qwen3_next"), "not supported yet: the planner does not model Gated DeltaNet"),
+    (_config(model_type="kimi_linear"), "not supported yet: the planner does not model Kimi Delta Attention"),
+    (_config(layer_types=["linear_attention"] * 6), "linear_attention layers but model_type gemma3_text has no"),
     (_config(model_type="nemotron_h"), "Mamba-2"),
 ])
 def test_unreadable_configs_get_one_line(config, message):
@@ -183,3 +184,20 @@ def test_each_pipeline_stage_holds_its_own_kinds():
     assert role_layer(regime, layout, "first", spec.num_layers).params.total[0] == pytest.approx(dense.params.total)
     assert role_layer(regime, layout, "last", spec.num_layers).params.total[0] == pytest.approx(sparse.params.total)
     assert dense.params.total < sparse.params.total
+
+
+def test_gated_deltanet_layers_grow_linearly_with_the_sequence():
+    """Qwen3-Next: the linear-attention layers' FLOPs per token do not depend on the sequence; the
+    full-attention layer's grow with it."""
+    def per_kind(seq_len):
+        _, graph = _graph("tiny-gated-deltanet", Workload(seq_len=seq_len, global_batch=8))
+        ops = {kind.attention: {op.name: op for op in _ops(block)} for kind, _, block in graph.blocks}
+        return ops["linear_attention"], ops["full_attention"]
+
+    (linear_short, full_short), (linear_long, full_long) = per_kind(512), per_kind(4096)
+    assert linear_short["delta_rule"].flops_per_token == linear_long["delta_rule"].flops_per_token > 0
+    assert "attention" not in linear_short and linear_short["delta_rule"].flops_per_token_seq == 0
+    assert full_long["attention"].flops_per_token_seq == full_short["attention"].flops_per_token_seq > 0
+    spec = load_model("tiny-gated-deltanet")
+    assert [kind.attention for kind, _ in spec.layer_kinds()] == ["linear_attention", "full_attention"]
+    assert full_short["q_proj"].gemm == (spec.hidden_size, 2 * spec.q_dim)  # query and output gate

@@ -82,6 +82,15 @@ HAND_WRITTEN = {
     "glm4_moe": {"moe_intermediate_size": 24, "n_routed_experts": 6, "num_experts_per_tok": 2, "head_dim": 24,
                  "use_qk_norm": True, "attention_bias": True, "first_k_dense_replace": 2},
     "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "qwen3_next": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+                   "linear_value_head_dim": 12, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                   "shared_expert_intermediate_size": 32, "mlp_only_layers": [1]},
+    "qwen3_5_text": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 4, "linear_key_head_dim": 8,
+                     "linear_value_head_dim": 8, "linear_conv_kernel_dim": 3},
+    "qwen3_5_moe": {"text_config": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                                    "linear_key_head_dim": 8, "linear_value_head_dim": 12, "num_experts": 4,
+                                    "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                    "shared_expert_intermediate_size": 32}},
 }
 
 

@@ -1,0 +1,60 @@
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, arXiv 2412.06464), the linear-attention mixer of
+Qwen3-Next and Qwen3.5 (`layer_types` linear_attention), as transformers builds it
+(modeling_qwen3_next.py, Qwen3NextGatedDeltaNet):
+
+  in_proj_qkvz: hidden -> q, k (key heads x key dim each), v, z (value heads x value dim each)
+  in_proj_ba:   hidden -> b, a (one per value head): beta = sigmoid(b), decay g from a, A_log, dt_bias
+  conv1d:       depthwise causal convolution (kernel linear_conv_kernel_dim, no bias) over q, k, v, then silu
+  the gated delta rule, chunked (flash-linear-attention chunk_gated_delta_rule, chunks of 64), with
+  q and k repeated to the value heads; RMSNormGated(value dim) of its output with z; out_proj.
+
+Its FLOPs grow linearly with the sequence: per token and value head, the chunkwise form spends
+about 4·C·(d_k + d_v) on the intra-chunk products (QKᵀ, KKᵀ for the WY/UT transform, their
+products with V) and 6·d_k·d_v on the state (reading it for the output and for the delta, and
+updating it), C = 64 (the paper's §3.3 chunkwise algorithm). The state itself is recomputed in
+backward; the kernel keeps q, k, v, g, beta, the fp32 intra-chunk matrix A (C per token and head)
+and the q/k l2-norm statistics (fla ChunkGatedDeltaRuleFunction.forward's saved tensors).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from planner.ops import FP32_BYTES, Op, Saved
+
+if TYPE_CHECKING:
+    from planner.graph import _BlockBuilder
+
+CHUNK = 64  # flash-linear-attention's chunk size for chunk_gated_delta_rule
+
+
+def gated_deltanet(b: _BlockBuilder) -> None:
+    """Adds one Gated DeltaNet mixer to the block builder `b`."""
+    s, c = b.spec, b.n.compute_bytes
+    hv, dk, dv = s.linear_value_heads, s.linear_key_head_dim, s.linear_value_head_dim
+    key_dim, value_dim = s.linear_key_heads * dk, hv * dv
+    conv_dim = 2 * key_dim + value_dim
+    x = b.attn_in
+    start = b.last
+    b.linear("in_proj_qkvz", s.hidden_size, 2 * key_dim + 2 * value_dim, False, x, column=True, after=start)
+    b.linear("in_proj_ba", s.hidden_size, 2 * hv, False, x, column=True, after=start)
+    b.last = ["in_proj_qkvz", "in_proj_ba"]
+    kernel = s.linear_conv_kernel
+    # the depthwise convolution keeps its input; silu keeps the convolution's output; A_log and dt_bias ride along
+    b.add(Op("conv1d", "elementwise", params=conv_dim * kernel + 2 * hv, flops_per_token=2 * kernel * conv_dim,
+             io_bytes_per_token=4 * c * conv_dim, out_bytes_per_token=c * conv_dim,
+             saved=(Saved("in_proj_qkvz.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
+             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             param_dims=((conv_dim, conv_dim * kernel), (hv, hv), (hv, hv))))
+    per_head_flops = 4 * CHUNK * (dk + dv) + 6 * dk * dv
+    saved = (Saved("delta.q", c * hv * dk), Saved("delta.k", c * hv * dk), Saved("delta.v", c * value_dim),
+             Saved("delta.g_beta", (FP32_BYTES + c) * hv), Saved("delta.A", FP32_BYTES * CHUNK * hv),
+             Saved("delta.rstd", 2 * FP32_BYTES * hv))
+    b.add(Op("delta_rule", "matmul", gemm=(CHUNK, hv * (dk + dv)), flops_per_token=hv * per_head_flops,
+             io_bytes_per_token=c * (2 * hv * dk + 2 * value_dim), out_bytes_per_token=c * value_dim, saved=saved,
+             grads=(Saved("delta_rule.grad", c * (2 * hv * dk + 2 * value_dim)),)))
+    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True)
+    # RMSNormGated: normed * silu(z), keeping z and the normalised output
+    b.add(Op("delta_gate", "elementwise", io_bytes_per_token=4 * c * value_dim, out_bytes_per_token=c * value_dim,
+             saved=(Saved("delta_gate.z", c * value_dim),), grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
+    b.linear("out_proj", value_dim, s.hidden_size, False, "delta_gate.out", column=False)
