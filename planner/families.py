@@ -3,9 +3,10 @@ with the defaults of transformers' own configuration class for the keys a config
 (transformers/models/<type>/configuration_<type>.py, transformers 5.24; read, not imported).
 
 Per-layer lists follow the configs' own spelling (STYLE.md lesson 10): `layer_types`
-(full_attention / sliding_attention / chunked_attention), `mlp_only_layers` + `decoder_sparse_step`
-(Qwen MoE), `first_k_dense_replace` (DeepSeek, GLM), `moe_layers` / `interleave_moe_layer_step`
-(Llama 4), `no_rope_layers` (1 = the layer uses rotary, as SmolLM3 and Llama 4 spell it).
+(full_attention / sliding_attention / chunked_attention / linear_attention = Gated DeltaNet),
+`mlp_only_layers` + `decoder_sparse_step` (Qwen MoE), `first_k_dense_replace` (DeepSeek, GLM),
+`moe_layers` / `interleave_moe_layer_step` (Llama 4), `no_rope_layers` (1 = the layer uses rotary,
+as SmolLM3 and Llama 4 spell it), Nemotron-H's `layers_block_type` (one mixer or one MLP per block).
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from planner.specs import ATTENTION_TYPES
 # families transformers ships whose layers are not softmax attention + MLP: what they lack here
 NOT_YET = {
     "kimi_linear": "Kimi Delta Attention (linear-attention) layers",
-    "nemotron_h": "Mamba-2 state-space layers",
     "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
-    "deepseek_v4": "its attention and hyper-connection layers",
+    "deepseek_v4": "compressed sparse attention (compressed_sparse_attention / heavily_compressed_attention)",
     "gemma4": "Gemma 4's per-layer embeddings and shared KV layers",
     "gemma4_text": "Gemma 4's per-layer embeddings and shared KV layers",
 }
@@ -306,6 +306,51 @@ def _qwen3_5_moe(c: Config) -> dict[str, Any]:
     return f
 
 
+NEMOTRON_BLOCKS = {"linear_attention": ("mamba", "none"), "full_attention": ("full_attention", "none"),
+                   "mlp": ("none", "dense"), "moe": ("none", "sparse")}
+NEMOTRON_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def _nemotron_h(c: Config) -> dict[str, Any]:
+    """NemotronHConfig: a stack of single-purpose blocks (layers_block_type, or the older
+    hybrid_override_pattern M / * / - / E): a Mamba-2 mixer, attention without positional encoding,
+    a relu2 MLP, or relu2 experts with a shared expert; one norm per block."""
+    blocks = c.data.get("layers_block_type") or c.data.get("layer_types")
+    pattern = c.data.get("hybrid_override_pattern")
+    if blocks is None and isinstance(pattern, str):
+        if set(pattern) - set(NEMOTRON_PATTERN):
+            raise InvalidRequest(f"{c.where}: hybrid_override_pattern may hold only M, *, - and E; got {pattern!r}")
+        blocks = [NEMOTRON_PATTERN[ch] for ch in pattern]
+    blocks = blocks or ["linear_attention", "moe", "full_attention", "mlp"]
+    if not isinstance(blocks, list) or any(b not in NEMOTRON_BLOCKS for b in blocks):
+        raise InvalidRequest(f"{c.where}: layers_block_type must list {', '.join(NEMOTRON_BLOCKS)}; got {blocks!r}")
+    if c.data.get("moe_latent_size"):
+        raise InvalidRequest(f"{c.where}: moe_latent_size (latent MoE projections) is not modelled yet")
+    hidden, heads = c.int("hidden_size", default=4096), c.int("num_attention_heads", default=32)
+    mamba_heads = c.int("mamba_num_heads", default=128)
+    return dict(
+        hidden_size=hidden, num_layers=len(blocks), num_heads=heads,
+        num_kv_heads=c.int("num_key_value_heads", default=8),
+        head_dim=c.int("head_dim", default=128), intermediate_size=c.int("moe_intermediate_size", default=7688),
+        dense_intermediate_size=c.int("intermediate_size", default=21504),
+        vocab_size=c.int("vocab_size", default=131072),
+        max_position_embeddings=c.int("max_position_embeddings", default=4096),
+        tie_word_embeddings=c.bool("tie_word_embeddings", False), gated_mlp=False,
+        activation=str(c.data.get("mlp_hidden_act") or "relu2"), qkv_bias=c.bool("attention_bias", False),
+        out_bias=c.bool("attention_bias", False), mlp_bias=c.bool("mlp_bias", False), positions="none",
+        num_experts=c.int("n_routed_experts", "num_local_experts", default=8),
+        experts_per_token=c.int("num_experts_per_tok", default=2),
+        shared_expert_intermediate_size=c.int("moe_shared_expert_intermediate_size", default=7688)
+        * c.count("n_shared_experts", 1),
+        layer_types=tuple(NEMOTRON_BLOCKS[b][0] for b in blocks),
+        mlp_layer_types=tuple(NEMOTRON_BLOCKS[b][1] for b in blocks),
+        mamba_heads=mamba_heads, mamba_head_dim=c.int("mamba_head_dim", default=64),
+        mamba_state_size=c.int("ssm_state_size", default=128), mamba_groups=c.int("n_groups", default=8),
+        mamba_chunk_size=c.int("chunk_size", "mamba_chunk_size", default=128),
+        linear_conv_kernel=c.int("conv_kernel", default=4), mamba_conv_bias=c.bool("use_conv_bias", True),
+    )
+
+
 def text_config(config: dict[str, Any], text_type: str) -> dict[str, Any]:
     """The language model of a multimodal config (gemma3, llama4): its text_config, typed."""
     text = dict(config.get("text_config") or {})
@@ -321,7 +366,7 @@ FAMILY_READERS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "phi3": _phi3, "olmo2": _olmo2, "olmo3": _olmo3, "smollm3": _smollm3, "llama4_text": _llama4,
     "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek_v3, "deepseek_v2": _deepseek_v2, "glm4_moe": _glm4_moe,
     "minimax_m2": _minimax_m2, "qwen3_next": _qwen3_next, "qwen3_5_text": lambda c: _gated_deltanet(c, llama_like(c)),
-    "qwen3_5_moe_text": _qwen3_5_moe,
+    "qwen3_5_moe_text": _qwen3_5_moe, "nemotron_h": _nemotron_h,
 }
 # multimodal configs whose text part we read: model_type -> the text config's model_type
 TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text", "qwen3_5": "qwen3_5_text",

@@ -20,7 +20,7 @@ import networkx as nx
 
 from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
                          chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
-from planner.linear_attention import gated_deltanet
+from planner.linear_attention import gated_deltanet, mamba2
 from planner.mla import mla_attention
 from planner.specs import LayerKind, ModelSpec, Workload
 
@@ -33,7 +33,7 @@ FLOAT8_DIM_MULTIPLE = 16
 # transformers/activations.py: nn.functional.silu/gelu keep their input only; NewGELUActivation
 # and FastGELUActivation are written as Python expressions whose pow/tanh/mul each save a tensor.
 ACTIVATION_SAVED_TENSORS = {"silu": 1, "swish": 1, "gelu": 1, "relu": 1, "gelu_pytorch_tanh": 1,
-                            "gelu_new": 4, "gelu_fast": 4}
+                            "gelu_new": 4, "gelu_fast": 4, "relu2": 2}
 
 LORA_TARGET_OPS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -118,34 +118,46 @@ class _BlockBuilder:
 
     def build(self) -> nx.DiGraph:
         """Pre-norm (Llama), sandwich (Gemma 2/3: input, post-attention, pre- and post-feedforward
-        norms) or post-norm (OLMo 2: the branch's output normalised before the residual add)."""
-        s = self.spec
+        norms) or post-norm (OLMo 2: the branch's output normalised before the residual add). A
+        hybrid's block may hold a mixer only or an MLP only (Nemotron-H: attention "none" / mlp "none")."""
+        s, kind = self.spec, self.kind
         pre, post = s.layer_norms != "post", s.layer_norms in ("sandwich", "post")
-        if pre:
-            self.norm("attn_norm", input_key="layer_in")
-        else:
+        if not pre:
             self.attn_in, self.mlp_in = "layer_in", "mid"
-        if s.is_mla:
+        if kind.attention != "none":
+            if pre:
+                self.norm("attn_norm", input_key="layer_in")
+            self.mixer()
+            if post:
+                self.compute_norm("attn_post_norm", "o_proj.out", s.hidden_size)
+            self.residual("attn_residual", dropout=s.dropout > 0)
+        if kind.mlp != "none":
+            if pre:
+                self.norm("mlp_norm", input_key="mid" if kind.attention != "none" else "layer_in")
+            self.mlp()
+            if post:
+                self.compute_norm("mlp_post_norm", "down_proj.out", s.hidden_size)
+            self.residual("mlp_residual", dropout=s.dropout > 0)
+        return self.graph
+
+    def mixer(self) -> None:
+        if self.spec.is_mla:
             mla_attention(self)
         elif self.kind.attention == "linear_attention":
             gated_deltanet(self)
+        elif self.kind.attention == "mamba":
+            mamba2(self)
         else:
             self.attention()
-        if post:
-            self.compute_norm("attn_post_norm", "o_proj.out", s.hidden_size)
-        self.residual("attn_residual", dropout=s.dropout > 0)
-        if pre:
-            self.norm("mlp_norm", input_key="mid")
+
+    def mlp(self) -> None:
+        s = self.spec
         if self.kind.mlp == "sparse":
             self.moe()
         elif s.gated_mlp:
             self.gated_mlp(s.dense_intermediate_size or s.intermediate_size)
         else:
-            self.plain_mlp()
-        if post:
-            self.compute_norm("mlp_post_norm", "down_proj.out", s.hidden_size)
-        self.residual("mlp_residual", dropout=s.dropout > 0)
-        return self.graph
+            self.plain_mlp(s.dense_intermediate_size or s.intermediate_size)
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
@@ -271,10 +283,11 @@ class _BlockBuilder:
                     saved=tuple(x for x in saved if x.bytes_per_token), grads=(Saved(f"{p}act_mul.grad", 3 * c * i),)))
         self.linear(f"{p}down_proj", i, h, s.mlp_bias, f"{p}mlp.prod", column=False)
 
-    def plain_mlp(self) -> None:
-        s, c = self.spec, self.n.compute_bytes
-        h, i = s.hidden_size, s.intermediate_size
-        self.linear("up_proj", h, i, s.mlp_bias, self.mlp_in, column=True)
+    def plain_mlp(self, i: int, prefix: str = "") -> None:
+        """fc1 / activation / fc2 of width `i`; `prefix` names a shared expert's copy (shared_)."""
+        s, c, p = self.spec, self.n.compute_bytes, prefix
+        h = s.hidden_size
+        self.linear(f"{p}up_proj", h, i, s.mlp_bias, self.mlp_in, column=True)
         act = ACTIVATION_SAVED_TENSORS.get(s.activation, 1)
         saved_bytes, out_bytes = c * act, c
         if self.n.autocast and s.activation == "gelu_new":
@@ -284,10 +297,10 @@ class _BlockBuilder:
             saved_bytes, out_bytes = 3 * FP32_BYTES + c, FP32_BYTES
         if self.n.compiled:  # the activation's intermediates are recomputed from up's output
             saved_bytes = c
-        self.add(Op("act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
-                    saved=(Saved("up_proj.out", saved_bytes * i),),
-                    grads=(Saved("act.grad", (2 * out_bytes + c) * i),)))
-        self.linear("down_proj", i, h, s.mlp_bias, "mlp.act_out", column=False, input_bytes=out_bytes)
+        self.add(Op(f"{p}act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
+                    saved=(Saved(f"{p}up_proj.out", saved_bytes * i),),
+                    grads=(Saved(f"{p}act.grad", (2 * out_bytes + c) * i),)))
+        self.linear(f"{p}down_proj", i, h, s.mlp_bias, f"{p}mlp.act_out", column=False, input_bytes=out_bytes)
 
     def moe(self) -> None:
         """transformers' MoE block with the grouped_mm experts (integrations/moe.py,
@@ -314,15 +327,17 @@ class _BlockBuilder:
                  Saved("experts.down_out", c * h * k))
         biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
         bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
-        self.add(Op("experts", "experts", params=e * 3 * h * i + biases, gemm=(h, 3 * i), tokens_factor=k,
-                    flops_per_token=k * 2 * 3 * h * i, io_bytes_per_token=k * 8 * c * i,
+        m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
+        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
+                    flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
-                    grads=(Saved("experts.grad", k * c * (2 * h + 3 * i)),),
-                    param_dims=((e, e * 2 * h * i), (e, e * h * i)) + bias_dims))
+                    grads=(Saved("experts.grad", k * c * (2 * h + m * i)),),
+                    param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
         if s.shared_expert_intermediate_size:
             routed = self.last
             self.last = start
-            self.gated_mlp(s.shared_expert_intermediate_size, prefix="shared_")
+            shared = self.gated_mlp if s.gated_mlp else self.plain_mlp
+            shared(s.shared_expert_intermediate_size, prefix="shared_")
             if s.shared_expert_gate:
                 self.linear("shared_expert_gate", h, 1, False, self.mlp_in, column=True, after=start, tp_split=False)
             self.last = [routed, self.last]

@@ -58,3 +58,35 @@ def gated_deltanet(b: _BlockBuilder) -> None:
     b.add(Op("delta_gate", "elementwise", io_bytes_per_token=4 * c * value_dim, out_bytes_per_token=c * value_dim,
              saved=(Saved("delta_gate.z", c * value_dim),), grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
     b.linear("out_proj", value_dim, s.hidden_size, False, "delta_gate.out", column=False)
+
+
+def mamba2(b: _BlockBuilder) -> None:
+    """A Mamba-2 mixer (Dao & Gu 2024, arXiv 2405.21060) as transformers' NemotronHMamba2Mixer builds
+    it: in_proj (hidden -> z, x, B, C, dt: 2·d_inner + 2·groups·state + heads), a depthwise causal
+    conv1d with bias over x, B, C, then silu; dt_bias, A_log and D per head; the chunked SSD scan
+    (mamba_chunk_scan_combined, chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner; out_proj.
+    Per token and head the chunked scan spends about 2·C·(N + P) on the intra-chunk products and
+    4·N·P on the state (SSD §6), N the state size, P the head dim; it keeps x, B, C, dt, z and its
+    output (mamba_ssm's MambaChunkScanCombinedFn saves its inputs and output)."""
+    s, c = b.spec, b.n.compute_bytes
+    heads, head_dim, state, groups = s.mamba_heads, s.mamba_head_dim, s.mamba_state_size, s.mamba_groups
+    inner = heads * head_dim
+    conv_dim = inner + 2 * groups * state
+    x = b.attn_in
+    b.linear("in_proj", s.hidden_size, 2 * inner + 2 * groups * state + heads, False, x, column=True)
+    kernel = s.linear_conv_kernel
+    bias = 1 if s.mamba_conv_bias else 0
+    b.add(Op("conv1d", "elementwise", params=conv_dim * (kernel + bias) + 3 * heads,
+             flops_per_token=2 * kernel * conv_dim, io_bytes_per_token=4 * c * conv_dim,
+             out_bytes_per_token=c * conv_dim,
+             saved=(Saved("in_proj.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
+             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             param_dims=((conv_dim, conv_dim * (kernel + bias)), (heads, heads), (heads, heads), (heads, heads))))
+    chunk = s.mamba_chunk_size
+    saved = (Saved("ssd.dt", FP32_BYTES * heads), Saved("ssd.z", c * inner), Saved("ssd.out", c * inner))
+    b.add(Op("ssd_scan", "matmul", gemm=(chunk, heads * (state + head_dim)),
+             flops_per_token=heads * (2 * chunk * (state + head_dim) + 4 * state * head_dim),
+             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner, saved=saved,
+             grads=(Saved("ssd_scan.grad", c * (conv_dim + 2 * inner)),)))
+    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True)  # statistics per group, one weight of d_inner
+    b.linear("out_proj", inner, s.hidden_size, False, "mamba_norm.out", column=False)

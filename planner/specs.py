@@ -24,7 +24,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
-MLP_TYPES = ("dense", "sparse")
+# a hybrid's block may hold a Mamba-2 mixer, or no mixer / no MLP at all (Nemotron-H)
+MIXER_TYPES = (*ATTENTION_TYPES, "mamba", "none")
+MLP_TYPES = ("dense", "sparse", "none")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,13 @@ class ModelSpec:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # Mamba-2 mixers (Nemotron-H: attention kind "mamba"); linear_conv_kernel is their conv kernel too
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_state_size: int = 0
+    mamba_groups: int = 0
+    mamba_chunk_size: int = 0
+    mamba_conv_bias: bool = True
     attention_output_gate: bool = False  # q_proj also makes a sigmoid gate on attention's output (Qwen3-Next)
     embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma): no parameter
     attn_logit_softcapping: float = 0.0  # tanh soft-cap of attention logits (Gemma 2)

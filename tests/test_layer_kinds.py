@@ -135,7 +135,8 @@ def _config(**changes):
     (_config(model_type="qwen3moe"), "nearest: qwen3_moe"),
     (_config(model_type="kimi_linear"), "not supported yet: the planner does not model Kimi Delta Attention"),
     (_config(layer_types=["linear_attention"] * 6), "linear_attention layers but model_type gemma3_text has no"),
-    (_config(model_type="nemotron_h"), "Mamba-2"),
+    (_config(model_type="deepseek_v32"), "sparse-attention indexer"),
+    (_config(model_type="nemotron_h", hybrid_override_pattern="M-X"), "hybrid_override_pattern may hold only"),
 ])
 def test_unreadable_configs_get_one_line(config, message):
     with pytest.raises(InvalidRequest) as error:
@@ -201,3 +202,20 @@ def test_gated_deltanet_layers_grow_linearly_with_the_sequence():
     spec = load_model("tiny-gated-deltanet")
     assert [kind.attention for kind, _ in spec.layer_kinds()] == ["linear_attention", "full_attention"]
     assert full_short["q_proj"].gemm == (spec.hidden_size, 2 * spec.q_dim)  # query and output gate
+
+
+def test_nemotron_h_blocks_hold_one_mixer_or_one_mlp():
+    """Nemotron-H: Mamba-2 blocks have no MLP and MLP blocks no mixer; the scan's FLOPs per token do
+    not depend on the sequence."""
+    spec = load_model("tiny-mamba2-hybrid")
+    kinds = [(kind.attention, kind.mlp, len(indices)) for kind, indices in spec.layer_kinds()]
+    assert kinds == [("mamba", "none", 3), ("none", "dense", 1), ("full_attention", "none", 1), ("none", "sparse", 1)]
+
+    def ops(seq_len):
+        _, graph = _graph("tiny-mamba2-hybrid", Workload(seq_len=seq_len, global_batch=8))
+        return [{op.name: op for op in _ops(block)} for _, _, block in graph.blocks]
+
+    short, long = ops(256), ops(4096)
+    assert short[0]["ssd_scan"].flops_per_token == long[0]["ssd_scan"].flops_per_token > 0
+    assert "down_proj" not in short[0] and "in_proj" not in short[1] and "rotary" not in short[2]
+    assert short[3]["experts"].gemm == (spec.hidden_size, 2 * spec.intermediate_size)  # relu2 experts: up and down
