@@ -18,8 +18,11 @@ from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from planner.ops import FP32_BYTES, Numerics, Op, Saved, attention_op, linear_op, lora_op, norm_op
-from planner.specs import ModelSpec, Workload
+from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
+                         chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
+from planner.linear_attention import gated_deltanet, mamba2
+from planner.mla import mla_attention
+from planner.specs import LayerKind, ModelSpec, Workload
 
 INDEX_BYTES = 8  # int64 token ids
 # float8 GEMMs (cuBLASLt _scaled_mm) take only dimensions that are multiples of 16; torchao leaves
@@ -30,7 +33,7 @@ FLOAT8_DIM_MULTIPLE = 16
 # transformers/activations.py: nn.functional.silu/gelu keep their input only; NewGELUActivation
 # and FastGELUActivation are written as Python expressions whose pow/tanh/mul each save a tensor.
 ACTIVATION_SAVED_TENSORS = {"silu": 1, "swish": 1, "gelu": 1, "relu": 1, "gelu_pytorch_tanh": 1,
-                            "gelu_new": 4, "gelu_fast": 4}
+                            "gelu_new": 4, "gelu_fast": 4, "relu2": 2}
 
 LORA_TARGET_OPS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -38,20 +41,34 @@ LORA_TARGET_OPS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 
 @dataclass
 class ModelGraph:
-    """The block graph (one layer) and the ends of the model, with what they were built for."""
+    """The block graph of each kind of layer (with the indices of the layers of that kind) and the
+    ends of the model, with what they were built for."""
 
     spec: ModelSpec
     workload: Workload
     numerics: Numerics
-    block: nx.DiGraph
+    blocks: list[tuple[LayerKind, tuple[int, ...], nx.DiGraph]]
     ends: nx.DiGraph  # embedding -> (blocks) -> final_norm -> lm_head
     extras: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def block(self) -> nx.DiGraph:
+        """The first layer's block (every layer's, for a uniform model)."""
+        return self.blocks[0][2]
+
     def block_ops(self) -> list[Op]:
-        return [self.block.nodes[n]["op"] for n in nx.topological_sort(self.block)]
+        return _ordered(self.block)
+
+    def kind_ops(self) -> list[tuple[list[Op], tuple[int, ...]]]:
+        """Each kind of layer's ops with the indices of the layers of that kind."""
+        return [(_ordered(block), indices) for _, indices, block in self.blocks]
 
     def end_ops(self) -> list[Op]:
-        return [self.ends.nodes[n]["op"] for n in nx.topological_sort(self.ends)]
+        return _ordered(self.ends)
+
+
+def _ordered(graph: nx.DiGraph) -> list[Op]:
+    return [graph.nodes[n]["op"] for n in nx.topological_sort(graph)]
 
 
 def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
@@ -73,18 +90,19 @@ def _dtypes_for(workload: Workload, params_sharded: bool) -> Numerics:
 
 
 def build_graph(spec: ModelSpec, workload: Workload, numerics: Numerics) -> ModelGraph:
-    builder = _BlockBuilder(spec, workload, numerics)
-    block = builder.build()
+    blocks = [(kind, indices, _BlockBuilder(spec, workload, numerics, kind).build())
+              for kind, indices in spec.layer_kinds()]
     ends = _build_ends(spec, workload, replace(numerics, compiled=False))  # compiled: the layers only
-    return ModelGraph(spec=spec, workload=workload, numerics=numerics, block=block, ends=ends)
+    return ModelGraph(spec=spec, workload=workload, numerics=numerics, blocks=blocks, ends=ends)
 
 
 class _BlockBuilder:
     """Adds the ops of one decoder layer in execution order."""
 
-    def __init__(self, spec: ModelSpec, workload: Workload, numerics: Numerics) -> None:
-        self.spec, self.workload, self.n = spec, workload, numerics
+    def __init__(self, spec: ModelSpec, workload: Workload, numerics: Numerics, kind: LayerKind) -> None:
+        self.spec, self.workload, self.n, self.kind = spec, workload, numerics, kind
         self.graph = nx.DiGraph()
+        self.attn_in, self.mlp_in = "attn_norm.out", "mlp_norm.out"
         self.last: str | list[str] | None = None
         self.lora_targets = set(workload.lora_targets) if workload.method != "full" else set()
 
@@ -99,32 +117,74 @@ class _BlockBuilder:
         return op.name
 
     def build(self) -> nx.DiGraph:
+        """Pre-norm (Llama), sandwich (Gemma 2/3: input, post-attention, pre- and post-feedforward
+        norms) or post-norm (OLMo 2: the branch's output normalised before the residual add). A
+        hybrid's block may hold a mixer only or an MLP only (Nemotron-H: attention "none" / mlp "none")."""
+        s, kind = self.spec, self.kind
+        pre, post = s.layer_norms != "post", s.layer_norms in ("sandwich", "post")
+        if not pre:
+            self.attn_in, self.mlp_in = "layer_in", "mid"
+        if kind.attention != "none":
+            if pre:
+                self.norm("attn_norm", input_key="layer_in")
+            self.mixer()
+            if post:
+                self.compute_norm("attn_post_norm", "o_proj.out", s.hidden_size)
+            self.residual("attn_residual", dropout=s.dropout > 0)
+        if kind.mlp != "none":
+            if pre:
+                self.norm("mlp_norm", input_key="mid" if kind.attention != "none" else "layer_in")
+            self.mlp()
+            if post:
+                self.compute_norm("mlp_post_norm", "down_proj.out", s.hidden_size)
+            self.residual("mlp_residual", dropout=s.dropout > 0)
+        return self.graph
+
+    def mixer(self) -> None:
+        if self.spec.is_mla:
+            mla_attention(self)
+        elif self.kind.attention == "linear_attention":
+            gated_deltanet(self)
+        elif self.kind.attention == "mamba":
+            mamba2(self)
+        else:
+            self.attention()
+
+    def mlp(self) -> None:
         s = self.spec
-        self.norm("attn_norm", input_key="layer_in")
-        self.attention()
-        self.residual("attn_residual", dropout=s.dropout > 0)
-        self.norm("mlp_norm", input_key="mid")
-        if s.is_moe:
+        if self.kind.mlp == "sparse":
             self.moe()
         elif s.gated_mlp:
-            self.gated_mlp()
+            self.gated_mlp(s.dense_intermediate_size or s.intermediate_size)
         else:
-            self.plain_mlp()
-        self.residual("mlp_residual", dropout=s.dropout > 0)
-        return self.graph
+            self.plain_mlp(s.dense_intermediate_size or s.intermediate_size)
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
         self.add(norm_op(self.spec, self.n, name, input_key))
 
+    def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False) -> None:
+        """A norm over a tensor in the compute dtype (q/k norms, post norms, MLA's low-rank norms);
+        `tp`: its input is sharded by tensor parallelism (per-head q/k)."""
+        n = replace(self.n, residual_bytes=self.n.compute_bytes)
+        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows)
+        if tp:
+            op = replace(op, saved=tuple(replace(t, split="tp") for t in op.saved),
+                         grads=tuple(replace(g, split="tp") for g in op.grads))
+        self.add(op)
+
     def linear(self, name: str, in_features: int, out_features: int, bias: bool, input_key: str,
-               column: bool, after: str | list[str] | None = None, input_bytes: int | None = None) -> str:
+               column: bool, after: str | list[str] | None = None, input_bytes: int | None = None,
+               tp_split: bool = True) -> str:
         """A (possibly LoRA-wrapped) linear. Column-parallel inputs (the normalised residual stream)
-        are replicated across TP ranks; row-parallel ones are in the compute dtype unless given."""
+        are replicated across TP ranks; row-parallel ones are in the compute dtype unless given.
+        `tp_split` False: replicated over TP (MLA's low-rank down-projections, a scalar gate)."""
         if input_bytes is None:
             input_bytes = self.n.residual_bytes if column else self.n.compute_bytes
         op = linear_op(self.n, name, in_features, out_features, bias, input_key,
                        split="sp" if column else "tp", input_bytes=input_bytes)
+        if not tp_split:
+            op = replace(op, tp_split=False)
         # fp8 training swaps the layers' linears for float8 ones (not the LM head: _build_ends)
         float8 = (self.workload.precision == "fp8" and in_features % FLOAT8_DIM_MULTIPLE == 0
                   and out_features % FLOAT8_DIM_MULTIPLE == 0)
@@ -140,28 +200,63 @@ class _BlockBuilder:
     def attention(self) -> None:
         s, n = self.spec, self.n
         c = n.compute_bytes
-        x = "attn_norm.out"
+        x = self.attn_in
         if s.fused_qkv:
             self.linear("qkv_proj", s.hidden_size, s.q_dim + 2 * s.kv_dim, s.qkv_bias, x, column=True)
         else:
             start = self.last
-            for name, width in (("q_proj", s.q_dim), ("k_proj", s.kv_dim), ("v_proj", s.kv_dim)):
+            q_width = s.q_dim * (2 if s.attention_output_gate else 1)  # Qwen3-Next: query and gate
+            for name, width in (("q_proj", q_width), ("k_proj", s.kv_dim), ("v_proj", s.kv_dim)):
                 self.linear(name, s.hidden_size, width, s.qkv_bias, x, column=True, after=start)
             self.last = ["q_proj", "k_proj", "v_proj"]
-        qk = s.q_dim + s.kv_dim
-        if s.positions == "rotary":
-            # apply_rotary_pos_emb: q*cos + rotate_half(q)*sin; the rotary embedding returns cos/sin in the
-            # hidden states' dtype, so under autocast over fp32 weights the result is fp32
-            rope_out = n.residual_bytes * qk
-            self.add(Op("rotary", "elementwise", io_bytes_per_token=c * qk * 3 + rope_out,
-                        out_bytes_per_token=rope_out, grads=(Saved("rotary.grad", rope_out + 2 * c * qk),)))
-        self.add(attention_op(s, self.workload, n))
+        if s.qk_norm:  # Qwen3 / Gemma 3: RMSNorm per head (one head_dim weight); OLMo 2: over the whole width
+            per_head = s.qk_norm == "head"
+            self.compute_norm("q_norm", "q_proj.out", s.head_dim if per_head else s.q_dim,
+                              rows=s.num_heads if per_head else 1, tp=True)
+            self.compute_norm("k_norm", "k_proj.out", s.head_dim if per_head else s.kv_dim,
+                              rows=s.num_kv_heads if per_head else 1, tp=True)
+        self.rotary(s.q_dim + s.kv_dim)
+        self.add(attention_op(s, self.workload, n, self.attention_shape(
+            AttentionShape(s.q_dim, s.kv_dim, s.kv_dim, s.q_dim, s.num_heads))))
+        self.attention_out(s.q_dim)
+
+    def rotary(self, qk: int) -> None:
+        """apply_rotary_pos_emb: q*cos + rotate_half(q)*sin; the rotary embedding returns cos/sin in the
+        hidden states' dtype, so under autocast over fp32 weights the result is fp32. Layers without
+        positional encoding (SmolLM3 / Llama 4 no_rope_layers) skip it."""
+        s, n = self.spec, self.n
+        if s.positions != "rotary" or not self.kind.rope:
+            return
+        c, rope_out = n.compute_bytes, n.residual_bytes * qk
+        self.add(Op("rotary", "elementwise", io_bytes_per_token=c * qk * 3 + rope_out,
+                    out_bytes_per_token=rope_out, grads=(Saved("rotary.grad", rope_out + 2 * c * qk),)))
+
+    def attention_shape(self, shape: AttentionShape) -> AttentionShape:
+        """The layer's attention: the whole sequence (Mistral's window: as before, by family) or its
+        sliding window / chunk, with the mask transformers then passes to SDPA."""
+        s, w = self.spec, self.workload
+        kind = self.kind.attention
+        if kind == "full_attention":
+            return replace(shape, masked=attention_shape(s, w).masked)
+        span = s.sliding_window if kind == "sliding_attention" else s.attention_chunk_size
+        fraction = (window_keys_fraction if kind == "sliding_attention" else chunk_keys_fraction)(span, w.seq_len)
+        return replace(shape, keys_fraction=fraction, masked=masked_by_window(w, span))
+
+    def attention_out(self, width: int) -> None:
+        s, c = self.spec, self.n.compute_bytes
+        if s.attention_output_gate:  # attn_output * sigmoid(gate): keeps the gate and the output
+            self.add(Op("output_gate", "elementwise", io_bytes_per_token=4 * c * width, out_bytes_per_token=c * width,
+                        saved=(Saved("output_gate.gate", c * width), Saved("attn.out", c * width)),
+                        grads=(Saved("output_gate.grad", 3 * c * width),)))
+        if s.attention_sinks:  # gpt-oss: one learned logit per head, joined to the softmax
+            self.add(Op("sinks", "elementwise", params=s.num_heads, param_dims=((s.num_heads, s.num_heads),)))
         # sdpa_attention_forward returns attn_output.transpose(1, 2).contiguous(); the flash kernels
         # write their output as (batch, seq, heads, dim) already, so the copy is a view that o_proj
         # saves as the attention output itself
-        self.add(Op("attn_transpose", "elementwise", io_bytes_per_token=2 * c * s.q_dim,
-                    out_bytes_per_token=c * s.q_dim))
-        self.linear("o_proj", s.q_dim, s.hidden_size, s.out_bias, "attn.out", column=False)
+        self.add(Op("attn_transpose", "elementwise", io_bytes_per_token=2 * c * width,
+                    out_bytes_per_token=c * width))
+        out_key = "output_gate.out" if s.attention_output_gate else "attn.out"
+        self.linear("o_proj", width, s.hidden_size, s.out_bias, out_key, column=False)
 
     def residual(self, name: str, dropout: bool) -> None:
         r, h = self.n.residual_bytes, self.spec.hidden_size
@@ -169,28 +264,30 @@ class _BlockBuilder:
         self.add(Op(name, "elementwise", tp_split=False, io_bytes_per_token=3 * r * h,
                     out_bytes_per_token=r * h, saved=saved))
 
-    def gated_mlp(self) -> None:
+    def gated_mlp(self, i: int, prefix: str = "") -> None:
+        """SwiGLU gate/up/down of width `i`; `prefix` names a shared expert's copy (shared_)."""
         s, c = self.spec, self.n.compute_bytes
-        h, i = s.hidden_size, s.intermediate_size
+        h, p, x = s.hidden_size, prefix, self.mlp_in
         start = self.last
-        self.linear("gate_proj", h, i, s.mlp_bias, "mlp_norm.out", column=True, after=start)
-        self.linear("up_proj", h, i, s.mlp_bias, "mlp_norm.out", column=True, after=start)
-        self.last = ["gate_proj", "up_proj"]
+        self.linear(f"{p}gate_proj", h, i, s.mlp_bias, x, column=True, after=start)
+        self.linear(f"{p}up_proj", h, i, s.mlp_bias, x, column=True, after=start)
+        self.last = [f"{p}gate_proj", f"{p}up_proj"]
         act = ACTIVATION_SAVED_TENSORS.get(s.activation, 1)
         # act_fn(gate) saves gate's output; act_fn(gate) * up saves both factors; down saves the product
-        saved = (Saved("gate_proj.out", c * i), Saved("act.extra", c * i * (act - 1)),
-                 Saved("act.out", c * i), Saved("up_proj.out", c * i))
+        saved = (Saved(f"{p}gate_proj.out", c * i), Saved(f"{p}act.extra", c * i * (act - 1)),
+                 Saved(f"{p}act.out", c * i), Saved(f"{p}up_proj.out", c * i))
         if self.n.compiled:  # act(gate) is recomputed from gate's output
-            saved = (Saved("gate_proj.out", c * i), Saved("up_proj.out", c * i))
+            saved = (Saved(f"{p}gate_proj.out", c * i), Saved(f"{p}up_proj.out", c * i))
         # backward: the product's gradient and the two it produces (activation and up)
-        self.add(Op("act_mul", "elementwise", io_bytes_per_token=6 * c * i, out_bytes_per_token=c * i,
-                    saved=tuple(x for x in saved if x.bytes_per_token), grads=(Saved("act_mul.grad", 3 * c * i),)))
-        self.linear("down_proj", i, h, s.mlp_bias, "mlp.prod", column=False)
+        self.add(Op(f"{p}act_mul", "elementwise", io_bytes_per_token=6 * c * i, out_bytes_per_token=c * i,
+                    saved=tuple(x for x in saved if x.bytes_per_token), grads=(Saved(f"{p}act_mul.grad", 3 * c * i),)))
+        self.linear(f"{p}down_proj", i, h, s.mlp_bias, f"{p}mlp.prod", column=False)
 
-    def plain_mlp(self) -> None:
-        s, c = self.spec, self.n.compute_bytes
-        h, i = s.hidden_size, s.intermediate_size
-        self.linear("up_proj", h, i, s.mlp_bias, "mlp_norm.out", column=True)
+    def plain_mlp(self, i: int, prefix: str = "") -> None:
+        """fc1 / activation / fc2 of width `i`; `prefix` names a shared expert's copy (shared_)."""
+        s, c, p = self.spec, self.n.compute_bytes, prefix
+        h = s.hidden_size
+        self.linear(f"{p}up_proj", h, i, s.mlp_bias, self.mlp_in, column=True)
         act = ACTIVATION_SAVED_TENSORS.get(s.activation, 1)
         saved_bytes, out_bytes = c * act, c
         if self.n.autocast and s.activation == "gelu_new":
@@ -200,18 +297,21 @@ class _BlockBuilder:
             saved_bytes, out_bytes = 3 * FP32_BYTES + c, FP32_BYTES
         if self.n.compiled:  # the activation's intermediates are recomputed from up's output
             saved_bytes = c
-        self.add(Op("act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
-                    saved=(Saved("up_proj.out", saved_bytes * i),),
-                    grads=(Saved("act.grad", (2 * out_bytes + c) * i),)))
-        self.linear("down_proj", i, h, s.mlp_bias, "mlp.act_out", column=False, input_bytes=out_bytes)
+        self.add(Op(f"{p}act", "elementwise", io_bytes_per_token=2 * c * i * act, out_bytes_per_token=out_bytes * i,
+                    saved=(Saved(f"{p}up_proj.out", saved_bytes * i),),
+                    grads=(Saved(f"{p}act.grad", (2 * out_bytes + c) * i),)))
+        self.linear(f"{p}down_proj", i, h, s.mlp_bias, f"{p}mlp.act_out", column=False, input_bytes=out_bytes)
 
     def moe(self) -> None:
         """transformers' MoE block with the grouped_mm experts (integrations/moe.py,
-        grouped_mm_experts_forward), per token with k routed copies."""
+        grouped_mm_experts_forward), per token with k routed copies; then the shared experts
+        (Qwen2-MoE shared_expert with its sigmoid gate, DeepSeek shared_experts, Llama 4
+        shared_expert), a dense gated MLP every token passes through."""
         s, n = self.spec, self.n
         c = n.compute_bytes
         h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
-        router = linear_op(n, "router", h, e, False, "mlp_norm.out", split="sp", input_bytes=n.residual_bytes)
+        start = self.last
+        router = linear_op(n, "router", h, e, s.router_bias, self.mlp_in, split="sp", input_bytes=n.residual_bytes)
         # softmax(router_logits.float()) keeps its fp32 output; topk its int64 indices; the top values are
         # renormalised in place (a fp32 copy and their sum are kept)
         routing = (Saved("router.probs", FP32_BYTES * e, "sp"), Saved("router.topk", (INDEX_BYTES + FP32_BYTES) * k, "sp"),
@@ -225,11 +325,22 @@ class _BlockBuilder:
                  Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
                  Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
                  Saved("experts.down_out", c * h * k))
-        self.add(Op("experts", "experts", params=e * 3 * h * i, gemm=(h, 3 * i), tokens_factor=k,
-                    flops_per_token=k * 2 * 3 * h * i, io_bytes_per_token=k * 8 * c * i,
+        biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
+        bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
+        m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
+        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
+                    flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
-                    grads=(Saved("experts.grad", k * c * (2 * h + 3 * i)),),
-                    param_dims=((e, e * 2 * h * i), (e, e * h * i))))
+                    grads=(Saved("experts.grad", k * c * (2 * h + m * i)),),
+                    param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
+        if s.shared_expert_intermediate_size:
+            routed = self.last
+            self.last = start
+            shared = self.gated_mlp if s.gated_mlp else self.plain_mlp
+            shared(s.shared_expert_intermediate_size, prefix="shared_")
+            if s.shared_expert_gate:
+                self.linear("shared_expert_gate", h, 1, False, self.mlp_in, column=True, after=start, tp_split=False)
+            self.last = [routed, self.last]
 
 
 def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
@@ -263,7 +374,8 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
 
 
 def count_params(spec: ModelSpec) -> int:
-    """Parameters as transformers instantiates the model (tied embeddings counted once)."""
+    """Parameters as transformers instantiates the model (tied embeddings counted once), summed
+    over the layers of each kind."""
     graph = build_graph(spec, Workload(seq_len=1, global_batch=1), Numerics(2, 2, False))
-    per_layer = sum(op.params for op in graph.block_ops())
-    return spec.num_layers * per_layer + sum(op.params for op in graph.end_ops())
+    layers = sum(len(indices) * sum(op.params for op in ops) for ops, indices in graph.kind_ops())
+    return layers + sum(op.params for op in graph.end_ops())

@@ -6,19 +6,23 @@ One mechanism serves both: a catalog entry is a config.json plus a name and a so
 
 from __future__ import annotations
 
+import difflib
 import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
+from planner.families import FAMILY_READERS, NOT_YET, TEXT_PARTS, text_config
+from planner.hfconfig import Config, llama_like
 from planner.specs import ModelSpec
 from planner.validity import check_model
 
 PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
-# Model types whose config.json we read, and the transformers class that instantiates them.
-SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "gpt_neox", "mpt")
+# Model types whose config.json we read (planner/families.py holds today's families' readers).
+SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "gpt_neox", "mpt",
+                   *FAMILY_READERS, *TEXT_PARTS)
 
 
 @cache
@@ -64,83 +68,41 @@ def spec_from_file(path: Path) -> ModelSpec:
 
 
 def spec_from_hf_config(config: dict[str, Any], name: str, source: str = "") -> ModelSpec:
+    """The ModelSpec of a config.json; a multimodal config (gemma3, llama4) gives its language model."""
     model_type = config.get("model_type")
+    if model_type in TEXT_PARTS:
+        config = text_config(config, TEXT_PARTS[model_type])
+        model_type = config["model_type"]
+    where = source or name
+    if model_type in NOT_YET:
+        raise InvalidRequest(f"model_type {model_type!r} in {where} is not supported yet: the planner does not "
+                             f"model {NOT_YET[model_type]}; supported: {', '.join(SUPPORTED_TYPES)}")
     if model_type not in _READERS:
-        raise InvalidRequest(f"unsupported model_type {model_type!r} in {source or name}; "
+        close = difflib.get_close_matches(str(model_type), SUPPORTED_TYPES, n=3, cutoff=0.5)
+        nearest = f" (nearest: {', '.join(close)})" if close else ""
+        raise InvalidRequest(f"unsupported model_type {model_type!r} in {where}{nearest}; "
                              f"supported: {', '.join(SUPPORTED_TYPES)}")
-    fields = _READERS[model_type](_Config(config, source or name))
+    fields = _READERS[model_type](Config(config, where))
     spec = ModelSpec(name=name, family=model_type, source=source, hf_config=dict(config), **fields)
     _check_shape(spec)
     check_model(spec)  # planner/validity.py: bounds, names, what transformers can build
     return spec
 
 
-class _Config:
-    """Typed access to a config.json with one-line errors naming the key to fix."""
-
-    def __init__(self, data: dict[str, Any], where: str) -> None:
-        self.data, self.where = data, where
-
-    def int(self, *keys: str, default: int | None = None) -> int:
-        for key in keys:
-            if self.data.get(key) is not None:
-                value = self.data[key]
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise InvalidRequest(f"{self.where}: {key} must be a positive integer, got {value!r}")
-                return value
-        if default is None:
-            raise InvalidRequest(f"{self.where}: missing {' or '.join(keys)} in config.json")
-        return default
-
-    def float(self, key: str, default: float) -> float:
-        value = self.data.get(key, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise InvalidRequest(f"{self.where}: {key} must be a finite non-negative number, got {value!r}")
-        return float(value)
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise InvalidRequest(f"{self.where}: {key} must be true or false, got {value!r}")
-        return value
-
-
-def _llama_like(c: _Config) -> dict[str, Any]:
-    """LlamaConfig / MistralConfig / Qwen2Config / MixtralConfig fields (transformers defaults)."""
-    hidden = c.int("hidden_size")
-    heads = c.int("num_attention_heads")
-    attention_bias = c.bool("attention_bias", False)  # Llama: on q, k, v and o together
-    fields: dict[str, Any] = dict(
-        hidden_size=hidden, num_layers=c.int("num_hidden_layers"), num_heads=heads,
-        num_kv_heads=c.int("num_key_value_heads", default=heads),
-        head_dim=c.int("head_dim", default=max(hidden // heads, 1)),
-        intermediate_size=c.int("intermediate_size"), vocab_size=c.int("vocab_size"),
-        max_position_embeddings=c.int("max_position_embeddings", default=4096),
-        tie_word_embeddings=c.bool("tie_word_embeddings", False), activation=str(c.data.get("hidden_act", "silu")),
-        qkv_bias=attention_bias, out_bias=attention_bias, mlp_bias=c.bool("mlp_bias", False),
-        dropout=c.float("attention_dropout", 0.0),
-    )
-    return fields
-
-
-def _qwen2(c: _Config) -> dict[str, Any]:
-    fields = _llama_like(c)
+def _qwen2(c: Config) -> dict[str, Any]:
+    fields = llama_like(c)
     fields.update(qkv_bias=True, out_bias=False, mlp_bias=False)  # Qwen2Attention: bias on q, k, v only
     return fields
 
 
-def _mixtral(c: _Config) -> dict[str, Any]:
-    fields = _llama_like(c)
+def _mixtral(c: Config) -> dict[str, Any]:
+    fields = llama_like(c)
     fields.update(num_experts=c.int("num_local_experts", default=8),
                   experts_per_token=c.int("num_experts_per_tok", default=2))
     return fields
 
 
-def _baichuan(c: _Config) -> dict[str, Any]:
+def _baichuan(c: Config) -> dict[str, Any]:
     """Baichuan / Baichuan2 (remote code): W_pack (fused qkv, no bias), RMSNorm, SwiGLU.
     The 13B models use ALiBi, the 7B models RoPE (Baichuan 2 report, arXiv 2309.10305, §2.3)."""
     hidden = c.int("hidden_size")
@@ -154,7 +116,7 @@ def _baichuan(c: _Config) -> dict[str, Any]:
     )
 
 
-def _gpt2(c: _Config) -> dict[str, Any]:
+def _gpt2(c: Config) -> dict[str, Any]:
     """GPT2Config: c_attn (fused qkv) and c_proj with biases, LayerNorm with bias, learned positions."""
     hidden = c.int("n_embd", "hidden_size")
     heads = c.int("n_head", "num_attention_heads")
@@ -169,7 +131,7 @@ def _gpt2(c: _Config) -> dict[str, Any]:
     )
 
 
-def _gpt_neox(c: _Config) -> dict[str, Any]:
+def _gpt_neox(c: Config) -> dict[str, Any]:
     hidden = c.int("hidden_size")
     heads = c.int("num_attention_heads")
     bias = c.bool("attention_bias", True)
@@ -184,7 +146,7 @@ def _gpt_neox(c: _Config) -> dict[str, Any]:
     )
 
 
-def _mpt(c: _Config) -> dict[str, Any]:
+def _mpt(c: Config) -> dict[str, Any]:
     """MptConfig: d_model, expansion_ratio; no_bias drops every bias incl. LayerNorm's."""
     hidden = c.int("d_model")
     heads = c.int("n_heads")
@@ -201,8 +163,8 @@ def _mpt(c: _Config) -> dict[str, Any]:
     )
 
 
-_READERS = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _qwen2, "mixtral": _mixtral,
-            "baichuan": _baichuan, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "mpt": _mpt}
+_READERS = {"llama": llama_like, "mistral": llama_like, "qwen2": _qwen2, "mixtral": _mixtral,
+            "baichuan": _baichuan, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "mpt": _mpt, **FAMILY_READERS}
 
 
 def _check_shape(spec: ModelSpec) -> None:
@@ -213,6 +175,23 @@ def _check_shape(spec: ModelSpec) -> None:
     if spec.experts_per_token > spec.num_experts:
         raise InvalidRequest(f"{where}: num_experts_per_tok ({spec.experts_per_token}) exceeds "
                              f"num_local_experts ({spec.num_experts})")
+    _check_layers(spec, where)
+
+
+def _check_layers(spec: ModelSpec, where: str) -> None:
+    """Per-layer keys that contradict the others: one line naming both."""
+    types = set(spec.layer_types)
+    if "sliding_attention" in types and spec.sliding_window <= 0:
+        raise InvalidRequest(f"{where}: layer_types has sliding_attention layers but sliding_window is not set; "
+                             "give sliding_window or make them full_attention")
+    if "chunked_attention" in types and spec.attention_chunk_size <= 0:
+        raise InvalidRequest(f"{where}: layer_types has chunked_attention layers but attention_chunk_size is not set")
+    if "linear_attention" in types and not (spec.linear_value_heads and spec.linear_key_heads):
+        raise InvalidRequest(f"{where}: layer_types has linear_attention layers but model_type {spec.family} has no "
+                             "linear-attention heads; use full_attention or a model_type with linear attention")
+    if "sparse" in spec.mlp_layer_types and not spec.is_moe:
+        raise InvalidRequest(f"{where}: some layers are mixture-of-experts but the number of experts is "
+                             f"{spec.num_experts}; give at least 2 experts or no MoE layers")
 
 
 def check_spec_matches_config(spec: Any) -> None:

@@ -69,17 +69,19 @@ class Op:
     param_dims: tuple[tuple[int, int], ...] = ()
 
 
-def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
+def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1) -> Op:
     """LlamaRMSNorm upcasts to fp32: saves the fp32 input (pow, mul), rsqrt (1 float per token) and,
     for the weight's gradient, the normalised tensor cast back to the input dtype. F.layer_norm saves
-    its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd."""
-    h, r = spec.hidden_size, n.residual_bytes
-    params = h * (2 if spec.norm_bias else 1)
+    its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd.
+    `width`: the normalised size when not the hidden size (q/k norms, MLA's low-rank norms), with
+    `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim)."""
+    h, r = (width or spec.hidden_size) * rows, n.residual_bytes
+    params = (h // rows) * (2 if spec.norm_bias else 1)
     if spec.norm == "rmsnorm" and n.compiled:  # the fp32 copy and the normalised tensor are recomputed
-        saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES, "sp"))
+        saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"))
     elif spec.norm == "rmsnorm":
         fp32_in = Saved(input_key, FP32_BYTES * h, "sp") if r == FP32_BYTES else Saved(f"{name}.fp32", FP32_BYTES * h, "sp")
-        saved = (fp32_in, Saved(f"{name}.rstd", FP32_BYTES, "sp"),
+        saved = (fp32_in, Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"),
                  Saved(f"{name}.normed", r * h, "sp", for_weight_grad=True))
     else:
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.stats", 2 * FP32_BYTES, "sp"))
@@ -87,7 +89,7 @@ def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str) -> Op:
     # backward: the output's gradient, the input's, and fp32 temporaries of the normalisation's chain rule
     grads = (Saved(f"{name}.grad", out + r * h + 2 * FP32_BYTES * h, "sp"),)
     return Op(name, "norm", params=params, tp_split=False, io_bytes_per_token=2 * r * h + out,
-              out_bytes_per_token=out, saved=saved, grads=grads, param_dims=((h, params),))
+              out_bytes_per_token=out, saved=saved, grads=grads, param_dims=((h // rows, params),))
 
 
 def linear_op(n: Numerics, name: str, in_features: int, out_features: int, bias: bool, input_key: str,
@@ -150,7 +152,13 @@ def masked_attention(spec: ModelSpec, workload: Workload) -> bool:
     """transformers lets SDPA run causally without a mask unless a sliding window is no longer than
     the sequence (masking_utils._ignore_causal_mask_sdpa); then it passes an explicit mask."""
     window = sliding_window(spec)
-    return workload.attention == "sdpa" and window is not None and workload.seq_len >= window
+    return window is not None and masked_by_window(workload, window)
+
+
+def masked_by_window(workload: Workload, window: int) -> bool:
+    """SDPA gets an explicit mask once a sliding window or chunk is no longer than the sequence
+    (masking_utils: sliding_window / chunked causal masks are not skippable then)."""
+    return workload.attention == "sdpa" and window > 0 and workload.seq_len >= window
 
 
 def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, float]:
@@ -176,21 +184,63 @@ def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, 
     return saved, traffic
 
 
-def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
+@dataclass(frozen=True)
+class AttentionShape:
+    """Widths per token of what attention reads and writes (q, k, v, its output), the fraction of the
+    sequence each query's keys span (a sliding window or chunk shorter than the sequence), whether
+    transformers passes SDPA a mask, and the key v is saved under."""
+
+    q: int
+    k: int
+    v: int
+    out: int
+    heads: int
+    keys_fraction: float = 1.0
+    masked: bool = False
+    v_key: str = "v_proj.out"
+
+
+def attention_shape(spec: ModelSpec, workload: Workload) -> AttentionShape:
+    """Standard multi-/grouped-query attention over the whole causal sequence."""
+    return AttentionShape(spec.q_dim, spec.kv_dim, spec.kv_dim, spec.q_dim, spec.num_heads,
+                          masked=masked_attention(spec, workload))
+
+
+def window_keys_fraction(window: int, seq_len: int) -> float:
+    """The share of the full (non-causal, PaLM-style) count of s keys per query that a sliding
+    window of W keys costs, such that the flash kernels' causal fraction (s/2 keys on average)
+    still applies: a causal query at position i sees min(i, W) keys, W - W²/(2s) on average over
+    the sequence, which is (2W - W²/s)/s of s/2."""
+    if window <= 0 or window >= seq_len:
+        return 1.0
+    return (2 * window - window * window / seq_len) / seq_len
+
+
+def chunk_keys_fraction(chunk: int, seq_len: int) -> float:
+    """Chunked attention (Llama 4): a query sees the keys of its own chunk up to itself, C/2 on
+    average, i.e. C/s of the full causal count."""
+    if chunk <= 0 or chunk >= seq_len:
+        return 1.0
+    return chunk / seq_len
+
+
+def attention_op(spec: ModelSpec, workload: Workload, n: Numerics, shape: AttentionShape | None = None) -> Op:
     """SDPA (flash / memory-efficient kernels): keeps q, k, v, the output and the fp32 log-sum-exp
     (one per head per token). GQA runs natively (enable_gqa), so k and v stay kv-sized, unless a
     mask is passed: then transformers repeats k and v for every head (repeat_kv,
     sdpa_attention.use_gqa_in_sdpa) and SDPA keeps the copies. Materialised scores (eager,
-    fused-softmax) keep q, k, v and the scores' softmax (`score_bytes`) and move them through HBM."""
-    c, a = n.compute_bytes, spec.num_heads
-    q, kv = spec.q_dim, spec.kv_dim
-    k_and_v = [Saved("attn.k", c * kv), Saved("v_proj.out", c * kv)]
-    if masked_attention(spec, workload):
+    fused-softmax) keep q, k, v and the scores' softmax (`score_bytes`) and move them through HBM.
+    A sliding window or chunk costs the FLOPs of the keys it spans (`keys_fraction`)."""
+    shape = shape or attention_shape(spec, workload)
+    c, a = n.compute_bytes, shape.heads
+    q, k, v, out = shape.q, shape.k, shape.v, shape.out
+    k_and_v = [Saved("attn.k", c * k), Saved(shape.v_key, c * v)]
+    if shape.masked:
         # SDPA turns the boolean mask into an additive one in the compute dtype and keeps it, per layer
         # (torch/nn/attention/_utils: convert_boolean_attn_mask), one (batch, 1, s, s) per layer
-        k_and_v = [Saved("attn.k", c * q), Saved("attn.v", c * q), Saved("attn.mask", c * workload.seq_len, "none")]
+        k_and_v = [Saved("attn.k", c * q), Saved("attn.v", c * out), Saved("attn.mask", c * workload.seq_len, "none")]
     saved = [Saved("attn.q", c * q), *k_and_v,
-             Saved("attn.out", c * q), Saved("attn.lse", FP32_BYTES * a, selective=True)]
+             Saved("attn.out", c * out), Saved("attn.lse", FP32_BYTES * a, selective=True)]
     score_traffic = 0.0
     if workload.attention != "sdpa":
         per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0)
@@ -198,6 +248,7 @@ def attention_op(spec: ModelSpec, workload: Workload, n: Numerics) -> Op:
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)
     # backward: the output's gradient and those of q, k and v
-    grads = (Saved("attention.grad", c * (2 * q + 2 * kv)),)
-    return Op("attention", "attention", flops_per_token_seq=4 * q, io_bytes_per_token=c * (2 * q + 2 * kv),
-              io_bytes_per_token_seq=score_traffic * a, out_bytes_per_token=c * q, saved=tuple(saved), grads=grads)
+    grads = (Saved("attention.grad", c * (q + out + k + v)),)
+    return Op("attention", "attention", flops_per_token_seq=2 * (q + out) * shape.keys_fraction,
+              io_bytes_per_token=c * (q + out + k + v), io_bytes_per_token_seq=score_traffic * a,
+              out_bytes_per_token=c * out, saved=tuple(saved), grads=grads)

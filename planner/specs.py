@@ -23,6 +23,21 @@ OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
+# a hybrid's block may hold a Mamba-2 mixer, or no mixer / no MLP at all (Nemotron-H)
+MIXER_TYPES = (*ATTENTION_TYPES, "mamba", "none")
+MLP_TYPES = ("dense", "sparse", "none")
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What sets one decoder layer apart from another of the same model."""
+
+    attention: str = "full_attention"  # one of ATTENTION_TYPES (linear_attention: a Gated DeltaNet mixer)
+    rope: bool = True  # rotary embedding applied to q and k
+    mlp: str = "dense"  # dense (gated or plain MLP) | sparse (routed experts)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A decoder-only transformer's shape, as transformers would instantiate it."""
@@ -51,6 +66,44 @@ class ModelSpec:
     dropout: float = 0.0  # residual/attention dropout active in training (GPT-2 style)
     fused_qkv: bool = False  # one qkv projection (gpt2 c_attn, gpt_neox, baichuan W_pack)
     final_norm: bool = True
+    # -- per-layer variants (STYLE.md lesson 10): lists as transformers' configs spell them ------
+    # attention of each layer: full_attention | sliding_attention | chunked_attention; () = all full
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int = 0  # keys a sliding_attention layer sees
+    attention_chunk_size: int = 0  # tokens of a chunked_attention layer's chunk (Llama 4)
+    no_rope_layers: tuple[int, ...] = ()  # indices of layers without rotary embedding (SmolLM3, Llama 4)
+    mlp_layer_types: tuple[str, ...] = ()  # dense | sparse per layer; () = all sparse for MoE, else dense
+    dense_intermediate_size: int = 0  # the dense layers of a MoE model (0: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # shared experts' total width (Qwen2-MoE, DeepSeek, Llama 4)
+    shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE shared_expert_gate)
+    router_bias: bool = False  # the router linear has a bias (gpt-oss)
+    expert_bias: bool = False  # experts' gate_up / down projections have biases (gpt-oss)
+    qk_norm: str = ""  # "" | "head": RMSNorm over head_dim (Qwen3, Gemma 3) | "full": over q/kv width (OLMo 2)
+    attention_sinks: bool = False  # one learned sink logit per head (gpt-oss)
+    layer_norms: str = "pre"  # pre | sandwich (Gemma 2/3: pre and post norms) | post (OLMo 2: post only)
+    # DeepSeek multi-head latent attention (q_lora_rank 0: q_proj without low rank; kv_lora_rank 0: no MLA)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Gated DeltaNet linear-attention layers (Qwen3-Next, Qwen3.5: layer_types linear_attention)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+    # Mamba-2 mixers (Nemotron-H: attention kind "mamba"); linear_conv_kernel is their conv kernel too
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_state_size: int = 0
+    mamba_groups: int = 0
+    mamba_chunk_size: int = 0
+    mamba_conv_bias: bool = True
+    attention_output_gate: bool = False  # q_proj also makes a sigmoid gate on attention's output (Qwen3-Next)
+    embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma): no parameter
+    attn_logit_softcapping: float = 0.0  # tanh soft-cap of attention logits (Gemma 2)
+    final_logit_softcapping: float = 0.0  # tanh soft-cap of the LM head's logits (Gemma 2)
     source: str = ""
     # the config.json it was read from (what the executor instantiates); not part of equality
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -67,12 +120,33 @@ class ModelSpec:
     def is_moe(self) -> bool:
         return self.num_experts > 1
 
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def layer_kinds(self) -> list[tuple[LayerKind, tuple[int, ...]]]:
+        """The distinct kinds of layer in the stack, in order of first appearance, with the
+        indices of the layers of each kind (a uniform model has one kind holding every layer)."""
+        kinds: dict[LayerKind, list[int]] = {}
+        for index in range(self.num_layers):
+            kinds.setdefault(self.layer_kind(index), []).append(index)
+        return [(kind, tuple(indices)) for kind, indices in kinds.items()]
+
+    def layer_kind(self, index: int) -> LayerKind:
+        attention = self.layer_types[index] if self.layer_types else "full_attention"
+        mlp = self.mlp_layer_types[index] if self.mlp_layer_types else ("sparse" if self.is_moe else "dense")
+        return LayerKind(attention=attention, rope=index not in self.no_rope_layers, mlp=mlp)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**_strict_fields(cls, data, "model spec"))
+        values = _strict_fields(cls, data, "model spec")
+        for key in ("layer_types", "no_rope_layers", "mlp_layer_types"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

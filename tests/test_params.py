@@ -3,6 +3,7 @@
 import pytest
 
 from planner.graph import count_params
+from planner.families import TEXT_PARTS, text_config
 from planner.models import catalog, load_model
 
 torch = pytest.importorskip("torch")
@@ -11,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 def transformers_count(config: dict) -> int:
     config = dict(config)
+    if config["model_type"] in TEXT_PARTS:  # the language model of a multimodal config
+        config = text_config(config, TEXT_PARTS[config["model_type"]])
     model_type = config.pop("model_type")
     if model_type == "baichuan":
         # Baichuan is remote code; its W_pack holds q, k, v with Llama's shapes and no bias, and its
@@ -37,6 +40,77 @@ def test_known_counts():
     # the two numbers the issue names (TORCH-NOTES.md, meta-device instantiation)
     assert count_params(load_model("llama3-70b")) == 70_553_706_496
     assert count_params(load_model("llama3-8b")) == 8_030_261_248
+
+
+@pytest.mark.parametrize("name, count", [
+    ("deepseek-v3", 671_026_404_352), ("qwen3-30b-a3b", 30_532_122_624), ("gemma-3-27b", 27_009_346_304),
+    ("phi-4", 14_659_507_200), ("gpt-oss-20b", 20_914_757_184), ("llama-4-scout", 107_769_861_120),
+    ("qwen3-8b", 8_190_735_360)])
+def test_todays_models_counts(name, count):
+    # the counts issue 15 names (transformers' meta-device counts; DeepSeek-V3 without its MTP module)
+    assert count_params(load_model(name)) == count
+
+
+_SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# one hand-written config.json per family, each exercising its per-layer keys and left-out defaults
+HAND_WRITTEN = {
+    "qwen3": {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 3, "attention_bias": True},
+    "qwen3_moe": {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "mlp_only_layers": [1],
+                  "decoder_sparse_step": 2, "head_dim": 24},
+    "qwen2_moe": {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                  "shared_expert_intermediate_size": 40, "mlp_only_layers": [0]},
+    "gemma2": {"head_dim": 16, "tie_word_embeddings": False},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 16,
+                    "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention",
+                                    "sliding_attention"]},
+    "gemma3": {"text_config": {"head_dim": 16}},
+    "phi3": {"sliding_window": 32},
+    "olmo2": {"attention_bias": True},
+    "olmo3": {"sliding_window": 16},
+    "smollm3": {"no_rope_layers": [1, 0, 1, 1, 0], "use_sliding_window": True, "sliding_window": 16},
+    "llama4_text": {"intermediate_size_mlp": 80, "num_local_experts": 4, "interleave_moe_layer_step": 2,
+                    "head_dim": 16, "attention_chunk_size": 32},
+    "llama4": {"text_config": {"num_local_experts": 3, "head_dim": 16, "moe_layers": [0, 4]}},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 8},
+    "deepseek_v3": {"moe_intermediate_size": 24, "n_routed_experts": 6, "num_experts_per_tok": 2,
+                    "n_shared_experts": 2, "first_k_dense_replace": 2, "q_lora_rank": 24, "kv_lora_rank": 16,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 12, "n_group": 1, "topk_group": 1},
+    "deepseek_v2": {"moe_intermediate_size": 24, "n_routed_experts": 6, "num_experts_per_tok": 2,
+                    "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+                    "v_head_dim": 16, "first_k_dense_replace": 1, "attention_bias": True},
+    "glm4_moe": {"moe_intermediate_size": 24, "n_routed_experts": 6, "num_experts_per_tok": 2, "head_dim": 24,
+                 "use_qk_norm": True, "attention_bias": True, "first_k_dense_replace": 2},
+    "minimax_m2": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "qwen3_next": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8,
+                   "linear_value_head_dim": 12, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                   "shared_expert_intermediate_size": 32, "mlp_only_layers": [1]},
+    "nemotron_h": {"head_dim": 16, "mamba_num_heads": 8, "mamba_head_dim": 12, "ssm_state_size": 16, "n_groups": 2,
+                   "hybrid_override_pattern": "M-M*-E", "n_routed_experts": 4, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 24, "moe_shared_expert_intermediate_size": 32},
+    "qwen3_5_text": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 4, "linear_key_head_dim": 8,
+                     "linear_value_head_dim": 8, "linear_conv_kernel_dim": 3},
+    "qwen3_5_moe": {"text_config": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                                    "linear_key_head_dim": 8, "linear_value_head_dim": 12, "num_experts": 4,
+                                    "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                    "shared_expert_intermediate_size": 32}},
+}
+
+
+def hand_written(model_type: str) -> dict:
+    extra = HAND_WRITTEN[model_type]
+    if "text_config" in extra:  # a multimodal config: the shape lives in its text part
+        return {"model_type": model_type, "text_config": {**_SMALL, **extra["text_config"]}}
+    return {"model_type": model_type, **_SMALL, **extra}
+
+
+@pytest.mark.parametrize("model_type", sorted(HAND_WRITTEN))
+def test_hand_written_config_counts_match_transformers(model_type, tmp_path):
+    import json
+    config = hand_written(model_type)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert count_params(load_model(str(path))) == transformers_count(config)
 
 
 def test_config_json_path(tmp_path):

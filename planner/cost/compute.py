@@ -69,7 +69,8 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
         if matmul.float8:
-            forward_bytes, backward_bytes = float8_cast_bytes(matmul, gemm_tokens, shard, w.compile)
+            cast_bytes = float8_cast_bytes(matmul, gemm_tokens, shard, w.compile)
+            forward_bytes, backward_bytes = (matmul.share * b for b in cast_bytes)  # a mixed stack's share
             cast_fwd += forward_bytes
             cast_bwd += backward_bytes
             selective_mm += forward_bytes * matmul.recomputed_selective / ctx.memory_bytes_per_s

@@ -5,13 +5,13 @@ per-stage layout of a pipeline (which stage holds which layers, how many micro-b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 
 from planner.cost.candidates import Candidates
-from planner.cost.summary import ParamGroups, PartSummary, summarize, summarize_ops
+from planner.cost.summary import KindSummaries, ParamGroups, PartSummary, mean_layer, summarize_ops, summarize_parts
 from planner.graph import build_graph, numerics_for
 from planner.hardware import chip_of
 from planner.ops import Numerics
@@ -34,9 +34,24 @@ class Regime:
     layer: PartSummary
     embedding: PartSummary
     head: PartSummary
+    kinds: KindSummaries = ()  # a stack of several kinds of layer: each kind's summary and layers
     # the routed experts' share of one layer's parameters (zero for a dense model): what expert
     # parallelism divides over its ranks
     experts: ParamGroups = ParamGroups()
+
+
+def _experts(graph, workload: Workload) -> ParamGroups:
+    """The routed experts' parameters of one layer, averaged over the stack's kinds as the layer
+    itself is (planner/cost/summary.py mean_layer): what expert parallelism divides over its ranks."""
+    quantized = workload.method == "qlora"
+    parts = [(summarize_ops([op for op in ops if op.kind == "experts"], quantized, None).params,
+              len(indices) / graph.spec.num_layers) for ops, indices in graph.kind_ops()]
+    if len(parts) == 1:
+        return parts[0][0]
+    total = ParamGroups()
+    for params, share in parts:
+        total = total + replace(params, dims=()).scale(share)
+    return total
 
 
 class Context:
@@ -49,9 +64,9 @@ class Context:
         for params_sharded in (False, True):
             numerics = numerics_for(workload, params_sharded)
             graph = build_graph(spec, workload, numerics)
-            experts = [op for op in graph.block_ops() if op.kind == "experts"]
-            expert_params = summarize_ops(experts, workload.method == "qlora", None).params
-            self.regimes[params_sharded] = Regime(numerics, *summarize(graph), experts=expert_params)
+            layer, embedding, head, kinds = summarize_parts(graph)
+            self.regimes[params_sharded] = Regime(numerics, layer, embedding, head, experts=_experts(graph, workload),
+                                                  kinds=kinds)
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]
@@ -118,6 +133,10 @@ class StageLayout:
     exists: dict[str, np.ndarray]  # role -> bool (a middle stage needs pp >= 3)
     has_embedding: dict[str, np.ndarray]
     has_head: dict[str, np.ndarray]
+    stage_index: dict[str, np.ndarray] = field(default_factory=dict)  # role -> pipeline rank it stands for
+    pp: np.ndarray | None = None
+    vpp: np.ndarray | None = None
+    role_layers: dict = field(default_factory=dict)  # (regime, role) -> that stage's mean layer (stages.py)
 
 
 ROLES = ("first", "middle", "last")
@@ -142,4 +161,4 @@ def stage_layout(num_layers: int, c: Candidates) -> StageLayout:
     has_embedding = {"first": np.ones(len(p), bool), "middle": np.zeros(len(p), bool), "last": p == 1}
     has_head = {"first": p == 1, "middle": np.zeros(len(p), bool), "last": np.ones(len(p), bool)}
     # with one stage, "first" is the whole model and also carries the head
-    return StageLayout(layers, in_flight, chunks, exists, has_embedding, has_head)
+    return StageLayout(layers, in_flight, chunks, exists, has_embedding, has_head, index, p, v)

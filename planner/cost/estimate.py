@@ -24,6 +24,7 @@ from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layo
 from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
 from planner.cost.schedule import pipeline_seconds
+from planner.cost.stages import role_layers
 
 FP32 = 4
 DDP_BUCKET_BYTES = 25 * 2**20
@@ -135,6 +136,9 @@ def _evaluate_regime(ctx: Context, regime: Regime, c: Candidates):
 
 def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) -> dict[str, np.ndarray]:
     layer = part_times(ctx, regime.layer, c)
+    # a stack of several kinds of layer: each stage role runs its own mix (planner/cost/stages.py)
+    by_role = {role: layer if part is regime.layer else part_times(ctx, part, c)
+               for role, part in role_layers(regime, layout, ctx.spec.num_layers).items()}
     emb = part_times(ctx, regime.embedding, c)
     head = part_times(ctx, regime.head, c, loss_vocab=ctx.spec.vocab_size)
     tp_layer = _tp_seconds(ctx, regime, c)
@@ -148,9 +152,10 @@ def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) 
     def stage(role: str) -> dict[str, np.ndarray]:
         n = layout.layers[role]
         e, h = layout.has_embedding[role], layout.has_head[role]
-        work = {"compute": n * (layer.forward + layer.backward) + e * (emb.forward + emb.backward)
+        mine = by_role[role]
+        work = {"compute": n * (mine.forward + mine.backward) + e * (emb.forward + emb.backward)
                 + h * (head.forward + head.backward) + n * cp_work,
-                "recompute": n * (layer.recompute + full * ring["forward_work"]),
+                "recompute": n * (mine.recompute + full * ring["forward_work"]),
                 "tp_comm": (n + e + h) * tp_layer * _tp_recompute_factor(c),
                 "cp_comm": n * cp_layer, "ep_comm": n * ep_layer}
         work["total"] = work["compute"] + work["recompute"] + work["tp_comm"] + work["cp_comm"] + work["ep_comm"]

@@ -35,6 +35,7 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
+from planner.cost.stages import role_layer
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -78,7 +79,8 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     """Unsharded-by-ZeRO parameter counts on one TP rank of this stage, by storage class, and the
     FSDP2 padding of its tensors over the data-parallel ranks."""
     t = c.tp
-    layer, emb, head = regime.layer.params, regime.embedding.params, regime.head.params
+    layer = role_layer(regime, layout, role, ctx.spec.num_layers).params  # the stage's mix of layer kinds
+    emb, head = regime.embedding.params, regime.head.params
     n = layout.layers[role]
     first, last = layout.has_embedding[role], layout.has_head[role]
     full = ctx.workload.method == "full"
@@ -226,7 +228,8 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     def per_micro_batch(b) -> np.ndarray:
         return b.evaluate(tokens, s, t, sp_div)
 
-    saved = {name: per_micro_batch(regime.layer.saved[name]) for name in ("none", "selective", "full")}
+    layer = role_layer(regime, layout, role, spec.num_layers)  # the stage's mix of layer kinds
+    saved = {name: per_micro_batch(layer.saved[name]) for name in ("none", "selective", "full")}
     kept = np.select([c.recompute == 0, c.recompute == 1], [saved["none"], saved["selective"]], saved["full"])
     layers, has_emb, has_head = layout.layers[role], layout.has_embedding[role], layout.has_head[role]
     vocab, hidden = spec.vocab_size, spec.hidden_size
@@ -243,8 +246,8 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     tied = spec.tie_word_embeddings * has_head * has_emb * store["master_bytes"] * head_weights
     casts = num.autocast & (c.zero <= 1)
     gone = regime.experts.trainable_tp * (1 - 1 / c.ep)  # the experts other ep ranks hold
-    trained_matmuls = (regime.layer.params.trainable_tp - gone) / t
-    steps = _backward_steps(regime, t, gone, per_micro_batch)
+    trained_matmuls = (layer.params.trainable_tp - gone) / t
+    steps = _backward_steps(layer, t, gone, per_micro_batch)
     if w.optimizer_in_backward:
         gb = 0.0 * gb
     grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
@@ -279,11 +282,11 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         checkpointed=c.recompute != 0)
 
 
-def _backward_steps(regime: Regime, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _backward_steps(layer, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(alive, weights made here, made before) of each backward step of a layer on this rank: the
     routed experts' weight gradients are of the rank's 1/ep of them (`gone`: the others' share)."""
     steps, experts_done = [], False
-    for step in regime.layer.backward:  # in backward order: the ops before the experts see them done
+    for step in layer.backward:  # in backward order: the ops before the experts see them done
         own = step.name == "experts"
         steps.append((per_micro_batch(step.alive), (step.weight_params_tp - (gone if own else 0.0)) / t
                       + step.weight_params_rep,

@@ -7,7 +7,8 @@ check that evaluating a summary equals walking the graph op by op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from planner.graph import ModelGraph
 from planner.ops import Op, Saved
@@ -52,6 +53,7 @@ class Matmul:
     recomputed_selective: bool  # re-run in backward under selective recomputation
     row_parallel: bool = False  # TP splits its input features, not its output's
     float8: bool = False
+    share: float = 1.0  # of a mixed stack's layers, the share that have this matmul (flops_per_token includes it)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ class PartSummary:
         return sum(m.flops_per_token for m in self.matmuls)
 
 
+# each kind of layer's summary with the indices of its layers (planner/cost/stages.py)
+KindSummaries = tuple[tuple[PartSummary, tuple[int, ...]], ...]
+
+
 def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> PartSummary:
     """`quantized`: QLoRA stores frozen base linears in NF4. `layer_input`: the tensor a
     checkpointed layer keeps (its input) under full and selective recomputation."""
@@ -145,16 +151,71 @@ def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> 
 
 
 def summarize(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSummary]:
-    """(layer, embedding side, head side) of a model graph."""
+    """(layer, embedding side, head side) of a model graph. The layer of a stack with several kinds
+    of layer is their mean (`mean_layer`)."""
+    return summarize_parts(graph)[:3]
+
+
+def summarize_parts(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSummary, KindSummaries]:
+    """`summarize` and, for a stack of several kinds of layer, each kind's summary with the indices
+    of its layers (empty for a uniform stack)."""
     quantized = graph.workload.method == "qlora"
     r, h = graph.numerics.residual_bytes, graph.spec.hidden_size
     layer_input = Saved("layer_in", r * h, "sp")
-    layer = summarize_ops(graph.block_ops(), quantized, layer_input)
+    kinds = tuple((summarize_ops(ops, quantized, layer_input), indices) for ops, indices in graph.kind_ops())
+    layer = mean_layer([(part, len(indices) / graph.spec.num_layers) for part, indices in kinds])
     ends = graph.end_ops()
     head_names = {"final_norm", "lm_head"}
     embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
     head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
-    return layer, embedding, head
+    return layer, embedding, head, kinds if len(kinds) > 1 else ()
+
+
+def mean_layer(kinds: list[tuple[PartSummary, Any]], dims: tuple[tuple[int, float], ...] | None = None) -> PartSummary:
+    """One layer standing for a stack of several kinds, each with its share of the layers (a number,
+    or an array over candidates for one pipeline stage): every quantity that adds up over layers
+    (parameters, matmul FLOPs, attention FLOPs, memory traffic, saved tensors) is the share-weighted
+    sum, so that L times it is the stack's exact sum; each matmul keeps its own GEMM shape (its
+    efficiency) with its FLOPs times its share; the backward steps are every kind's, so the largest
+    step is the largest of any kind. `dims`: the parameter tensors' shapes to keep (for arrays of
+    shares). A uniform stack's layer is returned as is."""
+    if len(kinds) == 1:
+        return kinds[0][0]
+    params, io, attention = ParamGroups(), Bytes(), 0.0
+    saved = {policy: Bytes() for policy in RECOMPUTE_POLICIES}
+    matmuls: list[Matmul] = []
+    backward: list[BackwardStep] = []
+    for part, share in kinds:
+        params = params + replace(part.params, dims=()).scale(share)
+        io = io + part.io_bytes.scale(share)
+        attention = attention + part.attention_flops_per_token_seq * share
+        for policy in RECOMPUTE_POLICIES:
+            saved[policy] = saved[policy] + part.saved[policy].scale(share)
+        matmuls += [replace(m, flops_per_token=m.flops_per_token * share, share=m.share * share) for m in part.matmuls]
+        backward += part.backward
+    if dims is None:  # tensors with the same dim 0 pad alike: one entry each (ParamGroups.padding)
+        merged: dict[int, float] = {}
+        for part, share in kinds:
+            for d, n in part.params.dims:
+                merged[d] = merged.get(d, 0.0) + n * share
+        dims = tuple(merged.items())
+    return PartSummary(replace(params, dims=dims), tuple(matmuls), attention, io, saved, _undominated(backward))
+
+
+def _undominated(steps: list[BackwardStep]) -> tuple[BackwardStep, ...]:
+    """The steps that can hold the layer's peak: memory at a step grows with every one of its
+    quantities (planner/cost/moments.py, _largest_step), so a step no larger than another in all of
+    them never decides it."""
+    def key(step: BackwardStep) -> tuple[float, ...]:
+        a = step.alive
+        return (a.tp, a.sp, a.none, a.seq, step.weight_params_tp, step.weight_params_rep,
+                step.done_params_tp, step.done_params_rep)
+
+    keys = [key(step) for step in steps]
+    kept = [step for i, step in enumerate(steps)
+            if not any(j != i and all(x <= y for x, y in zip(keys[i], other)) and (keys[i] != other or j < i)
+                       for j, other in enumerate(keys))]
+    return tuple(kept)
 
 
 def selective_kept_matmuls(ops: list[Op]) -> set[str]:

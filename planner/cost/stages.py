@@ -1,0 +1,55 @@
+"""Which layers each pipeline stage holds, for stacks of several kinds of layer (dense-first MoE,
+interleaved MoE, alternating sliding / global attention): a stage's layer is the mean of the kinds
+it holds, weighted by how many of each it holds, so that a stage's sums are exact.
+
+The split follows the executor (executor/pipeline.py, layers_per_stage) and stage_layout: without
+interleaving stage i holds a contiguous run of base + (1 <= i <= rest) layers; with v virtual
+stages per rank, rank i holds the chunks i, i + p, ..., each of L / (p·v) consecutive layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.cost.context import ROLES, Regime, StageLayout
+from planner.cost.summary import PartSummary, mean_layer
+
+
+def role_layer(regime: Regime, layout: StageLayout, role: str, num_layers: int) -> PartSummary:
+    """The mean layer of the stage `role` plays, per candidate; a uniform stack's one layer."""
+    if not regime.kinds:
+        return regime.layer
+    key = (id(regime), role)
+    if key not in layout.role_layers:
+        layout.role_layers[key] = _stage_mean(regime, layout, role, num_layers)
+    return layout.role_layers[key]
+
+
+def _stage_mean(regime: Regime, layout: StageLayout, role: str, num_layers: int) -> PartSummary:
+    counts = [kind_count(indices, num_layers, layout.stage_index[role], layout.pp, layout.vpp)
+              for _, indices in regime.kinds]
+    held = np.maximum(sum(counts), 1)
+    shares = [count / held for count in counts]
+    return mean_layer([(part, share) for (part, _), share in zip(regime.kinds, shares)], dims=regime.layer.params.dims)
+
+
+def role_layers(regime: Regime, layout: StageLayout, num_layers: int) -> dict[str, PartSummary]:
+    return {role: role_layer(regime, layout, role, num_layers) for role in ROLES}
+
+
+def kind_count(indices: tuple[int, ...], num_layers: int, stage: np.ndarray, pp: np.ndarray,
+               vpp: np.ndarray) -> np.ndarray:
+    """How many of the layers `indices` stage `stage` holds, per candidate."""
+    before = np.zeros(num_layers + 1, dtype=np.int64)  # before[j]: layers of this kind among the first j
+    before[np.asarray(indices, dtype=np.int64) + 1] = 1
+    before = np.cumsum(before)
+    base, rest = num_layers // pp, num_layers % pp
+    start = stage * base + np.maximum(0, np.minimum(stage - 1, rest))
+    plain = before[np.minimum(start + base + ((stage >= 1) & (stage <= rest)), num_layers)] - before[start]
+    size = num_layers // np.maximum(pp * vpp, 1)
+    interleaved = np.zeros_like(plain)
+    for chunk in range(int(np.max(vpp, initial=1))):
+        first = np.minimum((chunk * pp + stage) * size, num_layers)
+        last = np.minimum(first + size, num_layers)
+        interleaved = interleaved + np.where(chunk < vpp, before[last] - before[first], 0)
+    return np.where(vpp > 1, interleaved, plain)

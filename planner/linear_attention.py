@@ -1,0 +1,92 @@
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, arXiv 2412.06464), the linear-attention mixer of
+Qwen3-Next and Qwen3.5 (`layer_types` linear_attention), as transformers builds it
+(modeling_qwen3_next.py, Qwen3NextGatedDeltaNet):
+
+  in_proj_qkvz: hidden -> q, k (key heads x key dim each), v, z (value heads x value dim each)
+  in_proj_ba:   hidden -> b, a (one per value head): beta = sigmoid(b), decay g from a, A_log, dt_bias
+  conv1d:       depthwise causal convolution (kernel linear_conv_kernel_dim, no bias) over q, k, v, then silu
+  the gated delta rule, chunked (flash-linear-attention chunk_gated_delta_rule, chunks of 64), with
+  q and k repeated to the value heads; RMSNormGated(value dim) of its output with z; out_proj.
+
+Its FLOPs grow linearly with the sequence: per token and value head, the chunkwise form spends
+about 4·C·(d_k + d_v) on the intra-chunk products (QKᵀ, KKᵀ for the WY/UT transform, their
+products with V) and 6·d_k·d_v on the state (reading it for the output and for the delta, and
+updating it), C = 64 (the paper's §3.3 chunkwise algorithm). The state itself is recomputed in
+backward; the kernel keeps q, k, v, g, beta, the fp32 intra-chunk matrix A (C per token and head)
+and the q/k l2-norm statistics (fla ChunkGatedDeltaRuleFunction.forward's saved tensors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.ops import FP32_BYTES, Op, Saved
+
+# `b` below is planner/graph.py's _BlockBuilder (graph imports this module, so it is not named here)
+BlockBuilder = Any
+
+CHUNK = 64  # flash-linear-attention's chunk size for chunk_gated_delta_rule
+
+
+def gated_deltanet(b: BlockBuilder) -> None:
+    """Adds one Gated DeltaNet mixer to the block builder `b`."""
+    s, c = b.spec, b.n.compute_bytes
+    hv, dk, dv = s.linear_value_heads, s.linear_key_head_dim, s.linear_value_head_dim
+    key_dim, value_dim = s.linear_key_heads * dk, hv * dv
+    conv_dim = 2 * key_dim + value_dim
+    x = b.attn_in
+    start = b.last
+    b.linear("in_proj_qkvz", s.hidden_size, 2 * key_dim + 2 * value_dim, False, x, column=True, after=start)
+    b.linear("in_proj_ba", s.hidden_size, 2 * hv, False, x, column=True, after=start)
+    b.last = ["in_proj_qkvz", "in_proj_ba"]
+    kernel = s.linear_conv_kernel
+    # the depthwise convolution keeps its input; silu keeps the convolution's output; A_log and dt_bias ride along
+    b.add(Op("conv1d", "elementwise", params=conv_dim * kernel + 2 * hv, flops_per_token=2 * kernel * conv_dim,
+             io_bytes_per_token=4 * c * conv_dim, out_bytes_per_token=c * conv_dim,
+             saved=(Saved("in_proj_qkvz.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
+             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             param_dims=((conv_dim, conv_dim * kernel), (hv, hv), (hv, hv))))
+    per_head_flops = 4 * CHUNK * (dk + dv) + 6 * dk * dv
+    saved = (Saved("delta.q", c * hv * dk), Saved("delta.k", c * hv * dk), Saved("delta.v", c * value_dim),
+             Saved("delta.g_beta", (FP32_BYTES + c) * hv), Saved("delta.A", FP32_BYTES * CHUNK * hv),
+             Saved("delta.rstd", 2 * FP32_BYTES * hv))
+    b.add(Op("delta_rule", "matmul", gemm=(CHUNK, hv * (dk + dv)), flops_per_token=hv * per_head_flops,
+             io_bytes_per_token=c * (2 * hv * dk + 2 * value_dim), out_bytes_per_token=c * value_dim, saved=saved,
+             grads=(Saved("delta_rule.grad", c * (2 * hv * dk + 2 * value_dim)),)))
+    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True)
+    # RMSNormGated: normed * silu(z), keeping z and the normalised output
+    b.add(Op("delta_gate", "elementwise", io_bytes_per_token=4 * c * value_dim, out_bytes_per_token=c * value_dim,
+             saved=(Saved("delta_gate.z", c * value_dim),), grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
+    b.linear("out_proj", value_dim, s.hidden_size, False, "delta_gate.out", column=False)
+
+
+def mamba2(b: BlockBuilder) -> None:
+    """A Mamba-2 mixer (Dao & Gu 2024, arXiv 2405.21060) as transformers' NemotronHMamba2Mixer builds
+    it: in_proj (hidden -> z, x, B, C, dt: 2·d_inner + 2·groups·state + heads), a depthwise causal
+    conv1d with bias over x, B, C, then silu; dt_bias, A_log and D per head; the chunked SSD scan
+    (mamba_chunk_scan_combined, chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner; out_proj.
+    Per token and head the chunked scan spends about 2·C·(N + P) on the intra-chunk products and
+    4·N·P on the state (SSD §6), N the state size, P the head dim; it keeps x, B, C, dt, z and its
+    output (mamba_ssm's MambaChunkScanCombinedFn saves its inputs and output)."""
+    s, c = b.spec, b.n.compute_bytes
+    heads, head_dim, state, groups = s.mamba_heads, s.mamba_head_dim, s.mamba_state_size, s.mamba_groups
+    inner = heads * head_dim
+    conv_dim = inner + 2 * groups * state
+    x = b.attn_in
+    b.linear("in_proj", s.hidden_size, 2 * inner + 2 * groups * state + heads, False, x, column=True)
+    kernel = s.linear_conv_kernel
+    bias = 1 if s.mamba_conv_bias else 0
+    b.add(Op("conv1d", "elementwise", params=conv_dim * (kernel + bias) + 3 * heads,
+             flops_per_token=2 * kernel * conv_dim, io_bytes_per_token=4 * c * conv_dim,
+             out_bytes_per_token=c * conv_dim,
+             saved=(Saved("in_proj.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
+             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             param_dims=((conv_dim, conv_dim * (kernel + bias)), (heads, heads), (heads, heads), (heads, heads))))
+    chunk = s.mamba_chunk_size
+    saved = (Saved("ssd.dt", FP32_BYTES * heads), Saved("ssd.z", c * inner), Saved("ssd.out", c * inner))
+    b.add(Op("ssd_scan", "matmul", gemm=(chunk, heads * (state + head_dim)),
+             flops_per_token=heads * (2 * chunk * (state + head_dim) + 4 * state * head_dim),
+             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner, saved=saved,
+             grads=(Saved("ssd_scan.grad", c * (conv_dim + 2 * inner)),)))
+    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True)  # statistics per group, one weight of d_inner
+    b.linear("out_proj", inner, s.hidden_size, False, "mamba_norm.out", column=False)
