@@ -127,7 +127,7 @@ def hf_main(plan_path: Path, data: Path, out: Path, steps: int, lr: float) -> No
 
     document = load_plan(str(plan_path))
     spec, _, _, workload, config = typed_plan(document)
-    cuda = torch.cuda.is_available() and document["hardware"].get("vendor") != "cpu"
+    cuda = torch.cuda.is_available() and document.hardware.vendor != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     tokenizer = ByteTokenizer()
     examples, _ = load_examples(str(data), tokenizer, 0.1)
@@ -172,7 +172,7 @@ def hf_main(plan_path: Path, data: Path, out: Path, steps: int, lr: float) -> No
     measured = recorder.measured()
     measured["loss_last"] = float(result.training_loss)
     measured["loss_first"] = None
-    record = run_record("finished", None, document, measured, environment(device, 1),
+    record = run_record("finished", None, document.to_dict(), measured, environment(device, 1),
                         {"runner": "huggingface-trainer", "note": "origin 'user': the same plan run by the HF Trainer"})
     record["origin"] = "user"
     write_json(out / "summary.json", record)

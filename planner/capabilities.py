@@ -21,6 +21,9 @@ from planner.specs import Hardware, ModelSpec, Workload
 # families whose transformers modules carry Llama's names (model.layers[i].self_attn.q_proj,
 # mlp.gate_proj, ...): the executor's tensor and pipeline parallelism are written against them
 EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
+# transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks):
+# they run with eager attention (or flash/flex kernels the executor does not use)
+SDPA_LESS_FAMILIES = ("mpt", "gpt_oss")
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}
@@ -51,6 +54,8 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          lambda c, s, w: s.family == "baichuan", fix="a llama-family config.json of the same shape"),
     Rule("the executor's tp/pp is written for llama-like models only",
          lambda c, s, w: ((c.tp > 1) | (c.pp > 1)) & (s.family not in EXECUTOR_TP_PP_FAMILIES), fix="--tp 1 --pp 1"),
+    Rule("transformers runs this model type without sdpa attention",
+         lambda c, s, w: (s.family in SDPA_LESS_FAMILIES) & (w.attention == "sdpa"), fix="--attention eager"),
     Rule("the executor's pipeline does not split tied embeddings", lambda c, s, w: (c.pp > 1) & s.tie_word_embeddings,
          fix="--pp 1"),
     Rule("the executor has no fp8 training", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),
