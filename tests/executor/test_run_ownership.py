@@ -140,7 +140,7 @@ def test_damaged_newest_checkpoint_then_full_disk(tmp_path):
     record = json.loads((run / "summary.json").read_text())
     assert record["status"] == "failed" and "disk is full" in record["error"]
     assert record["measured"]["steps"] == 4  # steps 11..14 of this attempt, resumed from step 10
-    from calibration.store import iter_runs
+    from planner.runstore import iter_runs
 
     assert [r.status for r in iter_runs(tmp_path / "runs.sqlite")].count("failed") == 1
 
