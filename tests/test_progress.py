@@ -82,3 +82,56 @@ def test_runs_import_json_is_the_same_with_a_bar_on_a_terminal_stderr(tmp_path, 
         assert ("importing runs" in sink.getvalue()) == (terminal and drawn)
     assert outputs[0] == outputs[1]
     assert json.loads(outputs[0])["inserted"] > 0
+
+
+def _drawn(monkeypatch) -> list:
+    """Bars drawn as on a terminal (into a string); returns the rich Progress objects made."""
+    console, _ = _terminal()
+    made, real = [], progress_module._new_progress
+
+    def new(_console):
+        made.append(real(console))
+        return made[-1]
+
+    monkeypatch.setattr(progress_module, "_new_progress", new)
+    monkeypatch.setattr(sys, "stderr", _TerminalStderr())
+    return made
+
+
+def _cases_of_three_sources():
+    from dataclasses import replace
+
+    from calibration.fitting import predictions, prepare
+    from planner.profile import load_profile
+    from tests.test_calibration_fit import synthetic_runs
+
+    runs = [c for c in synthetic_runs() if c.hardware == "h100-sxm-80gb" and c.workload.seq_len <= 8192]
+    for item, tokens_per_s in zip(prepare(runs, load_profile()), predictions(prepare(runs, load_profile()),
+                                                                            load_profile().data)[0]):
+        item.case.tokens_per_s_per_device = 0.9 * float(tokens_per_s)
+    return [replace(c, source=f"paper {i % 3}") for i, c in enumerate(runs)]
+
+
+def test_the_fit_counts_its_evaluations_on_a_spinner(monkeypatch):
+    from calibration.fitting import fit_profile
+    from planner.profile import load_profile
+
+    made = _drawn(monkeypatch)
+    fit_profile(_cases_of_three_sources()[:2], load_profile())
+    (task,) = made[0].tasks
+    assert task.total is None and task.completed > 0 and "fitting" in task.description
+
+
+def test_cross_validation_advances_once_per_fold_in_the_parent(monkeypatch):
+    """With --jobs the folds end in worker processes, which draw nothing; the parent advances the
+    bar as each result arrives, and the rows come back in source order however the folds ended."""
+    from calibration.crossval import leave_one_source_out
+    from planner.profile import load_profile
+
+    cases = _cases_of_three_sources()
+    made = _drawn(monkeypatch)
+    rows = leave_one_source_out(cases, load_profile(), jobs=2)
+    assert len(made) == 1  # one bar, drawn by this process
+    (task,) = made[0].tasks
+    assert (task.description, task.completed, task.total) == ("cross-validation folds", 3, 3)
+    assert [(r["source"], r["id"]) for r in rows] == sorted((c.publication, c.id) for c in cases)
