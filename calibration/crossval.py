@@ -17,6 +17,7 @@ from calibration.cases import Case
 from calibration.fitting import fit_profile, predictions, prepare
 from calibration.validate import error_stats
 from planner.profile import Profile
+from planner.progress import progress
 
 # a nominal 95 % interval: out of sample (nested leave-one-source-out), a 90 % one covered only
 # 80 % of held-out throughputs and 79 % of held-out memory peaks, a 95 % one 89 % and 84 %
@@ -24,15 +25,24 @@ INTERVAL_QUANTILES = (2.5, 97.5)
 
 
 def leave_one_source_out(cases: list[Case], base: Profile, jobs: int = 1) -> list[dict[str, Any]]:
-    """One row per usable case with its out-of-sample predictions (folds run in `jobs` processes)."""
+    """One row per usable case with its out-of-sample predictions (folds run in `jobs` processes;
+    a bar over the folds advances as each one ends)."""
     sources = sorted({c.publication for c in cases if c.usable})
-    if jobs <= 1:
-        return [row for source in sources for row in _held_out_rows(cases, base, source)]
-    from concurrent.futures import ProcessPoolExecutor
+    parts: dict[str, list[dict[str, Any]]] = {}
+    with progress(len(sources), "cross-validation folds") as advance:
+        if jobs <= 1:
+            for source in sources:
+                parts[source] = _held_out_rows(cases, base, source)
+                advance()
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(jobs) as pool:
-        parts = pool.map(_held_out_rows, [cases] * len(sources), [base] * len(sources), sources)
-        return [row for part in parts for row in part]
+            with ProcessPoolExecutor(jobs) as pool:
+                futures = {pool.submit(_held_out_rows, cases, base, source): source for source in sources}
+                for future in as_completed(futures):
+                    parts[futures[future]] = future.result()
+                    advance()
+    return [row for source in sources for row in parts[source]]  # in source order, however they ended
 
 
 def _held_out_rows(cases: list[Case], base: Profile, source: str) -> list[dict[str, Any]]:

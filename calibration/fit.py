@@ -22,6 +22,7 @@ from calibration.cases import Case, load_cases
 from calibration.fitting import INITIAL_PROFILE, fit_profile
 from planner.errors import InvalidRequest
 from planner.profile import Profile
+from planner.progress import add_flag, bars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +36,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run leave-one-source-out cross-validation and store its errors and intervals")
     parser.add_argument("--jobs", type=int, default=1, help="processes for the cross-validation folds")
     parser.add_argument("--residuals", help="also write each held-out run's residuals to this JSON file")
+    add_flag(parser)
     args = parser.parse_args(argv)
     from planner.profile import load_profile
 
     cases, base = load_cases(args.cases) + load_run_records(args.runs), load_profile(args.base)
-    write_profile(cases, base, Path(args.out), cross_validate=args.cross_validate, jobs=args.jobs,
-                  residuals=args.residuals)
+    with bars(not args.no_progress):
+        write_profile(cases, base, Path(args.out), cross_validate=args.cross_validate, jobs=args.jobs,
+                      residuals=args.residuals)
     print(f"wrote {args.out}")
     return 0
 

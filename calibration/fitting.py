@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from planner.errors import PlannerError
 from planner.hardware import chip_of, presets
 from planner.plan import check_config
 from planner.profile import Profile
+from planner.progress import progress
 
 INITIAL_PROFILE = Path(__file__).resolve().parent / "profiles" / "initial.json"
 
@@ -181,7 +183,7 @@ def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
     return param.to_internal(_get(data, param.path, param.initial))
 
 
-def _residual_fn(prepared, base_data, params, target: str):
+def _residual_fn(prepared, base_data, params, target: str, on_evaluation: Callable[[], None] | None = None):
     x0 = np.array([_prior_centre(p, base_data) for p in params])
     sigma = np.array([p.prior_sigma for p in params])
     if target == "throughput":
@@ -196,6 +198,8 @@ def _residual_fn(prepared, base_data, params, target: str):
         data = with_values(base_data, params, x)
         predicted = throughputs(kept, data) if target == "throughput" else predictions(kept, data)[1]
         fit = np.log(predicted / measured[rows]) / MEASUREMENT_SIGMA[target]
+        if on_evaluation is not None:
+            on_evaluation()
         return np.concatenate([fit, (x - x0) / sigma])
 
     return residuals, x0, _jacobian_sparsity(kept, params)
@@ -212,8 +216,11 @@ def _jacobian_sparsity(prepared, params) -> np.ndarray:
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
 
 
-def fit_parameters(prepared, base_data, params, target: str) -> np.ndarray:
-    residuals, x0, sparsity = _residual_fn(prepared, base_data, params, target)
+def fit_parameters(prepared, base_data, params, target: str,
+                   on_evaluation: Callable[[], None] | None = None) -> np.ndarray:
+    """The parameters' internal values that fit `target`; `on_evaluation` is called after each
+    evaluation of the residuals (a progress bar's count)."""
+    residuals, x0, sparsity = _residual_fn(prepared, base_data, params, target, on_evaluation)
     lower = np.array([-3.0 if p.relative_to else p.to_internal(p.lower) if not (p.log and p.lower <= 0) else -50
                       for p in params])
     upper = np.array([3.0 if p.relative_to else p.to_internal(p.upper) for p in params])
@@ -251,15 +258,20 @@ def _get(data: dict[str, Any], path: tuple[str, ...], default: float) -> float:
 
 def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
     """Fit throughput parameters, then memory overheads; returns the new profile's data."""
+    with progress(None, "fitting the profile: least-squares evaluations") as advance:
+        return _fit_profile(cases, base, advance)
+
+
+def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) -> dict[str, Any]:
     prepared = prepare(cases, base)
     with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
     with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
     data = copy.deepcopy(base.data)
     chips = {p.context.hardware.name: chip_of(p.context.hardware) for p in with_tps}
     time_params = time_parameters(chips)
-    data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput"))
+    data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput", advance))
     data = _parts_follow_their_chips(base.data, data, chips)
-    data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory"))
+    data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory", advance))
     sources = sorted({p.case.publication for p in with_tps + with_mem})
     summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
     data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"

@@ -30,6 +30,7 @@ from calibration.flat import COLUMNS, check_columns, flat_row, run_from_flat
 from planner.errors import InvalidRequest, PlannerError, require_regular_file
 from planner.hardware import load_hardware, make_cluster
 from planner.plan import check_config
+from planner.progress import progress
 from planner.runrecord import Measured, Run, from_record, to_record, with_prediction
 from planner.runstore import CONFLICT, INSERTED, REPLACED, connect, insert_runs, store_path
 
@@ -64,12 +65,14 @@ def import_paths(paths: Iterable[str | Path], db_path: str | Path | None = None,
     report = ImportReport(store=str(store_path(db_path)))
     entries = [entry for path in paths for entry in read_entries(Path(path))]
     runs, wheres = [], []
-    for entry in entries:
-        if entry.error:
-            report.errors.append(f"{entry.where}: {entry.error}")
-        else:
-            runs.append(with_prediction(entry.run, calibration))
-            wheres.append(entry.where)
+    with progress(len(entries), "importing runs") as advance:
+        for entry in entries:
+            if entry.error:
+                report.errors.append(f"{entry.where}: {entry.error}")
+            else:
+                runs.append(with_prediction(entry.run, calibration))  # the slow part: a prediction per run
+                wheres.append(entry.where)
+            advance()
     if strict and report.errors:
         report.written = False
         return report

@@ -40,6 +40,7 @@ from typing import Any
 
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
+from planner.progress import progress
 from planner.specs import ModelSpec, Workload
 
 TRACED_LAYERS = (3, 4)  # both have a first, a middle and a last layer
@@ -236,12 +237,13 @@ def trace(spec: ModelSpec, workload: Workload, config: ParallelConfig,
     """The oracle's answer for the whole model: per-position peaks, the overall peak and its
     breakdown in the planner's categories."""
     started = time.perf_counter()
-    if spec.num_layers <= layers[1]:
-        whole = trace_layers(spec, workload, config, spec.num_layers)
-        phases, traced = whole.phases, [spec.num_layers]
-    else:
-        first, second = (trace_layers(spec, workload, config, n) for n in layers)
-        phases, traced = extrapolate(first, second, spec.num_layers), list(layers)
+    traced = [spec.num_layers] if spec.num_layers <= layers[1] else list(layers)
+    traces = []
+    with progress(len(traced), f"tracing {spec.name}: {' and '.join(map(str, traced))} layers") as advance:
+        for num_layers in traced:
+            traces.append(trace_layers(spec, workload, config, num_layers))
+            advance()
+    phases = traces[0].phases if len(traces) == 1 else extrapolate(traces[0], traces[1], spec.num_layers)
     peak_at = max(phases, key=lambda name: phases[name]["total_bytes"])
     return {
         "peak_bytes": phases[peak_at]["total_bytes"],

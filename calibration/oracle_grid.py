@@ -13,7 +13,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from planner.progress import add_flag, bars, progress
 
 GRID_FILE = Path(__file__).parent / "data" / "oracle_grid.json"
 GRID_FORMAT = "llm-planner/oracle-grid@1"
@@ -151,8 +154,9 @@ def _write(target: Path, points: list[dict[str, Any] | None]) -> None:
     tmp.replace(target)
 
 
-def _trace_all(points: list[dict[str, Any]], jobs: int):
-    """Each point in a fresh process (no fake process group or DTensor cache carried over)."""
+def _trace_all(points: list[dict[str, Any]], jobs: int, advance: Callable[[], None]):
+    """Each point in a fresh process (no fake process group or DTensor cache carried over);
+    `advance` is called as each one ends, failed or not."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -160,6 +164,7 @@ def _trace_all(points: list[dict[str, Any]], jobs: int):
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(trace_point, point): point["name"] for point in points}
         for future in as_completed(futures):
+            advance()
             try:
                 traced = future.result()
             except Exception as exc:  # one failed point must not lose the others' traces
@@ -176,14 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], help="trace only points whose name contains this")
     parser.add_argument("--output", default=str(GRID_FILE), help="where to write (points not traced are kept)")
     parser.add_argument("--jobs", type=int, default=2, help="processes tracing in parallel (default 2)")
+    add_flag(parser)
     args = parser.parse_args(argv)
     target = Path(args.output)
     previous = {p["name"]: p for p in load_grid(target)["points"]} if target.exists() else {}
     chosen = [p for p in GRID if not args.only or any(part in p["name"] for part in args.only)]
     traced: dict[str, dict[str, Any]] = {}
-    for name, point in _trace_all(chosen, args.jobs):
-        traced[name] = point
-        _write(target, [traced.get(p["name"], previous.get(p["name"])) for p in GRID])  # after each point
+    with bars(not args.no_progress), progress(len(chosen), "tracing the oracle grid") as advance:
+        for name, point in _trace_all(chosen, args.jobs, advance):
+            traced[name] = point
+            _write(target, [traced.get(p["name"], previous.get(p["name"])) for p in GRID])  # after each point
     missing = len(chosen) - len(traced)
     if missing:
         print(f"{missing} point(s) failed; the others are written to {target}", file=sys.stderr)

@@ -68,6 +68,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from planner.errors import PlannerError
+    from planner.progress import bars
 
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else ""
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return importlib.import_module(args._module).run(args) or 0
+        with bars(not getattr(args, "no_progress", False)):  # --no-progress of commands that draw bars
+            return importlib.import_module(args._module).run(args) or 0
     except PlannerError as exc:
         print(f"planner {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -6,6 +6,7 @@ import argparse
 
 from calibration.commands.runs import ORIGIN_CHOICES
 from planner.commands.common import print_json
+from planner.progress import add_flag
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "each fold starts from --base, so its errors are out of sample only for runs "
                              "--base was not fitted on)")
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
+    add_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:

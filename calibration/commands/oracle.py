@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from planner.commands.common import add_config, add_model_hardware, add_workload, print_json, request_from
+from planner.progress import add_flag
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_model_hardware(parser, need_model=False)
     add_workload(parser)
     add_config(parser, required=False)
+    add_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from planner.progress import add_flag
+
 ORIGIN_CHOICES = ("executor", "published", "user")  # planner.runrecord.ORIGINS (a test keeps them equal)
 STORE_HELP = "the store (SQLite file); default $PLANNER_STORE, else ~/.local/share/llm-planner/runs.sqlite"
 
@@ -26,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     importing.add_argument("--replace", action="store_true",
                            help="overwrite stored runs whose run_id comes again with other content")
     importing.add_argument("--calibration", help="profile for the predictions of rows that bring none")
+    add_flag(importing)
     listing = sub.add_parser("list", help="list stored runs with measured and predicted values")
     exporting = sub.add_parser("export", help="write stored runs as JSONL records or CSV rows")
     exporting.add_argument("--format", choices=("jsonl", "csv"), help="default: csv for an --output *.csv, else jsonl")
