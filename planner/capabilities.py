@@ -21,6 +21,10 @@ from planner.specs import Hardware, ModelSpec, Workload
 # families whose transformers modules carry Llama's names (model.layers[i].self_attn.q_proj,
 # mlp.gate_proj, ...): the executor's tensor and pipeline parallelism are written against them
 EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
+# families the executor tensor-parallelises with their own transformers plan (config
+# base_model_tp_plan: q/k/v and gate/up column-wise, o/down row-wise, per-head q/k norms replicated),
+# verified against the single-process loss (tests/executor/test_family_tp.py); no sequence parallelism
+EXECUTOR_PLAN_TP_FAMILIES = ("qwen3", "gemma3_text", "gemma2", "smollm3")
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}
@@ -49,8 +53,12 @@ def _common(engine: str) -> tuple[Rule, ...]:
 EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("model_type baichuan needs remote code, which the executor does not run",
          lambda c, s, w: s.family == "baichuan", fix="a llama-family config.json of the same shape"),
-    Rule("the executor's tp/pp is written for llama-like models only",
-         lambda c, s, w: ((c.tp > 1) | (c.pp > 1)) & (s.family not in EXECUTOR_TP_PP_FAMILIES), fix="--tp 1 --pp 1"),
+    Rule(f"the executor's tp runs llama-like models and {', '.join(EXECUTOR_PLAN_TP_FAMILIES)} (their transformers tp plan)",
+         lambda c, s, w: (c.tp > 1) & (s.family not in EXECUTOR_TP_PP_FAMILIES + EXECUTOR_PLAN_TP_FAMILIES),
+         fix="--tp 1"),
+    Rule("the executor's pp and sequence parallelism are written for llama-like models only",
+         lambda c, s, w: ((c.pp > 1) | c.sequence_parallel) & (s.family not in EXECUTOR_TP_PP_FAMILIES),
+         fix="--pp 1 and no --sequence-parallel"),
     Rule("the executor's pipeline does not split tied embeddings", lambda c, s, w: (c.pp > 1) & s.tie_word_embeddings,
          fix="--pp 1"),
     Rule("the executor has no fp8 training", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),
