@@ -25,6 +25,10 @@ EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
 # base_model_tp_plan: q/k/v and gate/up column-wise, o/down row-wise, per-head q/k norms replicated),
 # verified against the single-process loss (tests/executor/test_family_tp.py); no sequence parallelism
 EXECUTOR_PLAN_TP_FAMILIES = ("qwen3", "gemma3_text", "gemma2", "smollm3")
+# executor/pipeline.py calls each decoder layer as LlamaModel does (one rotary embedding for all
+# layers): these families' layers take that call (verified, tests/executor/test_family_tp.py); Gemma's
+# per-layer-type rotary embeddings do not
+EXECUTOR_PP_FAMILIES = EXECUTOR_TP_PP_FAMILIES + ("qwen3",)
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}
@@ -56,9 +60,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule(f"the executor's tp runs llama-like models and {', '.join(EXECUTOR_PLAN_TP_FAMILIES)} (their transformers tp plan)",
          lambda c, s, w: (c.tp > 1) & (s.family not in EXECUTOR_TP_PP_FAMILIES + EXECUTOR_PLAN_TP_FAMILIES),
          fix="--tp 1"),
-    Rule("the executor's pp and sequence parallelism are written for llama-like models only",
-         lambda c, s, w: ((c.pp > 1) | c.sequence_parallel) & (s.family not in EXECUTOR_TP_PP_FAMILIES),
-         fix="--pp 1 and no --sequence-parallel"),
+    Rule(f"the executor's pp calls decoder layers as LlamaModel does: llama-like models and {EXECUTOR_PP_FAMILIES[-1]} only",
+         lambda c, s, w: (c.pp > 1) & (s.family not in EXECUTOR_PP_FAMILIES), fix="--pp 1"),
+    Rule("the executor's sequence parallelism is written for llama-like models only",
+         lambda c, s, w: c.sequence_parallel & (s.family not in EXECUTOR_TP_PP_FAMILIES), fix="no --sequence-parallel"),
     Rule("the executor's pipeline does not split tied embeddings", lambda c, s, w: (c.pp > 1) & s.tie_word_embeddings,
          fix="--pp 1"),
     Rule("the executor has no fp8 training", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),

@@ -87,6 +87,16 @@ def test_tp_by_transformers_plan_matches_single_process(family, tmp_path):
     assert (summary["plan"]["config"]["tp"], summary["environment"]["world_size"]) == (2, 2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, config", [(2, {"pp": 2, "micro_batch_size": 2}),
+                                               (4, {"pp": 2, "tp": 2, "micro_batch_size": 2})], ids=["pp", "pp-tp"])
+def test_qwen3_pipeline_matches_single_process(processes, config, tmp_path):
+    """executor/pipeline.py's hand split calls Qwen3's layers as Llama's (2 stages, 1F1B), with and
+    without its own tp plan inside the stages."""
+    reference = _run(tmp_path / "single", "tiny-qwen3", 1, "sdpa", micro_batch_size=4)
+    _assert_same_run(_run(tmp_path / "pp", "tiny-qwen3", processes, "sdpa", **config), reference)
+
+
 def test_llama_plan_translated_is_the_hand_written_one():
     """transformers' llama plan through the translation gives the executor's hand-written block
     plan (same paths, same torch styles and layouts), so llama-like families could take either."""
@@ -116,8 +126,9 @@ def test_replicating_plans_are_refused():
 @pytest.mark.parametrize("model, config, refused", [
     ("tiny-qwen3", {"tp": 2}, None),
     ("tiny-sliding", {"tp": 2}, None),
-    ("tiny-qwen3", {"pp": 2}, "pp and sequence parallelism"),
-    ("tiny-qwen3", {"tp": 2, "sequence_parallel": True}, "pp and sequence parallelism"),
+    ("tiny-qwen3", {"pp": 2, "tp": 2}, None),
+    ("tiny-sliding", {"pp": 2}, "executor's pp"),
+    ("tiny-qwen3", {"tp": 2, "sequence_parallel": True}, "sequence parallelism is written for llama-like"),
     ("olmo-2-7b", {"tp": 2}, "executor's tp runs"),
     ("tiny-moe-shared", {"tp": 2}, "executor's tp runs"),
     ("llama-tiny", {"tp": 2, "sequence_parallel": True}, None),
