@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
 from planner.specs import Workload
 
@@ -52,16 +53,56 @@ def layer_tp_plan(sequence_parallel: bool) -> dict:
     return plan
 
 
+# transformers' base_model_tp_plan strings (transformers/distributed/tensor_parallel.py,
+# ALL_PARALLEL_STYLES) that split a block as the planner costs it: heads and MLP columns split,
+# one all-reduce after o_proj and after down_proj. Styles that replicate the attention instead
+# ("colwise_gather_output", "rowwise_split_input": OLMo 2, Phi-3) or split experts are not here.
+LAYER_PREFIX = "layers.*."
+
+
+def _torch_style(style: str):
+    """transformers' style name -> torch's ParallelStyle. "replicated_with_grad_allreduce" marks
+    Qwen3's / Gemma 3's per-head q/k norms between q/k_proj (colwise) and o_proj: their input is
+    (B, S, local heads, head_dim), so torch's SequenceParallel on dim 2 keeps the weight a
+    Replicate DTensor whose gradient is summed over the heads of every rank (transformers does it
+    with a post-accumulate hook, which would all-reduce the accumulated gradient again at every
+    micro-batch)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel,
+              "replicated_with_grad_allreduce": lambda: SequenceParallel(sequence_dim=2, use_local_output=True)}
+    if style not in styles:
+        raise InvalidRequest(f"the executor's tensor parallelism has no transformers style {style!r}; plan with --tp 1")
+    return styles[style]()
+
+
+def transformers_layer_plan(model_plan: dict[str, str]) -> dict:
+    """The per-block entries ("layers.*.self_attn.q_proj": "colwise", ...) of a transformers
+    `base_model_tp_plan` as torch styles keyed by the path inside the block."""
+    plan = {path[len(LAYER_PREFIX):]: _torch_style(style) for path, style in model_plan.items()
+            if path.startswith(LAYER_PREFIX)}
+    outside = [path for path in model_plan if not path.startswith(LAYER_PREFIX)]
+    if outside or not plan:
+        raise InvalidRequest(f"the executor applies transformers' tp plan per decoder layer only, not {outside or model_plan}; "
+                             "plan with --tp 1")
+    return plan
+
+
 def apply_tensor_parallel(model: nn.Module, layers: list[nn.Module], tp_mesh: DeviceMesh, sequence_parallel: bool,
-                          tied_embeddings: bool) -> None:
-    """Shard each block, and (untied models) the embedding by vocabulary rows and the LM head by
-    vocabulary columns; the head's output is replicated so the loss sees whole logits."""
+                          tied_embeddings: bool, model_plan: dict[str, str] | None = None) -> None:
+    """Shard each block (Llama's names by hand, or the model's own transformers plan when given),
+    and (untied models) the embedding by vocabulary rows and the LM head by vocabulary columns;
+    the head's output is replicated so the loss sees whole logits."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
                                                    parallelize_module)
 
+    if model_plan is not None and sequence_parallel:
+        raise InvalidRequest("the executor's sequence parallelism is written for llama-like models only; "
+                             "plan with no --sequence-parallel")
     for layer in layers:
-        parallelize_module(layer, tp_mesh, layer_tp_plan(sequence_parallel))
+        plan = layer_tp_plan(sequence_parallel) if model_plan is None else transformers_layer_plan(model_plan)
+        parallelize_module(layer, tp_mesh, plan)
     seq = Shard(1) if sequence_parallel else Replicate()
     root_plan: dict = {}
     if not tied_embeddings:

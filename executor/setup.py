@@ -17,6 +17,7 @@ from executor.options import RunOptions
 from executor.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   apply_tensor_parallel)
 from executor.pipeline import build_schedule, build_stages
+from planner.capabilities import EXECUTOR_TP_PP_FAMILIES
 from planner.plan import ParallelConfig
 from planner.specs import ModelSpec, Workload
 
@@ -56,12 +57,22 @@ def prepare(spec: ModelSpec, workload: Workload, config: ParallelConfig, topo: T
     return prepared
 
 
+def transformers_tp_plan(spec: ModelSpec) -> dict[str, str] | None:
+    """None for Llama-named families (executor/parallelize.py's hand-written plan), else the
+    model's own `base_model_tp_plan` (the capability table refuses tp for families without a usable one)."""
+    if spec.family in EXECUTOR_TP_PP_FAMILIES:
+        return None
+    from transformers import AutoConfig
+
+    return dict(AutoConfig.for_model(spec.family).base_model_tp_plan or {})
+
+
 def _shard_and_wrap(module: nn.Module, layers: list[nn.Module], tp_root: nn.Module | None, spec: ModelSpec,
                     workload: Workload, config: ParallelConfig, topo: Topology, compile_layers: bool) -> None:
     """TP -> activation checkpointing -> compile (DDP / FSDP follow by the caller)."""
     if config.tp > 1:
         apply_tensor_parallel(tp_root if tp_root is not None else module, layers, topo.tp_mesh,
-                              config.sequence_parallel, spec.tie_word_embeddings)
+                              config.sequence_parallel, spec.tie_word_embeddings, transformers_tp_plan(spec))
     apply_activation_checkpointing(layers, config.recompute)
     if compile_layers:
         apply_compile(layers)

@@ -24,6 +24,14 @@ EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
 # transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks):
 # they run with eager attention (or flash/flex kernels the executor does not use)
 SDPA_LESS_FAMILIES = ("mpt", "gpt_oss")
+# families the executor tensor-parallelises with their own transformers plan (config
+# base_model_tp_plan: q/k/v and gate/up column-wise, o/down row-wise, per-head q/k norms replicated),
+# verified against the single-process loss (tests/executor/test_family_tp.py); no sequence parallelism
+EXECUTOR_PLAN_TP_FAMILIES = ("qwen3", "gemma3_text", "gemma2", "smollm3")
+# executor/pipeline.py calls each decoder layer as LlamaModel does (one rotary embedding for all
+# layers): these families' layers take that call (verified, tests/executor/test_family_tp.py); Gemma's
+# per-layer-type rotary embeddings do not
+EXECUTOR_PP_FAMILIES = EXECUTOR_TP_PP_FAMILIES + ("qwen3",)
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}
@@ -52,8 +60,13 @@ def _common(engine: str) -> tuple[Rule, ...]:
 EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("model_type baichuan needs remote code, which the executor does not run",
          lambda c, s, w: s.family == "baichuan", fix="a llama-family config.json of the same shape"),
-    Rule("the executor's tp/pp is written for llama-like models only",
-         lambda c, s, w: ((c.tp > 1) | (c.pp > 1)) & (s.family not in EXECUTOR_TP_PP_FAMILIES), fix="--tp 1 --pp 1"),
+    Rule(f"the executor's tp runs llama-like models and {', '.join(EXECUTOR_PLAN_TP_FAMILIES)} (their transformers tp plan)",
+         lambda c, s, w: (c.tp > 1) & (s.family not in EXECUTOR_TP_PP_FAMILIES + EXECUTOR_PLAN_TP_FAMILIES),
+         fix="--tp 1"),
+    Rule(f"the executor's pp calls decoder layers as LlamaModel does: llama-like models and {EXECUTOR_PP_FAMILIES[-1]} only",
+         lambda c, s, w: (c.pp > 1) & (s.family not in EXECUTOR_PP_FAMILIES), fix="--pp 1"),
+    Rule("the executor's sequence parallelism is written for llama-like models only",
+         lambda c, s, w: c.sequence_parallel & (s.family not in EXECUTOR_TP_PP_FAMILIES), fix="no --sequence-parallel"),
     Rule("transformers runs this model type without sdpa attention",
          lambda c, s, w: (s.family in SDPA_LESS_FAMILIES) & (w.attention == "sdpa"), fix="--attention eager"),
     Rule("the executor's pipeline does not split tied embeddings", lambda c, s, w: (c.pp > 1) & s.tie_word_embeddings,
