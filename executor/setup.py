@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from executor.expert_parallel import ExpertParallel, apply_expert_fsdp, apply_expert_parallel, ignore_in_ddp
 from executor.loss import causal_lm_loss
 from executor.mesh import Topology
 from executor.model import build_model, count_parameters, decoder_layers
@@ -34,6 +35,7 @@ class Prepared:
     has_last_stage: bool = True
     loss_holder: dict = field(default_factory=dict)  # num_items_in_batch of the current step (pp loss_fn)
     parameters: dict = field(default_factory=dict)
+    experts: ExpertParallel | None = None  # ep > 1: the sharded experts (executor/expert_parallel.py)
 
 
 def should_compile(workload: Workload) -> bool:
@@ -80,16 +82,21 @@ def _shard_and_wrap(module: nn.Module, layers: list[nn.Module], tp_root: nn.Modu
 
 def _prepare_single_stage(model, spec, workload, config, topo, device, compile_layers, options) -> Prepared:
     layers = decoder_layers(model)
+    experts = apply_expert_parallel(model, config, device) if config.ep > 1 else None
     _shard_and_wrap(model, layers, None, spec, workload, config, topo, compile_layers)
     forward_module, uses_ddp = model, False
     if config.zero >= 2:
+        if experts is not None:
+            apply_expert_fsdp(experts, config, workload)
         apply_fsdp([model], layers, topo.dp_mesh, config, workload)
     elif config.dp > 1:
+        if experts is not None:
+            ignore_in_ddp(model, experts)
         forward_module, uses_ddp = apply_ddp(model, topo.dp_mesh, device, has_dtensors=config.tp > 1), True
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizers = build_optimizers(trainable, workload, config, topo.dp_mesh.get_group(), options.lr,
                                   options.weight_decay)
-    return Prepared(forward_module, model, None, optimizers, uses_ddp)
+    return Prepared(forward_module, model, None, optimizers, uses_ddp, experts=experts)
 
 
 def _prepare_pipeline(model, spec, workload, config, topo, device, compile_layers, options) -> Prepared:

@@ -124,6 +124,8 @@ class Trainer:
         if self.workload.optimizer_in_backward:
             return None
         pp_group = self.topo.pp_group if self.config.pp > 1 else None
+        if self.p.experts is not None:  # DDP left the experts' gradients out (executor/expert_parallel.py)
+            self.p.experts.reduce_gradients()
         return clip_grad_norm_(self.p.optimizers.params, self.options.max_grad_norm, self.device, pp_group)
 
     def train_step(self, step: int) -> tuple[float, float | None]:

@@ -32,6 +32,10 @@ EXECUTOR_PLAN_TP_FAMILIES = ("qwen3", "gemma3_text", "gemma2", "smollm3")
 # layers): these families' layers take that call (verified, tests/executor/test_family_tp.py); Gemma's
 # per-layer-type rotary embeddings do not
 EXECUTOR_PP_FAMILIES = EXECUTOR_TP_PP_FAMILIES + ("qwen3",)
+# MoE families the executor runs with expert parallelism through their transformers ep plan
+# (experts module `ep_dispatch_experts`, 3-D weights `grouped_gemm`; executor/expert_parallel.py),
+# verified against the single-process loss (tests/executor/test_expert_parallel.py)
+EXECUTOR_EP_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}
@@ -90,7 +94,11 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          lambda c, s, w: (w.optimizer == "adamw8bit") & ((c.zero >= 1) | (c.tp > 1)), fix="--zero 0 --tp 1"),
     Rule("context parallelism in the executor needs torch's context_parallel on CUDA", lambda c, s, w: c.cp > 1,
          fix="--cp 1"),
-    Rule("expert parallelism is not implemented by the executor yet", lambda c, s, w: c.ep > 1, fix="--ep 1"),
+    Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
+         lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
+    Rule("the executor's expert parallelism runs with full training, ZeRO 0, 2 or 3 and no tp, pp or cp",
+         lambda c, s, w: (c.ep > 1) & ((c.tp > 1) | (c.pp > 1) | (c.cp > 1) | (c.zero == 1) | (w.method != "full")),
+         fix="--ep 1"),
 )
 
 DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
