@@ -1,0 +1,134 @@
+"""Expert parallelism in the executor (executor/expert_parallel.py): a tiny MoE planned with
+`planner predict --dp 2 --ep 2 --save-plan` trains 20 steps under torchrun on CPU (gloo
+all-to-alls) with the single-process run's losses and gradient norms, for each family the
+capability table lets the executor run with ep > 1 (planner/capabilities.py EXECUTOR_EP_FAMILIES)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.executor.conftest import GLOBAL_BATCH, ROOT, SEQ_LEN, metrics, train
+
+STEPS = 20
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=320, max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2, num_experts_per_tok=2)
+# 4 routed experts top-2 per token; "tiny-moe-shared" (catalog) adds a dense first layer and a shared expert
+MODELS = {
+    "mixtral": {"model_type": "mixtral", **SMALL, "intermediate_size": 64, "num_local_experts": 4},
+    "qwen3_moe": {"model_type": "qwen3_moe", **SMALL, "moe_intermediate_size": 32, "num_experts": 4,
+                  "norm_topk_prob": True},
+    "qwen2_moe": "tiny-moe-shared",
+}
+
+
+def _model(family: str, folder: Path) -> str:
+    model = MODELS[family]
+    if isinstance(model, str):
+        return model
+    path = folder / f"{family}.json"
+    path.write_text(json.dumps(model))
+    return str(path)
+
+
+def predict(folder: Path, model: str, gpus: int, *options: str) -> Path:
+    """`planner predict ... --save-plan` as a user runs it; the plan's path."""
+    plan = folder / "plan.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "planner.cli", "predict", "--model", model, "--gpu", "cpu", "--gpus", str(gpus),
+               "--gpus-per-node", str(gpus), "--seq-len", str(SEQ_LEN), "--global-batch", str(GLOBAL_BATCH),
+               "--precision", "fp32", "--save-plan", str(plan), *options]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return plan
+
+
+def _run(folder: Path, model: str, gpus: int, *options: str) -> Path:
+    train(predict(folder, model, gpus, *options), folder / "run", STEPS, "--no-save")
+    return folder / "run"
+
+
+def _assert_same_run(got: Path, reference: Path) -> None:
+    """Per step, as tests/executor/test_family_tp.py compares: in fp32 the all-to-all dispatch only
+    reorders the experts' sums (~5e-7 in the loss, ~5e-7 relative in the gradient norm)."""
+    rows, reference_rows = metrics(got), metrics(reference)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert rows[STEPS]["loss"] < rows[1]["loss"] - 0.5, "the loss did not fall"
+    for step in range(1, STEPS + 1):
+        assert abs(rows[step]["loss"] - reference_rows[step]["loss"]) < 1e-5, step
+        assert rows[step]["grad_norm"] == pytest.approx(reference_rows[step]["grad_norm"], rel=1e-4), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MODELS))
+def test_expert_parallel_matches_single_process(family, tmp_path):
+    model = _model(family, tmp_path)
+    reference = _run(tmp_path / "single", model, 1, "--micro-batch-size", "4")
+    experts = _run(tmp_path / "ep", model, 2, "--dp", "2", "--ep", "2", "--zero", "0", "--micro-batch-size", "4")
+    _assert_same_run(experts, reference)
+    summary = json.loads((experts / "summary.json").read_text())
+    assert (summary["plan"]["config"]["ep"], summary["environment"]["world_size"]) == (2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["0", "2"])
+def test_expert_data_parallel_matches_single_process(zero, tmp_path):
+    """dp 4 = 2 expert-data-parallel replicas x ep 2: the expert gradients are reduced over the
+    replicas only (by hand after DDP, or by FSDP2 on the edp mesh), the dense ones over all of dp."""
+    model = _model("mixtral", tmp_path)
+    reference = _run(tmp_path / "single", model, 1, "--micro-batch-size", "4")
+    experts = _run(tmp_path / "ep", model, 4, "--dp", "4", "--ep", "2", "--zero", zero, "--micro-batch-size", "1")
+    _assert_same_run(experts, reference)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_each_moe_layer_has_its_experts_in_the_plan(family, tmp_path):
+    """The expanded ep plan names every MoE layer's experts module and its 3-D weights, and no
+    dense layer (tiny-moe-shared's first layer is dense)."""
+    from transformers import AutoModelForCausalLM
+
+    from executor.expert_parallel import DISPATCH_STYLE, expert_plan
+    from executor.model import hf_config
+    from planner.models import load_model
+    from planner.specs import Workload
+
+    spec = load_model(_model(family, tmp_path))
+    model = AutoModelForCausalLM.from_config(hf_config(spec, Workload(seq_len=SEQ_LEN, global_batch=8)))
+    plan = expert_plan(model)
+    modules = [name for name, style in plan.items() if style == DISPATCH_STYLE]
+    expected = [name for name, module in model.named_modules() if name.endswith("mlp.experts")]
+    assert modules == expected and len(modules) == sum(spec.layer_kind(i).mlp == "sparse" for i in range(spec.num_layers))
+    for name in modules:
+        weights = [n for n in plan if n.startswith(f"{name}.")]
+        assert weights and all(model.get_parameter(n).dim() == 3 for n in weights)
+    assert list(plan.values()).index(DISPATCH_STYLE) == len(plan) - len(modules)  # weights before hooks
+
+
+@pytest.mark.parametrize("model, config, refused", [
+    ("tiny-moe-shared", {"dp": 2, "ep": 2}, None),
+    ("tiny-moe-shared", {"dp": 2, "ep": 2, "zero": 3}, None),
+    ("mixtral-8x7b", {"dp": 2, "ep": 2}, None),
+    ("qwen3-30b-a3b", {"dp": 2, "ep": 2, "zero": 2}, None),
+    ("tiny-moe-shared", {"dp": 2, "ep": 2, "zero": 1}, "ZeRO 0, 2 or 3"),
+    ("mixtral-8x7b", {"dp": 2, "ep": 2, "tp": 2}, "executor's tp runs"),
+    ("qwen3-next-80b-a3b", {"dp": 2, "ep": 2}, "expert parallelism runs mixtral"),
+])
+def test_capability_table_says_where_the_executor_runs_ep(model, config, refused):
+    from planner.capabilities import runnable_reason
+    from planner.layout import ParallelConfig
+    from planner.models import load_model
+    from planner.specs import Workload
+
+    config = dict(config)
+    dp, tp = config.pop("dp"), config.pop("tp", 1)
+    parallel = ParallelConfig(dp=dp, tp=tp, pp=1, micro_batch_size=1, num_micro_batches=8 // dp, **config)
+    reason = runnable_reason("executor", parallel, load_model(model), Workload(seq_len=SEQ_LEN, global_batch=8),
+                             gpu=False)
+    assert reason is None if refused is None else refused in reason, reason
