@@ -5,6 +5,10 @@ layout (torchtitan's `dist_utils.clip_grad_norm_`):
 - FSDP2 and TP: gradients are DTensors; torch's norm of a DTensor is a partial result that
   `full_tensor()` reduces over the DTensor's mesh (sharded pieces summed, replicated ones counted once);
 - PP: each rank holds its stages' gradients only, so the squared norms are summed over the pp group.
+- EP: the experts' gradients are DTensors sharded over the ep mesh (with FSDP2, over the (edp, ep)
+  mesh): each expert is counted once across the ep group, and once per edp replica, which holds the
+  same reduced gradient (executor/expert_parallel.py; tests/executor/test_expert_parallel.py compares
+  the norms with the single-process run's).
 
 Parameters are grouped by kind (plain tensors, and DTensors per mesh and placements) because
 torch's foreach norm cannot mix them (TP without sequence parallelism leaves the norms plain).

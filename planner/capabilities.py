@@ -35,7 +35,7 @@ EXECUTOR_PP_FAMILIES = EXECUTOR_TP_PP_FAMILIES + ("qwen3",)
 # MoE families the executor runs with expert parallelism through their transformers ep plan
 # (experts module `ep_dispatch_experts`, 3-D weights `grouped_gemm`; executor/expert_parallel.py),
 # verified against the single-process loss (tests/executor/test_expert_parallel.py)
-EXECUTOR_EP_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+EXECUTOR_EP_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss")
 # torchtitan 0.3.0 ships llama3 model code in these shapes (torchtitan/models/llama3/__init__.py:
 # (hidden, layers, heads, kv heads) -> flavor)
 TORCHTITAN_LLAMA3_FLAVORS = {(4096, 32, 32, 8): "8B", (8192, 80, 64, 8): "70B", (16384, 126, 128, 8): "405B"}

@@ -25,7 +25,16 @@ MODELS = {
     "qwen3_moe": {"model_type": "qwen3_moe", **SMALL, "moe_intermediate_size": 32, "num_experts": 4,
                   "norm_topk_prob": True},
     "qwen2_moe": "tiny-moe-shared",
+    # multi-head latent attention, group-limited routing, a dense first layer and a shared expert
+    "deepseek_v3": {"model_type": "deepseek_v3", **SMALL, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                    "n_group": 1, "topk_group": 1},
+    # experts with biases (sharded with them), attention sinks (eager attention), sliding layers
+    "gpt_oss": {"model_type": "gpt_oss", **SMALL, "intermediate_size": 32, "num_local_experts": 4, "sliding_window": 32,
+                "layer_types": ["sliding_attention", "full_attention"]},
 }
+ATTENTION = {"gpt_oss": "eager"}  # transformers has no sdpa path for gpt_oss (planner/capabilities.py)
 
 
 def _model(family: str, folder: Path) -> str:
@@ -69,9 +78,10 @@ def _assert_same_run(got: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(MODELS))
 def test_expert_parallel_matches_single_process(family, tmp_path):
-    model = _model(family, tmp_path)
-    reference = _run(tmp_path / "single", model, 1, "--micro-batch-size", "4")
-    experts = _run(tmp_path / "ep", model, 2, "--dp", "2", "--ep", "2", "--zero", "0", "--micro-batch-size", "4")
+    model, attention = _model(family, tmp_path), ("--attention", ATTENTION.get(family, "sdpa"))
+    reference = _run(tmp_path / "single", model, 1, "--micro-batch-size", "4", *attention)
+    experts = _run(tmp_path / "ep", model, 2, "--dp", "2", "--ep", "2", "--zero", "0", "--micro-batch-size", "4",
+                   *attention)
     _assert_same_run(experts, reference)
     summary = json.loads((experts / "summary.json").read_text())
     assert (summary["plan"]["config"]["ep"], summary["environment"]["world_size"]) == (2, 2)
@@ -90,8 +100,8 @@ def test_expert_data_parallel_matches_single_process(zero, tmp_path):
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_each_moe_layer_has_its_experts_in_the_plan(family, tmp_path):
-    """The expanded ep plan names every MoE layer's experts module and its 3-D weights, and no
-    dense layer (tiny-moe-shared's first layer is dense)."""
+    """The expanded ep plan names every MoE layer's experts module and its weights (and biases),
+    stacked by expert, and no dense layer (tiny-moe-shared's and the DeepSeek's first are dense)."""
     from transformers import AutoModelForCausalLM
 
     from executor.expert_parallel import DISPATCH_STYLE, expert_plan
@@ -107,7 +117,7 @@ def test_each_moe_layer_has_its_experts_in_the_plan(family, tmp_path):
     assert modules == expected and len(modules) == sum(spec.layer_kind(i).mlp == "sparse" for i in range(spec.num_layers))
     for name in modules:
         weights = [n for n in plan if n.startswith(f"{name}.")]
-        assert weights and all(model.get_parameter(n).dim() == 3 for n in weights)
+        assert weights and {model.get_parameter(n).shape[0] for n in weights} == {spec.num_experts}  # Shard(0)
     assert list(plan.values()).index(DISPATCH_STYLE) == len(plan) - len(modules)  # weights before hooks
 
 
