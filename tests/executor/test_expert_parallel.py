@@ -26,7 +26,8 @@ MODELS = {
                   "norm_topk_prob": True},
     "qwen2_moe": "tiny-moe-shared",
     # multi-head latent attention, group-limited routing, a dense first layer and a shared expert
-    "deepseek_v3": {"model_type": "deepseek_v3", **SMALL, "num_key_value_heads": 4, "moe_intermediate_size": 32,
+    "deepseek_v3": {"model_type": "deepseek_v3", **{k: v for k, v in SMALL.items() if k != "head_dim"},
+                    "num_key_value_heads": 4, "moe_intermediate_size": 32,
                     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
                     "v_head_dim": 16, "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 1,
                     "n_group": 1, "topk_group": 1},
