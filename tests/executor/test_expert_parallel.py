@@ -143,3 +143,58 @@ def test_capability_table_says_where_the_executor_runs_ep(model, config, refused
     reason = runnable_reason("executor", parallel, load_model(model), Workload(seq_len=SEQ_LEN, global_batch=8),
                              gpu=False)
     assert reason is None if refused is None else refused in reason, reason
+
+
+def _one_step_on_two_ranks(rank: int, port: int, config_json: str, results: dict) -> None:
+    """Rank `rank` of 2 (gloo): the tiny Mixtral with ep 2 over dp 2 runs its half of a batch;
+    the same model unsharded runs the whole batch in this process as the reference."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from executor.expert_parallel import apply_expert_parallel
+    from planner.layout import ParallelConfig
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    values = json.loads(config_json)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    reference, model = AutoModelForCausalLM.from_config(config), AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(3, config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    reference(input_ids=ids, labels=ids).loss.backward()
+    experts = apply_expert_parallel(model, ParallelConfig(dp=2, tp=1, pp=1, ep=2, micro_batch_size=2,
+                                                          num_micro_batches=1), torch.device("cpu"))
+    mine = ids[2 * rank:2 * rank + 2]
+    items = torch.tensor(ids[:, 1:].numel() / 2)  # executor/loss.py items_per_rank
+    model(input_ids=mine, labels=mine, num_items_in_batch=items).loss.backward()
+    experts.reduce_gradients()
+    gate = model.model.layers[0].mlp.gate.weight.grad.clone()
+    dist.all_reduce(gate)  # what DDP does for a dense gradient: the mean over dp
+    local = model.model.layers[0].mlp.experts.gate_up_proj.grad.to_local()
+    whole = reference.model.layers[0].mlp.experts.gate_up_proj.grad
+    results[rank] = {"experts": (local - whole[2 * rank:2 * rank + 2]).abs().max().item(),
+                     "gate": (gate / 2 - reference.model.layers[0].mlp.gate.weight.grad).abs().max().item(),
+                     "local_experts": local.shape[0], "scale": whole.abs().max().item()}
+    dist.destroy_process_group()
+
+
+def test_all_to_all_dispatch_gives_the_whole_batch_gradients():
+    """Two gloo ranks (all_to_all_single on CPU): each holds 2 of the 4 experts, and its expert
+    gradients (reduced over edp, divided by dp) and the router's (averaged over dp) are the
+    single-process gradients of the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_one_step_on_two_ranks, args=(port, json.dumps(MODELS["mixtral"]), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        assert results[rank]["local_experts"] == 2
+        assert results[rank]["scale"] > 1e-4
+        assert results[rank]["experts"] < 1e-6 and results[rank]["gate"] < 1e-6, results[rank]
