@@ -140,5 +140,7 @@ def apply_expert_fsdp(experts: ExpertParallel, config: ParallelConfig, workload:
         fully_shard(module, mesh=experts.edp_mesh, reshard_after_forward=config.zero == 3,
                     mp_policy=mixed_precision_policy(workload))
         module.set_gradient_divide_factor(float(experts.dp))
-        if experts.edp_mesh.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+        # gloo has no PREMUL_SUM: sum, then divide; not over one rank (edp 1), where FSDP2 runs no
+        # collective and sum-then-divide gave wrong gradients accumulated over micro-batches
+        if experts.edp_mesh.device_type == "cpu" and experts.edp_mesh.size() > 1:
             module.set_force_sum_reduction_for_comms(True)

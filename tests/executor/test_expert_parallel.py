@@ -89,13 +89,16 @@ def test_expert_parallel_matches_single_process(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["0", "2"])
-def test_expert_data_parallel_matches_single_process(zero, tmp_path):
+@pytest.mark.parametrize("dp, zero, micro_batch_size", [(4, 0, 1), (4, 2, 1), (2, 3, 2)],
+                         ids=["ddp-edp2", "fsdp-edp2", "fsdp-edp1"])
+def test_expert_data_parallel_matches_single_process(dp, zero, micro_batch_size, tmp_path):
     """dp 4 = 2 expert-data-parallel replicas x ep 2: the expert gradients are reduced over the
-    replicas only (by hand after DDP, or by FSDP2 on the edp mesh), the dense ones over all of dp."""
+    replicas only (by hand after DDP, or by FSDP2 on the edp mesh), the dense ones over all of dp;
+    every case accumulates 2 micro-batches per step."""
     model = _model("mixtral", tmp_path)
     reference = _run(tmp_path / "single", model, 1, "--micro-batch-size", "4")
-    experts = _run(tmp_path / "ep", model, 4, "--dp", "4", "--ep", "2", "--zero", zero, "--micro-batch-size", "1")
+    experts = _run(tmp_path / "ep", model, dp, "--dp", str(dp), "--ep", "2", "--zero", str(zero),
+                   "--micro-batch-size", str(micro_batch_size))
     _assert_same_run(experts, reference)
 
 
