@@ -66,7 +66,7 @@ class ExpertParallel:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """With DDP (ZeRO 0/1): sum each expert gradient over the edp group, divided by dp (the
+        """With DDP (ZeRO 0): sum each expert gradient over the edp group, divided by dp (the
         module docstring). FSDP2 reduces them itself; then this does nothing."""
         from torch.distributed.tensor import DTensor
 
