@@ -121,7 +121,7 @@ def _gemma(c: Config, pattern: int, qk_norm: str) -> dict[str, Any]:
     f = llama_like(c)
     f.update(head_dim=c.int("head_dim", default=256), tie_word_embeddings=c.bool("tie_word_embeddings", True),
              activation=str(c.data.get("hidden_activation") or "gelu_pytorch_tanh"), layer_norms="sandwich",
-             embedding_scale=True, qk_norm=qk_norm, sliding_window=_window(c, 4096),
+             embedding_scale=True, qk_norm=qk_norm, sliding_window=_window(c, 4096), norm_offset=True,
              attn_logit_softcapping=c.float("attn_logit_softcapping", 50.0 if pattern == 2 else 0.0),
              final_logit_softcapping=c.float("final_logit_softcapping", 30.0 if pattern == 2 else 0.0))
     pattern = c.int("sliding_window_pattern", default=pattern)
@@ -271,7 +271,7 @@ def _gated_deltanet(c: Config, f: dict[str, Any]) -> dict[str, Any]:
     """Qwen3NextConfig / Qwen3_5TextConfig attention: three Gated DeltaNet layers to one full
     attention layer (full_attention_interval), whose q_proj also makes an output gate; per-head q/k norm."""
     interval = c.int("full_attention_interval", default=4)
-    f.update(head_dim=c.int("head_dim", default=256), qk_norm="head", attention_output_gate=True,
+    f.update(head_dim=c.int("head_dim", default=256), qk_norm="head", attention_output_gate=True, norm_offset=True,
              linear_key_heads=c.int("linear_num_key_heads", default=16),
              linear_value_heads=c.int("linear_num_value_heads", default=32),
              linear_key_head_dim=c.int("linear_key_head_dim", default=128),

@@ -163,11 +163,12 @@ class _BlockBuilder:
     def norm(self, name: str, input_key: str) -> None:
         self.add(norm_op(self.spec, self.n, name, input_key))
 
-    def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False) -> None:
+    def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False,
+                     offset: bool | None = None) -> None:
         """A norm over a tensor in the compute dtype (q/k norms, post norms, MLA's low-rank norms);
         `tp`: its input is sharded by tensor parallelism (per-head q/k)."""
         n = replace(self.n, residual_bytes=self.n.compute_bytes)
-        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows)
+        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows, offset=offset)
         if tp:
             op = replace(op, saved=tuple(replace(t, split="tp") for t in op.saved),
                          grads=tuple(replace(g, split="tp") for g in op.grads))

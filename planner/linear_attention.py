@@ -53,7 +53,7 @@ def gated_deltanet(b: BlockBuilder) -> None:
     b.add(Op("delta_rule", "matmul", gemm=(CHUNK, hv * (dk + dv)), flops_per_token=hv * per_head_flops,
              io_bytes_per_token=c * (2 * hv * dk + 2 * value_dim), out_bytes_per_token=c * value_dim, saved=saved,
              grads=(Saved("delta_rule.grad", c * (2 * hv * dk + 2 * value_dim)),)))
-    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True)
+    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True, offset=False)  # RMSNormGated: Llama's
     # RMSNormGated: normed * silu(z), keeping z and the normalised output
     b.add(Op("delta_gate", "elementwise", io_bytes_per_token=4 * c * value_dim, out_bytes_per_token=c * value_dim,
              saved=(Saved("delta_gate.z", c * value_dim),), grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
@@ -88,5 +88,5 @@ def mamba2(b: BlockBuilder) -> None:
              flops_per_token=heads * (2 * chunk * (state + head_dim) + 4 * state * head_dim),
              io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner, saved=saved,
              grads=(Saved("ssd_scan.grad", c * (conv_dim + 2 * inner)),)))
-    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True)  # statistics per group, one weight of d_inner
+    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True, offset=False)  # statistics per group, one weight of d_inner
     b.linear("out_proj", inner, s.hidden_size, False, "mamba_norm.out", column=False)

@@ -69,20 +69,23 @@ class Op:
     param_dims: tuple[tuple[int, int], ...] = ()
 
 
-def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1) -> Op:
+def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1,
+            offset: bool | None = None) -> Op:
     """LlamaRMSNorm upcasts to fp32: saves the fp32 input (pow, mul), rsqrt (1 float per token) and,
     for the weight's gradient, the normalised tensor cast back to the input dtype. F.layer_norm saves
     its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd.
     `width`: the normalised size when not the hidden size (q/k norms, MLA's low-rank norms), with
-    `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim)."""
+    `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim).
+    `offset` (default: the spec's norm_offset): Gemma's (1 + weight) in fp32 keeps the fp32 normalised tensor."""
     h, r = (width or spec.hidden_size) * rows, n.residual_bytes
+    offset = spec.norm_offset if offset is None else offset
     params = (h // rows) * (2 if spec.norm_bias else 1)
     if spec.norm == "rmsnorm" and n.compiled:  # the fp32 copy and the normalised tensor are recomputed
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"))
     elif spec.norm == "rmsnorm":
         fp32_in = Saved(input_key, FP32_BYTES * h, "sp") if r == FP32_BYTES else Saved(f"{name}.fp32", FP32_BYTES * h, "sp")
         saved = (fp32_in, Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"),
-                 Saved(f"{name}.normed", r * h, "sp", for_weight_grad=True))
+                 Saved(f"{name}.normed", (FP32_BYTES if offset else r) * h, "sp", for_weight_grad=True))
     else:
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.stats", 2 * FP32_BYTES, "sp"))
     out = FP32_BYTES * h if (n.autocast and spec.norm == "layernorm") else r * h

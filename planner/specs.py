@@ -57,6 +57,9 @@ class ModelSpec:
     activation: str = "silu"
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_bias: bool = False
+    # Gemma / Qwen3-Next RMSNorm: (1 + weight) multiplies the fp32 normalised tensor, cast after
+    # (modeling_gemma3.py Gemma3RMSNorm), so the fp32 tensor is what the weight's gradient keeps
+    norm_offset: bool = False
     qkv_bias: bool = False
     out_bias: bool = False  # bias of the attention output projection
     mlp_bias: bool = False

@@ -275,10 +275,12 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         gathered_embedding=np.where(ends, cb * p["root_embedding"] * root_pad, 0.0), ends=ends,
         scatter_layer=reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
         scatter_root=reduce_bytes(w) * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad,
-        root_grads=np.where(fsdp & ~ends, cb * p["head_trainable"] * root_pad, 0.0),
+        # the head's unsharded gradient, a tied head's too (autograd buffers it for the embedding's)
+        root_grads=np.where(fsdp & ~ends, cb * (p["head_trainable"] * root_pad + tied / store["master_bytes"]), 0.0),
         root_grads_all=np.where(fsdp, cb * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad, 0.0),
         layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
+        tied_sum=np.where(fsdp & ~ends, 3 * cb * tied / store["master_bytes"], 0.0),
         checkpointed=c.recompute != 0)
 
 

@@ -75,6 +75,8 @@ class StepParts:
     layers_resident: np.ndarray  # layers whose saved activations stay on the device (activation offload)
     checkpointed: np.ndarray  # layers recompute their forward in the backward (bool)
     ring: np.ndarray | float = 0.0  # context parallelism's K/V gather and dK/dV buffers in a layer's backward
+    # FSDP2 root holding a tied head: its buffered gradient, the embedding's and their sum (compute dtype)
+    tied_sum: np.ndarray | float = 0.0
 
 
 def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
@@ -198,5 +200,6 @@ def _backward_embedding(x: StepParts) -> dict[str, np.ndarray]:
                           np.where(x.ends, 0.0, x.root_grads_all) + x.layer_grads_unsharded, 0.0)
     all_layers, _ = _stored(x, x.layers * x.grad_layer + head, 0.0)
     root = _moment(all_layers, x.scatter_root + x.gathered_embedding, x.root_grads_all, 0.0)
-    fsdp = _larger(first_layer, root)
+    tied_sum = _moment(all_layers, x.gathered_root + x.scatter_layer, x.tied_sum, 0.0)
+    fsdp = _larger(_larger(first_layer, root), tied_sum)
     return {k: np.where(x.fsdp, fsdp[k], plain[k]) for k in plain}
