@@ -120,6 +120,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from calibration import fake_model
+    from calibration.gpu_kernels import gpu_kernels
     from calibration.memtrace import fsdp_unshard_tagged, untracked_dtensor_metadata
     from executor.model import decoder_layers
 
@@ -139,7 +140,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
         tracker = _tracker(model, optimizer, ids, config)
         tracker.watch_layers(layers)
         with tracker, untracked_dtensor_metadata(tracker), fsdp_unshard_tagged(tracker), \
-                fake_model.unpacked_sequences():
+                fake_model.unpacked_sequences(), gpu_kernels():
             tracker.phase("forward")
             loss = _forward(model, ids, items, workload, autocast)
             tracker.phase("backward")
