@@ -257,7 +257,9 @@ def trace(spec: ModelSpec, workload: Workload, config: ParallelConfig,
     """The oracle's answer for the whole model: per-position peaks, the overall peak and its
     breakdown in the planner's categories."""
     started = time.perf_counter()
-    traced = [spec.num_layers] if spec.num_layers <= layers[1] else list(layers)
+    # a stack of several kinds of layer is not affine in its depth: it is traced whole
+    whole = spec.num_layers <= layers[1] or len(spec.layer_kinds()) > 1
+    traced = [spec.num_layers] if whole else list(layers)
     traces = []
     with progress(len(traced), f"tracing {spec.name}: {' and '.join(map(str, traced))} layers") as advance:
         for num_layers in traced:

@@ -260,6 +260,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     if w.optimizer_in_backward:
         gb = 0.0 * gb
     grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
+    kept_at, grad_at = _position_parts(regime, c, p, per_micro_batch, gb * layer_pad / shard, grad_layer)
     boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
     ends = fsdp & c.shard_ends  # the embedding and the head are FSDP units of their own
     embedding_trainable = p["root_trainable"] - p["head_trainable"]
@@ -270,7 +271,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         held_output=has_head * num.residual_bytes * hidden * tokens / sp_div,
         loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb / logit_split,
         steps=steps, grads_held=store["grads_held"], grad_layer=grad_layer,
-        kind_steps=kind_steps, kind_at={k[5:]: p[k] for k in p if k.startswith("kind_")} if kind_steps else None,
+        kind_steps=kind_steps, kept_at=kept_at, grad_at=grad_at, kind_at={k[5:]: p[k] for k in p if k.startswith("kind_")} if kind_steps else None,
         grad_head=gb * p["head_trainable"] * root_pad / shard, grad_all=store["grads"], grad_bytes=gb,
         head_weights=head_weights,
         embedding_grad=has_emb * gb * (vocab * hidden / p["vocab_split"] + p["embedding_replicated_grad"]),
@@ -295,6 +296,25 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
         tied_sum=np.where(fsdp & ~ends, 3 * cb * tied / store["master_bytes"], 0.0),
         checkpointed=c.recompute != 0)
+
+
+def _position_parts(regime, c: Candidates, p: dict[str, np.ndarray], per_micro_batch, grad_per_param: np.ndarray,
+                    grad_layer: np.ndarray) -> tuple[dict | None, dict | None]:
+    """A stack of several kinds: the activations kept and the gradients stored by the stage's layer
+    at each position (planner/cost/stages.py POSITIONS), by its own kind (under expert parallelism
+    the gradients of the mean layer)."""
+    if not regime.kinds:
+        return None, None
+    policy = np.select([c.recompute == 0, c.recompute == 1], [0, 1], 2)
+    kept = [np.choose(policy, [per_micro_batch(part.saved[name]) for name in ("none", "selective", "full")])
+            for part, _ in regime.kinds]
+    kept = np.stack(np.broadcast_arrays(*kept))
+    kept_at, grad_at = {}, {}
+    for where in POSITIONS:
+        kind = np.broadcast_to(p[f"kind_{where}"], kept.shape[1:])
+        kept_at[where] = np.take_along_axis(kept, kind[None], 0)[0]
+        grad_at[where] = np.where(c.ep > 1, grad_layer, grad_per_param * p[f"layer_{where}_trainable"])
+    return kept_at, grad_at
 
 
 def _backward_steps(layer, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

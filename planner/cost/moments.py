@@ -84,6 +84,8 @@ class StepParts:
     unsharded_at: dict[str, np.ndarray] | None = None  # FSDP2: the layer's unsharded gradients (compute dtype)
     kind_steps: list | None = None
     kind_at: dict[str, np.ndarray] | None = None
+    kept_at: dict[str, np.ndarray] | None = None  # activations kept by the layer at each position
+    grad_at: dict[str, np.ndarray] | None = None  # gradients stored by the layer at each position
     # FSDP2 root holding a tied head: its buffered gradient, the embedding's and their sum (compute dtype)
     tied_sum: np.ndarray | float = 0.0
 
@@ -93,8 +95,8 @@ def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
     last, first = x.layers - 1, np.zeros_like(x.layers)
     middle_high, middle_low = np.maximum(x.layers - 2, 0), np.minimum(1, x.layers - 1)
     step = {where: _position_step(x, where) for where in ("first", "last", "max")}
-    middle = _larger(_backward_layer(x, middle_high, step["max"], "max"),
-                     _backward_layer(x, middle_low, step["max"], "max"))
+    middle = _larger(_backward_layer(x, middle_high, step["max"], "middle_high"),
+                     _backward_layer(x, middle_low, step["max"], "middle_low"))
     table = {"forward head": _forward_head(x), "backward head": _backward_head(x),
              "backward layer:last": _backward_layer(x, last, step["last"], "last"), "backward layer:middle": middle,
              "backward layer:first": _backward_layer(x, first, step["first"], "first"),
@@ -192,13 +194,16 @@ def _largest_step(x: StepParts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.ndarray],
-                    where: str) -> dict[str, np.ndarray]:
+                    at: str) -> dict[str, np.ndarray]:
     """Layer `index` (0 = the first in the forward) runs its backward: the layers above have
     their gradients, the layers below still hold their activations; `step` is its largest step;
-    `where` the position it stands at (first, last, or max for one in between)."""
+    `at` the position it stands at (first, last, middle_high: the one below the last,
+    middle_low: the second; a layer between runs as the stage's largest kind)."""
+    where = "max" if at.startswith("middle") else at
     above = x.layers - 1 - index
-    below = x.others + np.minimum(index, x.layers_resident) * x.kept_layer + x.embedding + x.tied_grad
-    stored = np.where(x.fsdp & ~x.ends, above * x.grad_layer, x.grad_head + above * x.grad_layer)
+    kept_below, grads_above = _around(x, index, above, at)
+    below = x.others + kept_below + x.embedding + x.tied_grad
+    stored = np.where(x.fsdp & ~x.ends, grads_above, x.grad_head + grads_above)
     grads = np.where(x.grads_held > 0, x.grads_held, stored + step[0])
     running = _moment(grads, _layer_copies(x, index, above, where) + x.ring, below + step[1], 0.0)
     if where != "last" or x.unsharded_at is None:
@@ -209,6 +214,22 @@ def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.
                    x.gathered_root + _gathered(x, "below_last") + _scatter(x, "last"),
                    below + x.unsharded_at["last"], 0.0)
     return {k: np.where(x.fsdp & ~x.zero2, _larger(running, post)[k], running[k]) for k in running}
+
+
+def _around(x: StepParts, index: np.ndarray, above: np.ndarray, at: str) -> tuple[np.ndarray, np.ndarray]:
+    """(activations kept by the layers below, gradients stored by the layers above) of the layer at
+    `at`: in a stack of several kinds, the stage's sum less the layers at the known positions."""
+    mean = (np.minimum(index, x.layers_resident) * x.kept_layer, above * x.grad_layer)
+    if x.kept_at is None:
+        return mean
+    k, g = x.kept_at, x.grad_at
+    total_kept, total_grads = x.layers * x.kept_layer, x.layers * x.grad_layer
+    exact = {"first": (0.0, total_grads - g["first"]),
+             "last": (total_kept - k["last"], 0.0),
+             "middle_high": (total_kept - k["below_last"] - k["last"], g["last"]),
+             "middle_low": (k["first"], total_grads - g["first"] - g["second"])}[at]
+    known = (x.layers >= 3) & (x.layers_resident >= x.layers)  # positions distinct, nothing offloaded
+    return tuple(np.where(known, e, m) for e, m in zip(exact, mean))
 
 
 # the layer running its backward, the one below (prefetched) and the one above (reduce-scattering)
