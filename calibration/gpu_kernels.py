@@ -12,6 +12,14 @@ still transformers' own code, traced as it runs.
   and a fp32 log-sum-exp; the CPU has no such kernel and falls back to the math path, which
   materialises the scores. The stand-in calls `aten._scaled_dot_product_efficient_attention`,
   whose meta kernel runs on fake tensors and whose autograd formula is the CUDA one.
+* Gated DeltaNet (Qwen3-Next, Qwen3.5): without flash-linear-attention and causal-conv1d
+  transformers runs `torch_chunk_gated_delta_rule` (a Python loop over chunks that keeps every
+  chunk's intermediates) and `causal_conv1d_fn` as F.conv1d then silu. On a GPU with those
+  packages: causal-conv1d's CausalConv1dFn fuses the silu and keeps its input, weight and bias
+  (causal_conv1d_interface.py); fla's ChunkGatedDeltaRuleFunction (fla/ops/gated_delta_rule/chunk.py)
+  keeps the l2-normalised q and k (key heads) with their fp32 rstd, v made contiguous, the fp32
+  chunk-local cumsum of g, beta and the solved intra-chunk matrix A (value heads x 64, k's
+  dtype), and recomputes w, u and the chunk states in backward. The stand-ins do exactly that.
 """
 
 from __future__ import annotations
@@ -56,5 +64,79 @@ def gpu_kernels() -> Iterator[None]:
         yield
 
 
+class _CausalConv1d(torch.autograd.Function):
+    """causal-conv1d's CausalConv1dFn with activation="silu": keeps x, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        return torch.empty_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias)
+
+
+def _causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+    return _CausalConv1d.apply(hidden_states, weight, bias)
+
+
+CHUNK = 64  # fla's chunk size
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    """fla's ChunkGatedDeltaRuleFunction with use_qk_l2norm_in_kernel (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta):
+        batch, tokens, heads, _ = q.shape
+        value_heads, value_dim = v.shape[2], v.shape[3]
+        fp32 = torch.float32
+        q_normed, k_normed = torch.empty_like(q, memory_format=torch.contiguous_format), \
+            torch.empty_like(k, memory_format=torch.contiguous_format)
+        q_rstd, k_rstd = q.new_empty(batch, tokens, heads, dtype=fp32), k.new_empty(batch, tokens, heads, dtype=fp32)
+        v = v.contiguous()
+        g_cumsum = g.new_empty(batch, tokens, value_heads, dtype=fp32)
+        solved = k.new_empty(batch, tokens, value_heads, CHUNK)
+        _chunk_transients(k, v)
+        out = v.new_empty(batch, tokens, value_heads, value_dim)
+        ctx.save_for_backward(q_normed, q_rstd, k_normed, k_rstd, v, g_cumsum, beta, solved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, _, k, _, v, g, beta, _ = ctx.saved_tensors
+        transients = _chunk_transients(k, v)  # w, u, the chunk states and v_new, recomputed
+        grad_h = torch.empty_like(transients[2], dtype=torch.float32)
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), torch.empty_like(beta))
+        del transients, grad_h
+        return grads
+
+
+def _chunk_transients(k, v) -> tuple:
+    """w and u (the WY representation), the per-chunk states h (k's dtype) and v_new."""
+    batch, tokens, _, key_dim = k.shape
+    value_heads, value_dim = v.shape[2], v.shape[3]
+    chunks = -(-tokens // CHUNK)
+    return (k.new_empty(batch, tokens, value_heads, key_dim), v.new_empty(batch, tokens, value_heads, value_dim),
+            k.new_empty(batch, chunks, value_heads, key_dim, value_dim), torch.empty_like(v))
+
+
+def _chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=CHUNK, initial_state=None,
+                            output_final_state=False, use_qk_l2norm_in_kernel=False, **kwargs):
+    return _ChunkGatedDeltaRule.apply(query, key, value, g, beta), None
+
+
+GATED_DELTANET_MODULES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
 def _linear_attention_patches() -> list:
-    return []
+    import importlib
+
+    patches = []
+    for family in GATED_DELTANET_MODULES:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        patches += [_patched(module, "causal_conv1d_fn", _causal_conv1d_fn),
+                    _patched(module, "torch_chunk_gated_delta_rule", _chunk_gated_delta_rule)]
+    return patches

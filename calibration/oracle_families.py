@@ -35,6 +35,8 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
                        "MLA (q rank 1536, kv rank 512, qk 192 / v 128) and one dense layer before three of 256 experts"),
     "glm-4.5-air-4l": ("glm-4.5-air", 4, {"first_k_dense_replace": 1},
                        "one dense layer before three of 128 experts with a shared expert"),
+    "qwen3-next-80b-a3b-4l": ("qwen3-next-80b-a3b", 4, {},
+                              "three Gated DeltaNet layers and one gated full-attention layer, 512 experts"),
 }
 
 
@@ -48,6 +50,9 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("deepseek-v3-4l fsdp64 1x4096", model_ref("deepseek-v3-4l"), 4096, 1, dp=64, zero=3),
     _point("deepseek-v3-4l fsdp64 2x2048 full", model_ref("deepseek-v3-4l"), 2048, 2, "full", dp=64, zero=3),
     _point("glm-4.5-air-4l fsdp32 2x4096", model_ref("glm-4.5-air-4l"), 4096, 2, dp=32, zero=3),
+    _point("qwen3-next-80b-a3b-4l fsdp32 2x4096", model_ref("qwen3-next-80b-a3b-4l"), 4096, 2, dp=32, zero=3),
+    _point("qwen3-next-80b-a3b-4l fsdp32 1x8192 full", model_ref("qwen3-next-80b-a3b-4l"), 8192, 1, "full",
+           dp=32, zero=3),
 ]
 
 

@@ -332,7 +332,8 @@ class _BlockBuilder:
         self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
                     flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
-                    grads=(Saved("experts.grad", k * c * (2 * h + m * i)),),
+                    # backward, alive at once: the gate_up (or up) and product gradients, then the input's
+                    grads=(Saved("experts.grad", k * c * (h + m * i)),),
                     param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
         if s.shared_expert_intermediate_size:
             routed = self.last
