@@ -37,6 +37,7 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
                        "one dense layer before three of 128 experts with a shared expert"),
     "qwen3-next-80b-a3b-4l": ("qwen3-next-80b-a3b", 4, {},
                               "three Gated DeltaNet layers and one gated full-attention layer, 512 experts"),
+    "gpt-oss-20b-4l": ("gpt-oss-20b", 4, {}, "attention sinks, sliding (128) and full layers, clamped SwiGLU experts"),
 }
 
 
@@ -53,6 +54,8 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("qwen3-next-80b-a3b-4l fsdp32 2x4096", model_ref("qwen3-next-80b-a3b-4l"), 4096, 2, dp=32, zero=3),
     _point("qwen3-next-80b-a3b-4l fsdp32 1x8192 full", model_ref("qwen3-next-80b-a3b-4l"), 8192, 1, "full",
            dp=32, zero=3),
+    # transformers runs gpt-oss's sinks in eager attention only (the executor too)
+    _point("gpt-oss-20b-4l fsdp8 1x2048 eager", model_ref("gpt-oss-20b-4l"), 2048, 1, dp=8, zero=3, attention="eager"),
 ]
 
 

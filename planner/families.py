@@ -196,7 +196,7 @@ def _gpt_oss(c: Config) -> dict[str, Any]:
     f.update(head_dim=c.int("head_dim", default=64), qkv_bias=bias, out_bias=bias, attention_sinks=True,
              num_experts=c.int("num_local_experts", default=128),
              experts_per_token=c.int("num_experts_per_tok", default=4),
-             router_bias=True, expert_bias=True, sliding_window=_window(c, 128))
+             router_bias=True, expert_bias=True, expert_gate="clamped_swiglu", sliding_window=_window(c, 128))
     f["layer_types"] = _attention_types(
         c, f["num_layers"], lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention")
     return f

@@ -326,6 +326,8 @@ class _BlockBuilder:
                  Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
                  Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
                  Saved("experts.down_out", c * h * k))
+        if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
+            saved += (Saved("experts.clamped", 3 * c * i * k),)
         biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
         bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
         m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)

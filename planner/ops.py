@@ -164,7 +164,7 @@ def masked_by_window(workload: Workload, window: int) -> bool:
     return workload.attention == "sdpa" and window > 0 and workload.seq_len >= window
 
 
-def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, float]:
+def score_bytes(workload: Workload, n: Numerics, dropout: bool, sinks: bool = False) -> tuple[float, float]:
     """(saved, forward traffic) in bytes per attention score per head when scores are materialised.
 
     eager (transformers eager_attention_forward, modeling_llama.py): QK^T writes the scores (c),
@@ -175,9 +175,15 @@ def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, 
     scaled scores (c), FusedScaleMaskSoftmax reads and writes them (2c), PV reads c: 4c; softmax
     saves its output, which PV also saves (one tensor). As Korthikanti et al. 2022 Eq. 1 counts.
     Attention dropout (CUDA native_dropout) reads and writes the probabilities and writes a bool
-    mask (2c + 1); it saves the mask and PV saves its output instead (1 + c)."""
+    mask (2c + 1); it saves the mask and PV saves its output instead (1 + c).
+    eager with attention sinks (modeling_gpt_oss.py eager_attention_forward): the sink logits are
+    concatenated, the row maximum subtracted and softmax taken in the compute dtype; softmax keeps
+    its output, whose slice PV keeps (one tensor, c); QK^T, scaling, mask, cat, max, subtraction,
+    softmax and PV move about 13c."""
     c = n.compute_bytes
-    if workload.attention == "eager":
+    if workload.attention == "eager" and sinks:
+        saved, traffic = c, 13 * c
+    elif workload.attention == "eager":
         saved, traffic = FP32_BYTES + c, 8 * c + 8
     else:
         saved, traffic = c, 4 * c
@@ -246,7 +252,7 @@ def attention_op(spec: ModelSpec, workload: Workload, n: Numerics, shape: Attent
              Saved("attn.out", c * out), Saved("attn.lse", FP32_BYTES * a, selective=True)]
     score_traffic = 0.0
     if workload.attention != "sdpa":
-        per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0)
+        per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0, spec.attention_sinks)
         saved = saved[:3] + [Saved("attn.scores", per_score * a, times_seq=True)]
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)

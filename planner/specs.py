@@ -81,6 +81,8 @@ class ModelSpec:
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE shared_expert_gate)
     router_bias: bool = False  # the router linear has a bias (gpt-oss)
     expert_bias: bool = False  # experts' gate_up / down projections have biases (gpt-oss)
+    # the experts' gating: act(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(alpha * gate)
+    expert_gate: str = "act"  # act | clamped_swiglu
     qk_norm: str = ""  # "" | "head": RMSNorm over head_dim (Qwen3, Gemma 3) | "full": over q/kv width (OLMo 2)
     attention_sinks: bool = False  # one learned sink logit per head (gpt-oss)
     layer_norms: str = "pre"  # pre | sandwich (Gemma 2/3: pre and post norms) | post (OLMo 2: post only)

@@ -1,7 +1,8 @@
 """The oracle points of today's families (calibration/data/oracle_families.json): sliding-window
 layers with zero-centred norms and a tied head (Gemma 3), MLA with dense-first MoE (DeepSeek-V3),
 dense-first MoE with a shared expert (GLM-4.5-Air), Gated DeltaNet hybrids (Qwen3-Next, through
-the GPU kernels' stand-ins of calibration/gpu_kernels.py), each a released config at full width cut to a
+the GPU kernels' stand-ins of calibration/gpu_kernels.py), attention sinks in eager attention
+(gpt-oss), each a released config at full width cut to a
 few layers and traced whole; the planner within the grid's tolerance, and (slow) a re-trace
 reproduces a stored point."""
 
@@ -46,6 +47,7 @@ def test_the_mechanisms_are_covered():
     assert any(s.sliding_window and s.norm_offset and s.tie_word_embeddings for s in specs)
     assert any(s.shared_expert_intermediate_size and s.mlp_layer_types[0] == "dense" for s in specs)
     assert any(any(kind.attention == "linear_attention" for kind, _ in s.layer_kinds()) for s in specs)
+    assert any(s.attention_sinks and s.expert_gate == "clamped_swiglu" for s in specs)
     assert {p["config"]["recompute"] for p in POINTS} == {"none", "full"}
 
 
