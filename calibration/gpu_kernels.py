@@ -20,6 +20,12 @@ still transformers' own code, traced as it runs.
   keeps the l2-normalised q and k (key heads) with their fp32 rstd, v made contiguous, the fp32
   chunk-local cumsum of g, beta and the solved intra-chunk matrix A (value heads x 64, k's
   dtype), and recomputes w, u and the chunk states in backward. The stand-ins do exactly that.
+* Mamba-2 (Nemotron-H): in training with mamba_ssm transformers calls the fused
+  `mamba2_split_conv1d_scan_combined` (mamba_ssm's MambaSplitConv1dScanCombinedFn,
+  ssd_combined.py), which keeps the in_proj output (zxbcdt), the scan output before the gated norm
+  (out_x) and the norm's fp32 rstd per group, and recomputes the convolution, the scan, the norm
+  and out_proj's input in backward; without mamba_ssm the function returns None and a torch path
+  runs. The stand-in returns the fused function's output and keeps what it keeps.
 """
 
 from __future__ import annotations
@@ -131,6 +137,39 @@ def _chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=CHUNK, initia
 GATED_DELTANET_MODULES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
 
 
+class _SplitConv1dScanCombined(torch.autograd.Function):
+    """mamba_ssm's MambaSplitConv1dScanCombinedFn with the gated norm and out_proj fused in."""
+
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, out_weight, out_bias,
+                inner: int, groups: int):
+        batch, tokens, _ = zxbcdt.shape
+        out_x = zxbcdt.new_empty(batch, tokens, inner)
+        rstd = zxbcdt.new_empty(batch * tokens * groups, dtype=torch.float32)
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, out_x, A, D, dt_bias, norm_weight, rstd, out_weight, out_bias)
+        return zxbcdt.new_empty(batch, tokens, out_weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zxbcdt, conv_weight, conv_bias, out_x, A, D, dt_bias, norm_weight, _, out_weight, out_bias = ctx.saved_tensors
+        recomputed = (torch.empty_like(out_x), torch.empty_like(out_x))  # the normed output, out_proj's input
+        grads = (torch.empty_like(zxbcdt), torch.zeros_like(conv_weight),
+                 None if conv_bias is None else torch.zeros_like(conv_bias), torch.zeros_like(dt_bias),
+                 torch.zeros_like(A), torch.zeros_like(D), torch.zeros_like(norm_weight), torch.zeros_like(out_weight),
+                 None if out_bias is None else torch.zeros_like(out_bias), None, None)
+        del recomputed
+        return grads
+
+
+def _split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
+                                dt_limit=(0.0, float("inf")), return_final_states=False, activation="silu",
+                                rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None, outproj_bias=None,
+                                headdim=None, ngroups=1, norm_before_gate=True, **kwargs):
+    inner = rmsnorm_weight.shape[0]
+    return _SplitConv1dScanCombined.apply(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, rmsnorm_weight,
+                                          outproj_weight, outproj_bias, inner, ngroups)
+
+
 def _linear_attention_patches() -> list:
     import importlib
 
@@ -139,4 +178,6 @@ def _linear_attention_patches() -> list:
         module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         patches += [_patched(module, "causal_conv1d_fn", _causal_conv1d_fn),
                     _patched(module, "torch_chunk_gated_delta_rule", _chunk_gated_delta_rule)]
+    module = importlib.import_module("transformers.models.nemotron_h.modeling_nemotron_h")
+    patches.append(_patched(module, "mamba2_split_conv1d_scan_combined", _split_conv1d_scan_combined))
     return patches

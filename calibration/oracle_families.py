@@ -41,6 +41,18 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
 }
 
 
+# configs that are no release (no published Nemotron-H config is in the catalog): shapes chosen here
+SHAPES: dict[str, dict[str, Any]] = {
+    "nemotron-h-shape-6l": {
+        "_name_or_path": "nemotron-h-shape-6l", "model_type": "nemotron_h", "hidden_size": 4096,
+        "intermediate_size": 16384, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 131072, "max_position_embeddings": 8192, "mamba_num_heads": 128, "mamba_head_dim": 64,
+        "ssm_state_size": 128, "n_groups": 8, "conv_kernel": 4, "chunk_size": 128, "use_conv_bias": True,
+        "layers_block_type": ["linear_attention", "mlp", "linear_attention", "full_attention", "linear_attention", "mlp"],
+        "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
+
+
 def model_ref(name: str) -> str:
     return f"{MODELS_REF}/{name}.json"
 
@@ -55,6 +67,9 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("qwen3-next-80b-a3b-4l fsdp32 1x8192 full", model_ref("qwen3-next-80b-a3b-4l"), 8192, 1, "full",
            dp=32, zero=3),
     # transformers runs gpt-oss's sinks in eager attention only (the executor too)
+    # Mamba-2 through the fused mamba_ssm function's stand-in (nemotron_h counts as MoE: bf16 master weights)
+    _point("nemotron-h-shape-6l bf16 2x4096", model_ref("nemotron-h-shape-6l"), 4096, 2, master_dtype="bf16"),
+    _point("nemotron-h-shape-6l fsdp8 4x4096 full", model_ref("nemotron-h-shape-6l"), 4096, 4, "full", dp=8, zero=3),
     _point("gpt-oss-20b-4l fsdp8 1x2048 eager", model_ref("gpt-oss-20b-4l"), 2048, 1, dp=8, zero=3, attention="eager"),
 ]
 
@@ -79,6 +94,8 @@ def write_models() -> None:
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
     for name in CUTS:
         (MODELS_DIR / f"{name}.json").write_text(json.dumps(cut_config(name), indent=1) + "\n")
+    for name, config in SHAPES.items():
+        (MODELS_DIR / f"{name}.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
 def load_families(path: str | Path | None = None) -> dict[str, Any]:

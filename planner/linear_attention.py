@@ -28,6 +28,7 @@ fp32 tensors kept).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from planner.ops import FP32_BYTES, Op, Saved
@@ -77,29 +78,37 @@ def mamba2(b: BlockBuilder) -> None:
     """A Mamba-2 mixer (Dao & Gu 2024, arXiv 2405.21060) as transformers' NemotronHMamba2Mixer builds
     it: in_proj (hidden -> z, x, B, C, dt: 2·d_inner + 2·groups·state + heads), a depthwise causal
     conv1d with bias over x, B, C, then silu; dt_bias, A_log and D per head; the chunked SSD scan
-    (mamba_chunk_scan_combined, chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner; out_proj.
+    (chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner (per group); out_proj.
     Per token and head the chunked scan spends about 2·C·(N + P) on the intra-chunk products and
-    4·N·P on the state (SSD §6), N the state size, P the head dim; it keeps x, B, C, dt, z and its
-    output (mamba_ssm's MambaChunkScanCombinedFn saves its inputs and output)."""
+    4·N·P on the state (SSD §6), N the state size, P the head dim.
+
+    In training with mamba_ssm installed transformers runs all of it after in_proj as one fused
+    function (mamba2_split_conv1d_scan_combined, mamba_ssm's MambaSplitConv1dScanCombinedFn), which
+    keeps the in_proj output, the scan's output before the gated norm and the norm's fp32 rstd,
+    and recomputes the convolution, the scan's chunk states, the norm and out_proj's input in
+    backward (without mamba_ssm it falls back to a torch path that keeps far more; the oracle runs
+    a stand-in of the fused function, calibration/gpu_kernels.py)."""
     s, c = b.spec, b.n.compute_bytes
     heads, head_dim, state, groups = s.mamba_heads, s.mamba_head_dim, s.mamba_state_size, s.mamba_groups
     inner = heads * head_dim
     conv_dim = inner + 2 * groups * state
+    in_width = 2 * inner + 2 * groups * state + heads
     x = b.attn_in
-    b.linear("in_proj", s.hidden_size, 2 * inner + 2 * groups * state + heads, False, x, column=True)
+    b.linear("in_proj", s.hidden_size, in_width, False, x, column=True)
     kernel = s.linear_conv_kernel
     bias = 1 if s.mamba_conv_bias else 0
+    saved = (Saved("in_proj.out", c * in_width), Saved("ssd.out", c * inner), Saved("mamba_norm.rstd", FP32_BYTES * groups))
     b.add(Op("conv1d", "elementwise", params=conv_dim * (kernel + bias) + 3 * heads,
              flops_per_token=2 * kernel * conv_dim, io_bytes_per_token=4 * c * conv_dim,
-             out_bytes_per_token=c * conv_dim,
-             saved=(Saved("in_proj.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
-             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             out_bytes_per_token=c * conv_dim, saved=saved,
+             grads=(Saved("mamba.grad", c * (in_width + 2 * inner)),),
              param_dims=((conv_dim, conv_dim * (kernel + bias)), (heads, heads), (heads, heads), (heads, heads))))
     chunk = s.mamba_chunk_size
-    saved = (Saved("ssd.dt", FP32_BYTES * heads), Saved("ssd.z", c * inner), Saved("ssd.out", c * inner))
     b.add(Op("ssd_scan", "matmul", gemm=(chunk, heads * (state + head_dim)),
              flops_per_token=heads * (2 * chunk * (state + head_dim) + 4 * state * head_dim),
-             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner, saved=saved,
-             grads=(Saved("ssd_scan.grad", c * (conv_dim + 2 * inner)),)))
-    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True, offset=False)  # statistics per group, one weight of d_inner
+             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner))
+    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True, offset=False)
     b.linear("out_proj", inner, s.hidden_size, False, "mamba_norm.out", column=False)
+    for name in ("mamba_norm", "out_proj"):  # inside the fused function: recomputed in backward
+        node = b.graph.nodes[name]
+        node["op"] = replace(node["op"], saved=(), grads=())

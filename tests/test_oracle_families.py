@@ -2,7 +2,7 @@
 layers with zero-centred norms and a tied head (Gemma 3), MLA with dense-first MoE (DeepSeek-V3),
 dense-first MoE with a shared expert (GLM-4.5-Air), Gated DeltaNet hybrids (Qwen3-Next, through
 the GPU kernels' stand-ins of calibration/gpu_kernels.py), attention sinks in eager attention
-(gpt-oss), each a released config at full width cut to a
+(gpt-oss), Mamba-2 hybrids (a Nemotron-H shape chosen here, through the fused mamba_ssm stand-in), each a released config at full width cut to a
 few layers and traced whole; the planner within the grid's tolerance, and (slow) a re-trace
 reproduces a stored point."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from calibration.oracle import PLANNER_GROUPS
 from calibration.oracle_check import TOLERANCE, compare, summary
-from calibration.oracle_families import CUTS, FAMILY_GRID, MODELS_DIR, cut_config, load_families
+from calibration.oracle_families import CUTS, FAMILY_GRID, MODELS_DIR, SHAPES, cut_config, load_families
 from calibration.oracle_grid import request_and_config
 from planner.api import resolve
 
@@ -32,6 +32,8 @@ def test_stored_points_are_the_points_the_code_defines_with_versions():
 def test_stored_cut_configs_are_the_catalog_configs_cut():
     for name in CUTS:
         assert json.loads((MODELS_DIR / f"{name}.json").read_text()) == cut_config(name), name
+    for name, config in SHAPES.items():
+        assert json.loads((MODELS_DIR / f"{name}.json").read_text()) == config, name
 
 
 def test_each_cut_holds_several_kinds_of_layer_and_was_traced_whole():
@@ -48,6 +50,7 @@ def test_the_mechanisms_are_covered():
     assert any(s.shared_expert_intermediate_size and s.mlp_layer_types[0] == "dense" for s in specs)
     assert any(any(kind.attention == "linear_attention" for kind, _ in s.layer_kinds()) for s in specs)
     assert any(s.attention_sinks and s.expert_gate == "clamped_swiglu" for s in specs)
+    assert any(any(kind.attention == "mamba" for kind, _ in s.layer_kinds()) for s in specs)
     assert {p["config"]["recompute"] for p in POINTS} == {"none", "full"}
 
 
