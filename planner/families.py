@@ -20,7 +20,7 @@ from planner.specs import ATTENTION_TYPES
 
 # families transformers ships whose layers are not softmax attention + MLP: what they lack here
 NOT_YET = {
-    "kimi_linear": "Kimi Delta Attention (linear-attention) layers",
+    "kimi_linear": "Kimi Delta Attention (linear-attention) layers (transformers 5.23 ships its configuration, no modeling file)",
     "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
     "deepseek_v4": "compressed sparse attention (compressed_sparse_attention / heavily_compressed_attention)",
     "gemma4": "Gemma 4's per-layer embeddings and shared KV layers",
