@@ -27,7 +27,8 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _RefType
 
 TOTAL = "Total"
-ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
+ATTENTION_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default)  # MLA (calibration/gpu_kernels.py)
 
 
 class OracleRef(_RefType):
@@ -165,7 +166,8 @@ class _OracleMixin:
         self._dispatching = (func, args)
         self.ops_seen.add(str(func))
         if func in ATTENTION_OPS:
-            self.attention_calls.add((args[0].shape[1], args[1].shape[1], (kwargs or {}).get("attn_mask") is not None))
+            mask = (kwargs or {}).get("attn_mask", args[3] if func is ATTENTION_OPS[1] else None)
+            self.attention_calls.add((args[0].shape[1], args[1].shape[1], mask is not None))
         try:
             return super().__torch_dispatch__(func, types, args, kwargs)  # type: ignore[misc]
         finally:

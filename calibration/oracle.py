@@ -46,6 +46,8 @@ from planner.specs import ModelSpec, Workload
 TRACED_LAYERS = (3, 4)  # both have a first, a middle and a last layer
 FLASH_OPS = ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
 MATH_ATTENTION_OPS = ("aten._scaled_dot_product_attention_math.default",)
+# the memory-efficient kernel a GPU runs where q/k and v head dims differ (MLA); see calibration/gpu_kernels.py
+EFFICIENT_OPS = ("aten._scaled_dot_product_efficient_attention.default",)
 
 # How MemTracker's and FSDPMemTracker's categories (calibration/memtrace.py adds "Param copy" and
 # "Optimizer temp") add up to the planner's breakdown (planner/cost/memory.py CATEGORIES).
@@ -118,6 +120,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from calibration import fake_model
+    from calibration.gpu_kernels import gpu_kernels
     from calibration.memtrace import fsdp_unshard_tagged, untracked_dtensor_metadata
     from executor.model import decoder_layers
 
@@ -137,7 +140,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
         tracker = _tracker(model, optimizer, ids, config)
         tracker.watch_layers(layers)
         with tracker, untracked_dtensor_metadata(tracker), fsdp_unshard_tagged(tracker), \
-                fake_model.unpacked_sequences():
+                fake_model.unpacked_sequences(), gpu_kernels():
             tracker.phase("forward")
             loss = _forward(model, ids, items, workload, autocast)
             tracker.phase("backward")
@@ -197,14 +200,31 @@ def _check_attention_kernel(attention_ops: list[str], calls: set[tuple[int, int,
     A trace that ran otherwise is not ground truth."""
     if workload.attention != "sdpa":
         return
-    heads, kv_heads = spec.num_heads // config.tp, spec.num_kv_heads // config.tp
-    window = spec.hf_config.get("sliding_window")
-    masked = bool(window) and workload.seq_len >= window
-    expected = {(heads, heads if masked else kv_heads, masked)}
-    flash = any(op in attention_ops for op in FLASH_OPS) and not any(op in attention_ops for op in MATH_ATTENTION_OPS)
+    expected = expected_attention_calls(spec, workload, config)
+    kernels = FLASH_OPS + EFFICIENT_OPS
+    flash = any(op in attention_ops for op in kernels) and not any(op in attention_ops for op in MATH_ATTENTION_OPS)
     if not flash or calls != expected:
         raise RuntimeError(f"SDPA did not run the flash kernel causally with native GQA (ops {', '.join(attention_ops)}; "
                            f"calls (q heads, kv heads, masked) {sorted(calls)}); the trace would not match a GPU's")
+
+
+def expected_attention_calls(spec: ModelSpec, workload: Workload, config: ParallelConfig) -> set[tuple[int, int, bool]]:
+    """(query heads, key heads, masked) of each kind of softmax-attention layer: masked where its
+    window or chunk is no longer than the sequence (planner/ops.py masked_by_window)."""
+    from planner.ops import masked_attention, masked_by_window
+
+    heads, kv_heads = spec.num_heads // config.tp, spec.num_kv_heads // config.tp
+    spans = {"sliding_attention": spec.sliding_window or 0, "chunked_attention": spec.attention_chunk_size or 0}
+    expected = set()
+    for kind, _ in spec.layer_kinds():
+        if kind.attention == "full_attention":
+            masked = masked_attention(spec, workload)
+        elif kind.attention in spans:
+            masked = masked_by_window(workload, spans[kind.attention])
+        else:
+            continue  # linear attention, Mamba-2, no mixer
+        expected.add((heads, heads if masked else kv_heads, masked))
+    return expected
 
 
 # -- extrapolation ------------------------------------------------------------------------------
@@ -237,7 +257,9 @@ def trace(spec: ModelSpec, workload: Workload, config: ParallelConfig,
     """The oracle's answer for the whole model: per-position peaks, the overall peak and its
     breakdown in the planner's categories."""
     started = time.perf_counter()
-    traced = [spec.num_layers] if spec.num_layers <= layers[1] else list(layers)
+    # a stack of several kinds of layer is not affine in its depth: it is traced whole
+    whole = spec.num_layers <= layers[1] or len(spec.layer_kinds()) > 1
+    traced = [spec.num_layers] if whole else list(layers)
     traces = []
     with progress(len(traced), f"tracing {spec.name}: {' and '.join(map(str, traced))} layers") as advance:
         for num_layers in traced:

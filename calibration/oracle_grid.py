@@ -115,7 +115,11 @@ def request_and_config(point: dict[str, Any]):
     if "lora_targets" in workload:
         workload["lora_targets"] = tuple(workload["lora_targets"])
     global_batch = config.dp * config.micro_batch_size * config.num_micro_batches
-    request = Request(model=point["model"], gpu=GPU, gpus=config.dp * config.tp, global_batch=global_batch, **workload)
+    model = point["model"]
+    shipped = Path(__file__).resolve().parents[1] / model  # a config.json shipped in the repository
+    if model.endswith(".json") and shipped.is_file():
+        model = str(shipped)
+    request = Request(model=model, gpu=GPU, gpus=config.dp * config.tp, global_batch=global_batch, **workload)
     return request, config
 
 

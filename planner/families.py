@@ -20,7 +20,7 @@ from planner.specs import ATTENTION_TYPES
 
 # families transformers ships whose layers are not softmax attention + MLP: what they lack here
 NOT_YET = {
-    "kimi_linear": "Kimi Delta Attention (linear-attention) layers",
+    "kimi_linear": "Kimi Delta Attention (linear-attention) layers (transformers 5.23 ships its configuration, no modeling file)",
     "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
     "deepseek_v4": "compressed sparse attention (compressed_sparse_attention / heavily_compressed_attention)",
     "gemma4": "Gemma 4's per-layer embeddings and shared KV layers",
@@ -121,7 +121,7 @@ def _gemma(c: Config, pattern: int, qk_norm: str) -> dict[str, Any]:
     f = llama_like(c)
     f.update(head_dim=c.int("head_dim", default=256), tie_word_embeddings=c.bool("tie_word_embeddings", True),
              activation=str(c.data.get("hidden_activation") or "gelu_pytorch_tanh"), layer_norms="sandwich",
-             embedding_scale=True, qk_norm=qk_norm, sliding_window=_window(c, 4096),
+             embedding_scale=True, qk_norm=qk_norm, sliding_window=_window(c, 4096), norm_offset=True,
              attn_logit_softcapping=c.float("attn_logit_softcapping", 50.0 if pattern == 2 else 0.0),
              final_logit_softcapping=c.float("final_logit_softcapping", 30.0 if pattern == 2 else 0.0))
     pattern = c.int("sliding_window_pattern", default=pattern)
@@ -196,7 +196,7 @@ def _gpt_oss(c: Config) -> dict[str, Any]:
     f.update(head_dim=c.int("head_dim", default=64), qkv_bias=bias, out_bias=bias, attention_sinks=True,
              num_experts=c.int("num_local_experts", default=128),
              experts_per_token=c.int("num_experts_per_tok", default=4),
-             router_bias=True, expert_bias=True, sliding_window=_window(c, 128))
+             router_bias=True, expert_bias=True, expert_gate="clamped_swiglu", sliding_window=_window(c, 128))
     f["layer_types"] = _attention_types(
         c, f["num_layers"], lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention")
     return f
@@ -271,7 +271,7 @@ def _gated_deltanet(c: Config, f: dict[str, Any]) -> dict[str, Any]:
     """Qwen3NextConfig / Qwen3_5TextConfig attention: three Gated DeltaNet layers to one full
     attention layer (full_attention_interval), whose q_proj also makes an output gate; per-head q/k norm."""
     interval = c.int("full_attention_interval", default=4)
-    f.update(head_dim=c.int("head_dim", default=256), qk_norm="head", attention_output_gate=True,
+    f.update(head_dim=c.int("head_dim", default=256), qk_norm="head", attention_output_gate=True, norm_offset=True,
              linear_key_heads=c.int("linear_num_key_heads", default=16),
              linear_value_heads=c.int("linear_num_value_heads", default=32),
              linear_key_head_dim=c.int("linear_key_head_dim", default=128),

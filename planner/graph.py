@@ -163,11 +163,12 @@ class _BlockBuilder:
     def norm(self, name: str, input_key: str) -> None:
         self.add(norm_op(self.spec, self.n, name, input_key))
 
-    def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False) -> None:
+    def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False,
+                     offset: bool | None = None) -> None:
         """A norm over a tensor in the compute dtype (q/k norms, post norms, MLA's low-rank norms);
         `tp`: its input is sharded by tensor parallelism (per-head q/k)."""
         n = replace(self.n, residual_bytes=self.n.compute_bytes)
-        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows)
+        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows, offset=offset)
         if tp:
             op = replace(op, saved=tuple(replace(t, split="tp") for t in op.saved),
                          grads=tuple(replace(g, split="tp") for g in op.grads))
@@ -325,13 +326,16 @@ class _BlockBuilder:
                  Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
                  Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
                  Saved("experts.down_out", c * h * k))
+        if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
+            saved += (Saved("experts.clamped", 3 * c * i * k),)
         biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
         bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
         m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
         self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
                     flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
-                    grads=(Saved("experts.grad", k * c * (2 * h + m * i)),),
+                    # backward, alive at once: the gate_up (or up) and product gradients, then the input's
+                    grads=(Saved("experts.grad", k * c * (h + m * i)),),
                     param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
         if s.shared_expert_intermediate_size:
             routed = self.last

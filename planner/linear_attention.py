@@ -5,19 +5,30 @@ Qwen3-Next and Qwen3.5 (`layer_types` linear_attention), as transformers builds 
   in_proj_qkvz: hidden -> q, k (key heads x key dim each), v, z (value heads x value dim each)
   in_proj_ba:   hidden -> b, a (one per value head): beta = sigmoid(b), decay g from a, A_log, dt_bias
   conv1d:       depthwise causal convolution (kernel linear_conv_kernel_dim, no bias) over q, k, v, then silu
-  the gated delta rule, chunked (flash-linear-attention chunk_gated_delta_rule, chunks of 64), with
-  q and k repeated to the value heads; RMSNormGated(value dim) of its output with z; out_proj.
+  the gated delta rule, chunked (flash-linear-attention chunk_gated_delta_rule, chunks of 64), q and
+  k at the key heads (the kernel serves the value heads from them); RMSNormGated(value dim) of its
+  output with z; out_proj.
 
 Its FLOPs grow linearly with the sequence: per token and value head, the chunkwise form spends
 about 4·C·(d_k + d_v) on the intra-chunk products (QKᵀ, KKᵀ for the WY/UT transform, their
 products with V) and 6·d_k·d_v on the state (reading it for the output and for the delta, and
-updating it), C = 64 (the paper's §3.3 chunkwise algorithm). The state itself is recomputed in
-backward; the kernel keeps q, k, v, g, beta, the fp32 intra-chunk matrix A (C per token and head)
-and the q/k l2-norm statistics (fla ChunkGatedDeltaRuleFunction.forward's saved tensors).
+updating it), C = 64 (the paper's §3.3 chunkwise algorithm).
+
+What a GPU keeps for backward is what the CUDA kernels save, not transformers' torch fallbacks
+(torch_chunk_gated_delta_rule keeps every chunk's intermediates; the oracle swaps in stand-ins
+that save what the kernels save, calibration/gpu_kernels.py): causal-conv1d fuses the silu and
+keeps its input (the concatenated q, k, v); fla's ChunkGatedDeltaRuleFunction keeps the
+l2-normalised q and k with their fp32 rstd, a contiguous copy of v, the fp32 chunk-local cumsum
+of g, beta and the solved intra-chunk matrix A (C per token and value head, in k's dtype), and
+recomputes the chunk states in backward. Around it (modeling_qwen3_next.py): the decay
+g = -exp(A_log) * softplus(a.float() + dt_bias) keeps two fp32 values per value head, and
+RMSNormGated multiplies the weighted normalised output (kept) by silu of the fp32 gate (both
+fp32 tensors kept).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from planner.ops import FP32_BYTES, Op, Saved
@@ -40,23 +51,26 @@ def gated_deltanet(b: BlockBuilder) -> None:
     b.linear("in_proj_ba", s.hidden_size, 2 * hv, False, x, column=True, after=start)
     b.last = ["in_proj_qkvz", "in_proj_ba"]
     kernel = s.linear_conv_kernel
-    # the depthwise convolution keeps its input; silu keeps the convolution's output; A_log and dt_bias ride along
+    # the fused convolution and silu keep the concatenated input; the decay keeps softplus's fp32 input and
+    # output per value head; A_log and dt_bias ride along
     b.add(Op("conv1d", "elementwise", params=conv_dim * kernel + 2 * hv, flops_per_token=2 * kernel * conv_dim,
              io_bytes_per_token=4 * c * conv_dim, out_bytes_per_token=c * conv_dim,
-             saved=(Saved("in_proj_qkvz.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
+             saved=(Saved("conv1d.in", c * conv_dim), Saved("decay.softplus", 2 * FP32_BYTES * hv)),
              grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
              param_dims=((conv_dim, conv_dim * kernel), (hv, hv), (hv, hv))))
     per_head_flops = 4 * CHUNK * (dk + dv) + 6 * dk * dv
-    saved = (Saved("delta.q", c * hv * dk), Saved("delta.k", c * hv * dk), Saved("delta.v", c * value_dim),
-             Saved("delta.g_beta", (FP32_BYTES + c) * hv), Saved("delta.A", FP32_BYTES * CHUNK * hv),
-             Saved("delta.rstd", 2 * FP32_BYTES * hv))
+    hk = s.linear_key_heads
+    saved = (Saved("delta.q", c * key_dim), Saved("delta.k", c * key_dim), Saved("delta.v", c * value_dim),
+             Saved("delta.g_beta", (FP32_BYTES + c) * hv), Saved("delta.A", c * CHUNK * hv),
+             Saved("delta.rstd", 2 * FP32_BYTES * hk))
     b.add(Op("delta_rule", "matmul", gemm=(CHUNK, hv * (dk + dv)), flops_per_token=hv * per_head_flops,
              io_bytes_per_token=c * (2 * hv * dk + 2 * value_dim), out_bytes_per_token=c * value_dim, saved=saved,
              grads=(Saved("delta_rule.grad", c * (2 * hv * dk + 2 * value_dim)),)))
-    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True)
-    # RMSNormGated: normed * silu(z), keeping z and the normalised output
+    b.compute_norm("delta_norm", "delta_rule.out", dv, rows=hv, tp=True, offset=False)  # RMSNormGated: Llama's
+    # RMSNormGated: (weight * normed) * silu(z.float()), keeping the weighted output, z in fp32 and its silu
     b.add(Op("delta_gate", "elementwise", io_bytes_per_token=4 * c * value_dim, out_bytes_per_token=c * value_dim,
-             saved=(Saved("delta_gate.z", c * value_dim),), grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
+             saved=(Saved("delta_gate.weighted", c * value_dim), Saved("delta_gate.z_silu", 2 * FP32_BYTES * value_dim)),
+             grads=(Saved("delta_gate.grad", 3 * c * value_dim),)))
     b.linear("out_proj", value_dim, s.hidden_size, False, "delta_gate.out", column=False)
 
 
@@ -64,29 +78,37 @@ def mamba2(b: BlockBuilder) -> None:
     """A Mamba-2 mixer (Dao & Gu 2024, arXiv 2405.21060) as transformers' NemotronHMamba2Mixer builds
     it: in_proj (hidden -> z, x, B, C, dt: 2·d_inner + 2·groups·state + heads), a depthwise causal
     conv1d with bias over x, B, C, then silu; dt_bias, A_log and D per head; the chunked SSD scan
-    (mamba_chunk_scan_combined, chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner; out_proj.
+    (chunks of `mamba_chunk_size`); a gated RMSNorm over d_inner (per group); out_proj.
     Per token and head the chunked scan spends about 2·C·(N + P) on the intra-chunk products and
-    4·N·P on the state (SSD §6), N the state size, P the head dim; it keeps x, B, C, dt, z and its
-    output (mamba_ssm's MambaChunkScanCombinedFn saves its inputs and output)."""
+    4·N·P on the state (SSD §6), N the state size, P the head dim.
+
+    In training with mamba_ssm installed transformers runs all of it after in_proj as one fused
+    function (mamba2_split_conv1d_scan_combined, mamba_ssm's MambaSplitConv1dScanCombinedFn), which
+    keeps the in_proj output, the scan's output before the gated norm and the norm's fp32 rstd,
+    and recomputes the convolution, the scan's chunk states, the norm and out_proj's input in
+    backward (without mamba_ssm it falls back to a torch path that keeps far more; the oracle runs
+    a stand-in of the fused function, calibration/gpu_kernels.py)."""
     s, c = b.spec, b.n.compute_bytes
     heads, head_dim, state, groups = s.mamba_heads, s.mamba_head_dim, s.mamba_state_size, s.mamba_groups
     inner = heads * head_dim
     conv_dim = inner + 2 * groups * state
+    in_width = 2 * inner + 2 * groups * state + heads
     x = b.attn_in
-    b.linear("in_proj", s.hidden_size, 2 * inner + 2 * groups * state + heads, False, x, column=True)
+    b.linear("in_proj", s.hidden_size, in_width, False, x, column=True)
     kernel = s.linear_conv_kernel
     bias = 1 if s.mamba_conv_bias else 0
+    saved = (Saved("in_proj.out", c * in_width), Saved("ssd.out", c * inner), Saved("mamba_norm.rstd", FP32_BYTES * groups))
     b.add(Op("conv1d", "elementwise", params=conv_dim * (kernel + bias) + 3 * heads,
              flops_per_token=2 * kernel * conv_dim, io_bytes_per_token=4 * c * conv_dim,
-             out_bytes_per_token=c * conv_dim,
-             saved=(Saved("in_proj.out", c * conv_dim), Saved("conv1d.out", c * conv_dim)),
-             grads=(Saved("conv1d.grad", 3 * c * conv_dim),),
+             out_bytes_per_token=c * conv_dim, saved=saved,
+             grads=(Saved("mamba.grad", c * (in_width + 2 * inner)),),
              param_dims=((conv_dim, conv_dim * (kernel + bias)), (heads, heads), (heads, heads), (heads, heads))))
     chunk = s.mamba_chunk_size
-    saved = (Saved("ssd.dt", FP32_BYTES * heads), Saved("ssd.z", c * inner), Saved("ssd.out", c * inner))
     b.add(Op("ssd_scan", "matmul", gemm=(chunk, heads * (state + head_dim)),
              flops_per_token=heads * (2 * chunk * (state + head_dim) + 4 * state * head_dim),
-             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner, saved=saved,
-             grads=(Saved("ssd_scan.grad", c * (conv_dim + 2 * inner)),)))
-    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True)  # statistics per group, one weight of d_inner
+             io_bytes_per_token=c * (conv_dim + 2 * inner), out_bytes_per_token=c * inner))
+    b.compute_norm("mamba_norm", "ssd_scan.out", inner, tp=True, offset=False)
     b.linear("out_proj", inner, s.hidden_size, False, "mamba_norm.out", column=False)
+    for name in ("mamba_norm", "out_proj"):  # inside the fused function: recomputed in backward
+        node = b.graph.nodes[name]
+        node["op"] = replace(node["op"], saved=(), grads=())

@@ -69,20 +69,23 @@ class Op:
     param_dims: tuple[tuple[int, int], ...] = ()
 
 
-def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1) -> Op:
+def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1,
+            offset: bool | None = None) -> Op:
     """LlamaRMSNorm upcasts to fp32: saves the fp32 input (pow, mul), rsqrt (1 float per token) and,
     for the weight's gradient, the normalised tensor cast back to the input dtype. F.layer_norm saves
     its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd.
     `width`: the normalised size when not the hidden size (q/k norms, MLA's low-rank norms), with
-    `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim)."""
+    `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim).
+    `offset` (default: the spec's norm_offset): Gemma's (1 + weight) in fp32 keeps the fp32 normalised tensor."""
     h, r = (width or spec.hidden_size) * rows, n.residual_bytes
+    offset = spec.norm_offset if offset is None else offset
     params = (h // rows) * (2 if spec.norm_bias else 1)
     if spec.norm == "rmsnorm" and n.compiled:  # the fp32 copy and the normalised tensor are recomputed
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"))
     elif spec.norm == "rmsnorm":
         fp32_in = Saved(input_key, FP32_BYTES * h, "sp") if r == FP32_BYTES else Saved(f"{name}.fp32", FP32_BYTES * h, "sp")
         saved = (fp32_in, Saved(f"{name}.rstd", FP32_BYTES * rows, "sp"),
-                 Saved(f"{name}.normed", r * h, "sp", for_weight_grad=True))
+                 Saved(f"{name}.normed", (FP32_BYTES if offset else r) * h, "sp", for_weight_grad=True))
     else:
         saved = (Saved(input_key, r * h, "sp"), Saved(f"{name}.stats", 2 * FP32_BYTES, "sp"))
     out = FP32_BYTES * h if (n.autocast and spec.norm == "layernorm") else r * h
@@ -161,7 +164,7 @@ def masked_by_window(workload: Workload, window: int) -> bool:
     return workload.attention == "sdpa" and window > 0 and workload.seq_len >= window
 
 
-def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, float]:
+def score_bytes(workload: Workload, n: Numerics, dropout: bool, sinks: bool = False) -> tuple[float, float]:
     """(saved, forward traffic) in bytes per attention score per head when scores are materialised.
 
     eager (transformers eager_attention_forward, modeling_llama.py): QK^T writes the scores (c),
@@ -172,9 +175,15 @@ def score_bytes(workload: Workload, n: Numerics, dropout: bool) -> tuple[float, 
     scaled scores (c), FusedScaleMaskSoftmax reads and writes them (2c), PV reads c: 4c; softmax
     saves its output, which PV also saves (one tensor). As Korthikanti et al. 2022 Eq. 1 counts.
     Attention dropout (CUDA native_dropout) reads and writes the probabilities and writes a bool
-    mask (2c + 1); it saves the mask and PV saves its output instead (1 + c)."""
+    mask (2c + 1); it saves the mask and PV saves its output instead (1 + c).
+    eager with attention sinks (modeling_gpt_oss.py eager_attention_forward): the sink logits are
+    concatenated, the row maximum subtracted and softmax taken in the compute dtype; softmax keeps
+    its output, whose slice PV keeps (one tensor, c); QK^T, scaling, mask, cat, max, subtraction,
+    softmax and PV move about 13c."""
     c = n.compute_bytes
-    if workload.attention == "eager":
+    if workload.attention == "eager" and sinks:
+        saved, traffic = c, 13 * c
+    elif workload.attention == "eager":
         saved, traffic = FP32_BYTES + c, 8 * c + 8
     else:
         saved, traffic = c, 4 * c
@@ -243,7 +252,7 @@ def attention_op(spec: ModelSpec, workload: Workload, n: Numerics, shape: Attent
              Saved("attn.out", c * out), Saved("attn.lse", FP32_BYTES * a, selective=True)]
     score_traffic = 0.0
     if workload.attention != "sdpa":
-        per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0)
+        per_score, score_traffic = score_bytes(workload, n, spec.dropout > 0, spec.attention_sinks)
         saved = saved[:3] + [Saved("attn.scores", per_score * a, times_seq=True)]
     # QK^T and PV: 2 FLOPs x 2 matmuls x head_dim x heads per (query, key) pair; counted non-causal as
     # in PaLM (Chowdhery et al. 2022, App. B: 12·L·H·Q·T per token for fwd+bwd)

@@ -57,6 +57,9 @@ class ModelSpec:
     activation: str = "silu"
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_bias: bool = False
+    # Gemma / Qwen3-Next RMSNorm: (1 + weight) multiplies the fp32 normalised tensor, cast after
+    # (modeling_gemma3.py Gemma3RMSNorm), so the fp32 tensor is what the weight's gradient keeps
+    norm_offset: bool = False
     qkv_bias: bool = False
     out_bias: bool = False  # bias of the attention output projection
     mlp_bias: bool = False
@@ -78,6 +81,8 @@ class ModelSpec:
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE shared_expert_gate)
     router_bias: bool = False  # the router linear has a bias (gpt-oss)
     expert_bias: bool = False  # experts' gate_up / down projections have biases (gpt-oss)
+    # the experts' gating: act(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(alpha * gate)
+    expert_gate: str = "act"  # act | clamped_swiglu
     qk_norm: str = ""  # "" | "head": RMSNorm over head_dim (Qwen3, Gemma 3) | "full": over q/kv width (OLMo 2)
     attention_sinks: bool = False  # one learned sink logit per head (gpt-oss)
     layer_norms: str = "pre"  # pre | sandwich (Gemma 2/3: pre and post norms) | post (OLMo 2: post only)

@@ -35,7 +35,7 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
-from planner.cost.stages import role_layer
+from planner.cost.stages import POSITIONS, role_layer, role_layer_sizes
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -106,7 +106,15 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     full = {"trainable": trainable, "frozen": frozen, "quantized": quantized,
             "per_layer": per_layer, "per_layer_quantized": layer.quantized_tp / t, "per_layer_trainable": layer.trainable_tp / t + layer.trainable_rep}
     local = _expert_local(regime, c, n, full)
+    mean = (local["per_layer"], local["per_layer_trainable"])
+    sizes = role_layer_sizes(regime, layout, role, ctx.spec.num_layers, t)
+    at = {} if sizes is None else {k: v for k, v in sizes.items() if k.startswith("kind")}
+    for name in (*POSITIONS, "max"):
+        # under expert parallelism the experts' share of each kind is averaged (_expert_local): the mean layer
+        size, trained = mean if sizes is None else (np.where(c.ep > 1, m, v) for v, m in zip(sizes[name], mean))
+        at[f"layer_{name}"], at[f"layer_{name}_trainable"] = size, trained
     return {**local, **{f"{k}_full": v for k, v in full.items()},
+            **at,
             "root": root, "root_trainable": first * emb_trainable + last * head_trainable,
             "root_embedding": first * (emb.total - emb.quantized_tp) / tv, "root_head": last * (head.total + tied_copy) / tv,
             "head_trainable": last * head_trainable, "vocab_split": tv, "embedding_replicated_grad": replicated,
@@ -174,7 +182,7 @@ def _largest_block(ctx: Context, parts: StepParts) -> np.ndarray:
     reserved memory holds about one more such block beyond the allocated peak."""
     w = ctx.workload
     per_element = 1.0 if w.compile and not w.fp32_logits else FP32 / parts.compute_bytes
-    return np.maximum(parts.grad_logits * per_element / w.loss_chunks, parts.gathered_layer)
+    return np.maximum(parts.grad_logits * per_element / w.loss_chunks, parts.gathered_at["max"])
 
 
 def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -248,9 +256,11 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     gone = regime.experts.trainable_tp * (1 - 1 / c.ep)  # the experts other ep ranks hold
     trained_matmuls = (layer.params.trainable_tp - gone) / t
     steps = _backward_steps(layer, t, gone, per_micro_batch)
+    kind_steps = [_backward_steps(part, t, gone, per_micro_batch) for part, _ in regime.kinds] or None
     if w.optimizer_in_backward:
         gb = 0.0 * gb
     grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
+    kept_at, grad_at = _position_parts(regime, c, p, per_micro_batch, gb * layer_pad / shard, grad_layer)
     boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
     ends = fsdp & c.shard_ends  # the embedding and the head are FSDP units of their own
     embedding_trainable = p["root_trainable"] - p["head_trainable"]
@@ -261,6 +271,7 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         held_output=has_head * num.residual_bytes * hidden * tokens / sp_div,
         loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb / logit_split,
         steps=steps, grads_held=store["grads_held"], grad_layer=grad_layer,
+        kind_steps=kind_steps, kept_at=kept_at, grad_at=grad_at, kind_at={k[5:]: p[k] for k in p if k.startswith("kind_")} if kind_steps else None,
         grad_head=gb * p["head_trainable"] * root_pad / shard, grad_all=store["grads"], grad_bytes=gb,
         head_weights=head_weights,
         embedding_grad=has_emb * gb * (vocab * hidden / p["vocab_split"] + p["embedding_replicated_grad"]),
@@ -270,16 +281,40 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         cast_head=np.where(casts, cb * head_weights, 0.0), fsdp=fsdp,
         zero2=(c.zero == 2) | (fsdp & (c.pp > 1)),
         gathered_layer=_gathered_bytes(cb, p["per_layer"], p["per_layer_quantized"]) * layer_pad,
+        gathered_at={k: _gathered_bytes(cb, p[f"layer_{k}"], p["per_layer_quantized"]) * layer_pad for k in (*POSITIONS, "max")},
         gathered_root=np.where(ends, 0.0, cb * p["root"] * root_pad),
         gathered_head=np.where(ends, cb * p["root_head"] * root_pad, 0.0),
         gathered_embedding=np.where(ends, cb * p["root_embedding"] * root_pad, 0.0), ends=ends,
         scatter_layer=reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
+        scatter_at={k: reduce_bytes(w) * p[f"layer_{k}_trainable"] * layer_pad for k in (*POSITIONS, "max")},
         scatter_root=reduce_bytes(w) * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad,
-        root_grads=np.where(fsdp & ~ends, cb * p["head_trainable"] * root_pad, 0.0),
+        # the head's unsharded gradient, a tied head's too (autograd buffers it for the embedding's)
+        root_grads=np.where(fsdp & ~ends, cb * (p["head_trainable"] * root_pad + tied / store["master_bytes"]), 0.0),
         root_grads_all=np.where(fsdp, cb * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad, 0.0),
-        layer_grads_unsharded=np.where(fsdp, cb * p["per_layer_trainable"] * layer_pad, 0.0),
+        layer_grads_unsharded=np.where(fsdp, cb * p["layer_first_trainable"] * layer_pad, 0.0),
+        unsharded_at={k: np.where(fsdp, cb * p[f"layer_{k}_trainable"], 0.0) for k in (*POSITIONS, "max")},  # unpadded
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
+        tied_sum=np.where(fsdp & ~ends, 3 * cb * tied / store["master_bytes"], 0.0),
         checkpointed=c.recompute != 0)
+
+
+def _position_parts(regime, c: Candidates, p: dict[str, np.ndarray], per_micro_batch, grad_per_param: np.ndarray,
+                    grad_layer: np.ndarray) -> tuple[dict | None, dict | None]:
+    """A stack of several kinds: the activations kept and the gradients stored by the stage's layer
+    at each position (planner/cost/stages.py POSITIONS), by its own kind (under expert parallelism
+    the gradients of the mean layer)."""
+    if not regime.kinds:
+        return None, None
+    policy = np.select([c.recompute == 0, c.recompute == 1], [0, 1], 2)
+    kept = [np.choose(policy, [per_micro_batch(part.saved[name]) for name in ("none", "selective", "full")])
+            for part, _ in regime.kinds]
+    kept = np.stack(np.broadcast_arrays(*kept))
+    kept_at, grad_at = {}, {}
+    for where in POSITIONS:
+        kind = np.broadcast_to(p[f"kind_{where}"], kept.shape[1:])
+        kept_at[where] = np.take_along_axis(kept, kind[None], 0)[0]
+        grad_at[where] = np.where(c.ep > 1, grad_layer, grad_per_param * p[f"layer_{where}_trainable"])
+    return kept_at, grad_at
 
 
 def _backward_steps(layer, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -24,7 +24,7 @@ backward is done. Parameters and optimizer states are the same at every moment (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -75,17 +75,31 @@ class StepParts:
     layers_resident: np.ndarray  # layers whose saved activations stay on the device (activation offload)
     checkpointed: np.ndarray  # layers recompute their forward in the backward (bool)
     ring: np.ndarray | float = 0.0  # context parallelism's K/V gather and dK/dV buffers in a layer's backward
+    # FSDP2's gathered / reduce-scatter bytes of the stage's layer at each position (first, second,
+    # below_last, last) and of its largest kind (max): a stack of several kinds gathers each its own size
+    gathered_at: dict[str, np.ndarray] | None = None
+    scatter_at: dict[str, np.ndarray] | None = None
+    # a stack of several kinds: each kind's backward steps, the kind at each position and which kinds
+    # the stage holds (kind_at["held"]), so a layer's own backward is that of its kind
+    unsharded_at: dict[str, np.ndarray] | None = None  # FSDP2: the layer's unsharded gradients (compute dtype)
+    kind_steps: list | None = None
+    kind_at: dict[str, np.ndarray] | None = None
+    kept_at: dict[str, np.ndarray] | None = None  # activations kept by the layer at each position
+    grad_at: dict[str, np.ndarray] | None = None  # gradients stored by the layer at each position
+    # FSDP2 root holding a tied head: its buffered gradient, the embedding's and their sum (compute dtype)
+    tied_sum: np.ndarray | float = 0.0
 
 
 def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
     """Every moment's grads, buffers, activations and logits (parameters and states come on top)."""
     last, first = x.layers - 1, np.zeros_like(x.layers)
     middle_high, middle_low = np.maximum(x.layers - 2, 0), np.minimum(1, x.layers - 1)
-    step = _largest_step(x)
-    middle = _larger(_backward_layer(x, middle_high, step), _backward_layer(x, middle_low, step))
+    step = {where: _position_step(x, where) for where in ("first", "last", "max")}
+    middle = _larger(_backward_layer(x, middle_high, step["max"], "middle_high"),
+                     _backward_layer(x, middle_low, step["max"], "middle_low"))
     table = {"forward head": _forward_head(x), "backward head": _backward_head(x),
-             "backward layer:last": _backward_layer(x, last, step), "backward layer:middle": middle,
-             "backward layer:first": _backward_layer(x, first, step),
+             "backward layer:last": _backward_layer(x, last, step["last"], "last"), "backward layer:middle": middle,
+             "backward layer:first": _backward_layer(x, first, step["first"], "first"),
              "backward embedding": _backward_embedding(x)}
     for moment in table.values():
         moment["buffers"] = moment["buffers"] + x.boundary
@@ -109,7 +123,7 @@ def _forward_copies(x: StepParts, backward: bool = False, head_gathered: bool = 
     casts = layer_casts + x.cast_head
     # the first backward layer, prefetched. A separately sharded head stays gathered from its forward to its
     # backward, which prefetches that layer (FSDP2: as traced by the oracle)
-    layer = np.where(x.ends & (not head_gathered), 0.0, x.gathered_layer)
+    layer = np.where(x.ends & (not head_gathered), 0.0, _gathered(x, "last"))
     zero3 = x.gathered_root + layer + x.gathered_head
     zero2 = x.gathered_root + x.layers * x.gathered_layer
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))
@@ -142,6 +156,22 @@ def _stored(x: StepParts, before: np.ndarray, now: np.ndarray) -> tuple[np.ndarr
     return stored, np.where(held & ~x.fsdp, now, 0.0)
 
 
+def _position_step(x: StepParts, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The largest backward step of the layer at `where` (first, last), or of the stage's largest
+    kind (max); a uniform stack's one layer."""
+    if not x.kind_steps:
+        return _largest_step(x)
+    per_kind = [_largest_step(replace(x, steps=steps)) for steps in x.kind_steps]
+    grads = np.stack(np.broadcast_arrays(*[g for g, _ in per_kind]))
+    activations = np.stack(np.broadcast_arrays(*[a for _, a in per_kind]))
+    if where == "max":
+        totals = np.where(np.broadcast_to(x.kind_at["held"], grads.shape), grads + activations, -np.inf)
+        kind = totals.argmax(axis=0)
+    else:
+        kind = np.broadcast_to(x.kind_at[where], grads.shape[1:])
+    return np.take_along_axis(grads, kind[None], 0)[0], np.take_along_axis(activations, kind[None], 0)[0]
+
+
 def _largest_step(x: StepParts) -> tuple[np.ndarray, np.ndarray]:
     """(gradients, activations) of the layer's own largest backward step, as parts added to what
     the layers above and below contribute (which is the same for every step of a layer)."""
@@ -163,21 +193,63 @@ def _largest_step(x: StepParts) -> tuple[np.ndarray, np.ndarray]:
     return best
 
 
-def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.ndarray],
+                    at: str) -> dict[str, np.ndarray]:
     """Layer `index` (0 = the first in the forward) runs its backward: the layers above have
-    their gradients, the layers below still hold their activations; `step` is its largest step."""
+    their gradients, the layers below still hold their activations; `step` is its largest step;
+    `at` the position it stands at (first, last, middle_high: the one below the last,
+    middle_low: the second; a layer between runs as the stage's largest kind)."""
+    where = "max" if at.startswith("middle") else at
     above = x.layers - 1 - index
-    below = x.others + np.minimum(index, x.layers_resident) * x.kept_layer + x.embedding + x.tied_grad
-    stored = np.where(x.fsdp & ~x.ends, above * x.grad_layer, x.grad_head + above * x.grad_layer)
+    kept_below, grads_above = _around(x, index, above, at)
+    below = x.others + kept_below + x.embedding + x.tied_grad
+    stored = np.where(x.fsdp & ~x.ends, grads_above, x.grad_head + grads_above)
     grads = np.where(x.grads_held > 0, x.grads_held, stored + step[0])
-    return _moment(grads, _layer_copies(x, index, above) + x.ring, below + step[1], 0.0)
+    running = _moment(grads, _layer_copies(x, index, above, where) + x.ring, below + step[1], 0.0)
+    if where != "last" or x.unsharded_at is None:
+        return running
+    # FSDP2 (ZeRO 3): the last layer's post-backward, its unsharded gradients cast into its own
+    # reduce-scatter input while the layer below is prefetched (the layers between meet the one above's)
+    post = _moment(np.where(x.grads_held > 0, x.grads_held, stored),
+                   x.gathered_root + _gathered(x, "below_last") + _scatter(x, "last"),
+                   below + x.unsharded_at["last"], 0.0)
+    return {k: np.where(x.fsdp & ~x.zero2, _larger(running, post)[k], running[k]) for k in running}
 
 
-def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray) -> np.ndarray:
+def _around(x: StepParts, index: np.ndarray, above: np.ndarray, at: str) -> tuple[np.ndarray, np.ndarray]:
+    """(activations kept by the layers below, gradients stored by the layers above) of the layer at
+    `at`: in a stack of several kinds, the stage's sum less the layers at the known positions."""
+    mean = (np.minimum(index, x.layers_resident) * x.kept_layer, above * x.grad_layer)
+    if x.kept_at is None:
+        return mean
+    k, g = x.kept_at, x.grad_at
+    total_kept, total_grads = x.layers * x.kept_layer, x.layers * x.grad_layer
+    exact = {"first": (0.0, total_grads - g["first"]),
+             "last": (total_kept - k["last"], 0.0),
+             "middle_high": (total_kept - k["below_last"] - k["last"], g["last"]),
+             "middle_low": (k["first"], total_grads - g["first"] - g["second"])}[at]
+    known = (x.layers >= 3) & (x.layers_resident >= x.layers)  # positions distinct, nothing offloaded
+    return tuple(np.where(known, e, m) for e, m in zip(exact, mean))
+
+
+# the layer running its backward, the one below (prefetched) and the one above (reduce-scattering)
+NEIGHBOURS = {"first": ("first", "first", "second"), "last": ("last", "below_last", "last"), "max": ("max",) * 3}
+
+
+def _gathered(x: StepParts, where: str) -> np.ndarray:
+    return x.gathered_layer if x.gathered_at is None else x.gathered_at[where]
+
+
+def _scatter(x: StepParts, where: str) -> np.ndarray:
+    return x.scatter_layer if x.scatter_at is None else x.scatter_at[where]
+
+
+def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray, where: str) -> np.ndarray:
+    own, below, upper = NEIGHBOURS[where]
     casts = np.where(x.checkpointed, 1, index + 1) * x.cast_layer  # a checkpointed layer recasts its own
-    prefetch = np.where(index > 0, x.gathered_layer, 0.0)
-    scatter = np.where(above > 0, x.scatter_layer, 0.0)
-    zero3 = x.gathered_root + x.gathered_layer + prefetch + scatter
+    prefetch = np.where(index > 0, _gathered(x, below), 0.0)
+    scatter = np.where(above > 0, _scatter(x, upper), 0.0)
+    zero3 = x.gathered_root + _gathered(x, own) + prefetch + scatter
     zero2 = x.gathered_root + (index + 1) * x.gathered_layer + scatter
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))
 
@@ -194,9 +266,10 @@ def _backward_embedding(x: StepParts) -> dict[str, np.ndarray]:
     head = np.where(x.ends, x.grad_head, 0.0)  # already reduce-scattered
     sharded, _ = _stored(x, (x.layers - 1) * x.grad_layer + head, 0.0)
     # a separately sharded embedding is gathered (prefetched) while the first layer's backward ends
-    first_layer = _moment(sharded, x.gathered_root + x.gathered_embedding + x.gathered_layer + x.scatter_layer,
+    first_layer = _moment(sharded, x.gathered_root + x.gathered_embedding + _gathered(x, "first") + _scatter(x, "second"),
                           np.where(x.ends, 0.0, x.root_grads_all) + x.layer_grads_unsharded, 0.0)
     all_layers, _ = _stored(x, x.layers * x.grad_layer + head, 0.0)
     root = _moment(all_layers, x.scatter_root + x.gathered_embedding, x.root_grads_all, 0.0)
-    fsdp = _larger(first_layer, root)
+    tied_sum = _moment(all_layers, x.gathered_root + _scatter(x, "first"), x.tied_sum, 0.0)
+    fsdp = _larger(_larger(first_layer, root), tied_sum)
     return {k: np.where(x.fsdp, fsdp[k], plain[k]) for k in plain}

@@ -53,3 +53,50 @@ def kind_count(indices: tuple[int, ...], num_layers: int, stage: np.ndarray, pp:
         last = np.minimum(first + size, num_layers)
         interleaved = interleaved + np.where(chunk < vpp, before[last] - before[first], 0)
     return np.where(vpp > 1, interleaved, plain)
+
+
+
+POSITIONS = ("first", "second", "below_last", "last")  # of a stage's layers, in forward order
+
+
+def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers: int,
+                     tp: np.ndarray) -> dict | None:
+    """(parameters, trained parameters) on one TP rank of the layer at each of POSITIONS of the
+    stage, and of its largest kind ("max"), per candidate, with the kind at each position
+    ("kind_first", ...) and which kinds the stage holds ("kind_held"): what FSDP2 gathers and reduce-scatters
+    for the layer it runs is that layer's own size, not the stage's mean (a dense first layer is
+    small, the MoE layers after it large). None for a uniform stack."""
+    if not regime.kinds:
+        return None
+    kind_of = np.zeros(num_layers, dtype=np.int64)
+    sizes, trained = [], []
+    for k, (part, indices) in enumerate(regime.kinds):
+        kind_of[np.asarray(indices, dtype=np.int64)] = k
+        p = part.params
+        trained.append(p.trainable_tp / tp + p.trainable_rep)
+        sizes.append(trained[-1] + p.frozen_tp / tp + p.frozen_rep + p.quantized_tp / tp)
+    sizes, trained = np.stack(np.broadcast_arrays(*sizes)), np.stack(np.broadcast_arrays(*trained))
+    first, last = _stage_ends(layout, role, num_layers)
+    at = {"first": first, "second": np.minimum(first + 1, last), "below_last": np.maximum(last - 1, first), "last": last}
+    result = {}
+    for name, index in at.items():
+        kind = np.broadcast_to(kind_of[np.clip(index, 0, num_layers - 1)], sizes.shape[1:])
+        result[name] = (np.take_along_axis(sizes, kind[None], 0)[0], np.take_along_axis(trained, kind[None], 0)[0])
+        result[f"kind_{name}"] = kind
+    held = np.stack([np.broadcast_to(kind_count(ix, num_layers, layout.stage_index[role], layout.pp, layout.vpp) > 0,
+                                     sizes.shape[1:]) for _, ix in regime.kinds])
+    result["max"] = (np.where(held, sizes, 0).max(axis=0), np.where(held, trained, 0).max(axis=0))
+    result["kind_held"] = held
+    return result
+
+
+def _stage_ends(layout: StageLayout, role: str, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """The global indices of the stage's first and last layers (kind_count's split)."""
+    stage, pp, vpp = layout.stage_index[role], layout.pp, layout.vpp
+    base, rest = num_layers // pp, num_layers % pp
+    start = stage * base + np.maximum(0, np.minimum(stage - 1, rest))
+    end = start + base + ((stage >= 1) & (stage <= rest)) - 1
+    size = num_layers // np.maximum(pp * vpp, 1)
+    first = np.where(vpp > 1, stage * size, start)
+    last = np.where(vpp > 1, ((vpp - 1) * pp + stage) * size + size - 1, end)
+    return first, np.maximum(last, first)

@@ -1,0 +1,53 @@
+"""The tiny model of each new layer mechanism (catalog entries tiny-*: MoE with a shared expert,
+MLA with dense-first MoE, sliding-window attention, Gated DeltaNet, Mamba-2) trains 20 steps in the
+executor on CPU with a falling loss, and under DDP and FSDP2 on 2 processes (gloo) ends where the
+single process ends, within test_parallel_modes.py's tolerance (1e-2 at step 20)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.executor.conftest import losses, train
+from tests.executor.test_family_tp import family_plan
+
+STEPS = 20
+MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid"]
+MODES = {"ddp": {"dp": 2, "zero": 0, "micro_batch_size": 2}, "fsdp2": {"dp": 2, "zero": 3, "micro_batch_size": 2}}
+
+
+def _run(folder: Path, model: str, gpus: int, **config) -> dict[int, float]:
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = family_plan(folder / "plan.json", model, gpus, "sdpa", **config)
+    train(plan, folder / "run", STEPS, "--no-save")
+    return losses(folder / "run")
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> dict[str, dict[int, float]]:
+    cache: dict[str, dict[int, float]] = {}
+
+    def run(model: str) -> dict[int, float]:
+        if model not in cache:
+            cache[model] = _run(tmp_path_factory.mktemp(model), model, 1, micro_batch_size=4)
+        return cache[model]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_tiny_model_trains_with_falling_loss(model, single_process):
+    got = single_process(model)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[STEPS] < got[1] - 0.5, f"{model}: the loss did not fall ({got[1]:.3f} -> {got[STEPS]:.3f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("model", MODELS)
+def test_data_parallel_matches_single_process(model, mode, single_process, tmp_path):
+    reference = single_process(model)
+    got = _run(tmp_path / mode, model, 2, **MODES[mode])
+    assert got[STEPS] < got[1] - 0.5, f"{model} {mode}: the loss did not fall"
+    assert abs(got[STEPS] - reference[STEPS]) < 1e-2, (model, mode, got[STEPS], reference[STEPS])
