@@ -29,7 +29,7 @@ from executor.lifeline import LAUNCHER_PID_ENV, RunLock, child_preexec
 from executor.options import RunOptions
 from planner.errors import InvalidRequest
 from planner.export import shell_join
-from planner.plan import ParallelConfig, Plan, load_plan, typed_plan
+from planner.plan import ParallelConfig, Plan, load_plan
 
 RDZV_PORT = 29500
 ATTEMPT_ENV = "EXECUTOR_ATTEMPT"
@@ -87,9 +87,8 @@ def preflight(document: Plan, options: RunOptions) -> None:
     from executor.tokenizer import load_tokenizer
     from executor.worker import check_environment, uses_cuda
 
-    spec, _, cluster, _, _ = typed_plan(document)
-    if cluster.num_nodes > 1:
-        raise InvalidRequest(f"the plan spans {cluster.num_nodes} nodes; print the launch line with "
+    if document.cluster.num_nodes > 1:
+        raise InvalidRequest(f"the plan spans {document.cluster.num_nodes} nodes; print the launch line with "
                              "--print-launch and start it on every node")
     processes = str(document.config.devices)
     saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
@@ -102,7 +101,7 @@ def preflight(document: Plan, options: RunOptions) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    load_examples(options.data, load_tokenizer(options.tokenizer, spec.vocab_size), options.max_bad_fraction,
+    load_examples(options.data, load_tokenizer(options.tokenizer, document.model.vocab_size), options.max_bad_fraction,
                   options.chat_template)
     if options.init_from and not Path(options.init_from).expanduser().is_dir():
         raise InvalidRequest(f"--init-from {options.init_from} is not a folder")
@@ -139,7 +138,7 @@ def _attempts(document: Plan, options: RunOptions, fallback: bool) -> int:
     output = options.output_dir
     attempts = [document] + (runner_up_plans(document) if fallback else [])
     for number, plan in enumerate(attempts):
-        spec, _, _, workload, config = typed_plan(plan)
+        spec, workload, config = plan.model, plan.workload, plan.config
         if number and unsupported_reason(spec, workload, config, on_cuda=plan.hardware.vendor != "cpu"):
             print(f"planner train: skipping runner-up {number} ({unsupported_reason(spec, workload, config, True)})",
                   file=sys.stderr)
@@ -221,8 +220,7 @@ def _summary_or_compose(plan: Plan, options: RunOptions, rc: int, attempt: str,
 
     import torch
 
-    _, _, _, workload, config = typed_plan(plan)
-    recorder = Recorder(workload.tokens_per_step, config.devices)
+    recorder = Recorder(plan.workload.tokens_per_step, plan.config.devices)
     metrics = output / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         row = json.loads(line)
