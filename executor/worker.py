@@ -140,7 +140,7 @@ def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> in
         with contextlib.suppress(OSError):  # a full disk may refuse the note too; the launcher then says so
             write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
     if rank == 0:
-        record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, config.devices),
+        record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, document.config.devices),
                             {"options": options.to_dict(), **extra})
         write_json(output / "summary.json", record)
         if status == "finished":
