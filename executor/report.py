@@ -11,7 +11,7 @@ from typing import Any
 
 from executor.measure import MetricsLog
 from executor.train_progress import describe
-from planner.progress import progress
+from planner.progress import progress as progress_bar
 
 SCALARS = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "tokens_per_s": "perf/tokens_per_s", "step_s": "perf/step_s"}
@@ -59,7 +59,7 @@ class StepReport:
 
     def start(self, first_step: int) -> None:
         if self.show:
-            self.advance = self.bar.enter_context(progress(self.steps, "train"))
+            self.advance = self.bar.enter_context(progress_bar(self.steps, "train"))
             if first_step:
                 self.advance(first_step)
 
