@@ -123,10 +123,10 @@ def hf_main(plan_path: Path, data: Path, out: Path, steps: int, lr: float) -> No
     from executor.measure import Recorder, environment, run_record, write_json
     from executor.model import hf_config
     from executor.tokenizer import ByteTokenizer
-    from planner.plan import load_plan, typed_plan
+    from planner.plan import load_plan
 
     document = load_plan(str(plan_path))
-    spec, _, _, workload, config = typed_plan(document)
+    spec, workload, config = document.model, document.workload, document.config
     cuda = torch.cuda.is_available() and document.hardware.vendor != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     tokenizer = ByteTokenizer()

@@ -20,8 +20,9 @@ from planner.errors import InvalidRequest, PlannerError
 from planner.hardware import load_hardware, make_cluster, presets
 from planner.models import catalog, load_model
 from planner.plan import ParallelConfig, check_config
-from planner.runrecord import (ORIGINS, STATUSES, FieldError, Measured, Run, blank, choice, flag, json_object,
-                               number, optional_text, utc_timestamp, whole)
+from planner.runfields import (FieldError, blank, choice, flag, json_object, number, optional_text, utc_timestamp,
+                               whole)
+from planner.runrecord import ORIGINS, STATUSES, Measured, Run
 from planner.specs import OPTIMIZER_IMPLS, Hardware, ModelSpec, Workload
 
 GIB = 2**30

@@ -50,9 +50,10 @@ def predicted_allocated_bytes(record: dict[str, Any]) -> float:
 
 def table_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
     from calibration.oracle import trace
-    from planner.plan import typed_plan
+    from planner.plan import Plan
 
-    spec, _, _, workload, config = typed_plan(record["plan"])
+    plan = Plan.from_dict(record["plan"])
+    spec, workload, config = plan.model, plan.workload, plan.config
     measured = record["measured"]
     oracle = None if workload.compile else trace(spec, workload, config)
     return {"file": name, "run_id": record["run_id"], "model": spec.name, "workload": workload.to_dict(),

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from executor.optim import Optimizers
+from executor.parallelize import dtensor_parameters
 from planner.errors import InvalidRequest
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -316,7 +317,8 @@ def load_newest(output: Path, module: nn.Module, optimizers: Optimizers, expecte
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded state of `module` on every rank, on the CPU."""
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    with dtensor_parameters(module):
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 

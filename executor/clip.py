@@ -2,6 +2,9 @@
 layout (torchtitan's `dist_utils.clip_grad_norm_`):
 
 - DDP / ZeRO-1: gradients are all-reduced before the step, so the local norm is the global one;
+- DDP / ZeRO-1 with TP: torch's TP + DDP recipe (`_pre_dp_module_transform`) turns the DTensor
+  parameters into local shards that keep their DTensor spec as `_st_info`; their gradients are
+  seen as DTensors of that spec again, so sharded pieces are summed over the tp group;
 - FSDP2 and TP: gradients are DTensors; torch's norm of a DTensor is a partial result that
   `full_tensor()` reduces over the DTensor's mesh (sharded pieces summed, replicated ones counted once);
 - PP: each rank holds its stages' gradients only, so the squared norms are summed over the pp group.
@@ -24,13 +27,24 @@ import torch.distributed as dist
 NORM_TYPE = 2.0
 
 
+def _grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The parameter's gradient, as the DTensor it is a shard of when TP + DDP localized the parameter."""
+    spec = getattr(param, "_st_info", None)  # torch/distributed/tensor/parallel/ddp.py::_localize_dtensor
+    if param.grad is None or spec is None:
+        return param.grad
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(param.grad, spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                              stride=spec.stride)
+
+
 def _groups(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """The parameters that have a gradient, grouped by the gradient's kind."""
     from torch.distributed.tensor import DTensor
 
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for param in params:
-        grad = param.grad
+        grad = _grad(param)
         if grad is not None:
             groups[(grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None].append(param)
     return list(groups.values())
@@ -43,7 +57,7 @@ def global_grad_norm(params: list[torch.Tensor], device: torch.device, pp_group=
 
     squared = torch.zeros((), dtype=torch.float32, device=device)
     for group in _groups(params):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], NORM_TYPE)
+        norm = torch.nn.utils.get_total_norm([_grad(p) for p in group], NORM_TYPE)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squared = squared + norm.float() ** 2

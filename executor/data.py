@@ -1,7 +1,10 @@
 """Training data: Alpaca-style single-turn, ShareGPT-style multi-turn (the formats of
 LLaMA2-Accessory's fine-tuning recipes) and OpenAI-style `messages` rows, from a JSON list, JSONL or
-Parquet file (pyarrow), tokenized with the loss on responses only, then packed into fixed-length
-sequences.
+Parquet file, tokenized with the loss on responses only, then packed into fixed-length sequences.
+
+Files are read by the `datasets` library (`load_dataset("json" | "parquet", data_files=...)`) when
+it is installed; when it is not, or it cannot read a file (a malformed line, columns whose types
+differ between rows), the built-in readers below read it, and name each bad row.
 
 Prompts: a tokenizer with a chat template formats the conversation (`apply_chat_template`, see
 executor/chat.py); otherwise the Alpaca / Vicuna instruction format below (the byte tokenizer).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,47 @@ def row_segments(row: Any, tokenizer: Tokenizer | None = None) -> Segments:
     raise BadRow("neither Alpaca (instruction/output), ShareGPT (conversations) nor chat (messages)")
 
 
+def _without_nulls(value: Any) -> Any:
+    """A row as its file wrote it: `datasets` gives every row every column of the file (None where
+    a row lacks the key), recursively in nested objects."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def read_with_datasets(file: Path) -> list[tuple[str, Any]] | None:
+    """(where, row) for every row through `datasets.load_dataset`, or None when the library is not
+    installed or cannot read the file (the built-in readers then say what is wrong, row by row)."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    builder = "parquet" if file.suffix == ".parquet" else "json"
+    with tempfile.TemporaryDirectory(prefix="executor-data-") as cache:  # no shared cache between ranks
+        try:
+            rows = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=cache,
+                                         keep_in_memory=True).to_list()
+            places = _row_places(file, builder, len(rows))
+        except Exception:  # noqa: BLE001 - any failure: the built-in readers name the bad rows
+            return None
+    return None if places is None else [(where, _without_nulls(row)) for where, row in zip(places, rows)]
+
+
+def _row_places(file: Path, builder: str, count: int) -> list[str] | None:
+    """How the built-in readers name the rows: "row N" of a JSON list or Parquet file, "line N" of a
+    JSONL file (blank lines skipped); None when the lines do not match the rows read."""
+    with open(file, "rb") as f:
+        is_list = f.read(4096).lstrip().startswith(b"[")
+    if builder == "parquet" or is_list:
+        return [f"row {i + 1}" for i in range(count)]
+    numbers = [i for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return [f"line {n}" for n in numbers] if len(numbers) == count else None
+
+
 def read_parquet(file: Path) -> list[tuple[str, Any]]:
     try:
         import pyarrow.parquet as pq
@@ -69,6 +114,9 @@ def read_rows(path: str) -> list[tuple[str, Any]]:
     """(where, parsed row or BadRow) for every row of a JSON list, a JSONL or a Parquet file."""
     file = Path(path).expanduser()
     require_regular_file(file, "--data")  # a FIFO would block the read forever
+    rows = read_with_datasets(file)
+    if rows is not None:
+        return rows
     if file.suffix == ".parquet":
         return read_parquet(file)
     try:

@@ -22,14 +22,17 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from executor.checks import all_reasons, unsupported_reason
 from executor.lifeline import LAUNCHER_PID_ENV, RunLock, child_preexec
 from executor.options import RunOptions
+from executor.train_progress import metrics_bar
 from planner.errors import InvalidRequest
 from planner.export import shell_join
-from planner.plan import ParallelConfig, Plan, load_plan, typed_plan
+from planner.plan import ParallelConfig, Plan, load_plan
+from planner.progress import bars
 
 RDZV_PORT = 29500
 ATTEMPT_ENV = "EXECUTOR_ATTEMPT"
@@ -87,9 +90,8 @@ def preflight(document: Plan, options: RunOptions) -> None:
     from executor.tokenizer import load_tokenizer
     from executor.worker import check_environment, uses_cuda
 
-    spec, _, cluster, _, _ = typed_plan(document)
-    if cluster.num_nodes > 1:
-        raise InvalidRequest(f"the plan spans {cluster.num_nodes} nodes; print the launch line with "
+    if document.cluster.num_nodes > 1:
+        raise InvalidRequest(f"the plan spans {document.cluster.num_nodes} nodes; print the launch line with "
                              "--print-launch and start it on every node")
     processes = str(document.config.devices)
     saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
@@ -102,7 +104,7 @@ def preflight(document: Plan, options: RunOptions) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    load_examples(options.data, load_tokenizer(options.tokenizer, spec.vocab_size), options.max_bad_fraction,
+    load_examples(options.data, load_tokenizer(options.tokenizer, document.model.vocab_size), options.max_bad_fraction,
                   options.chat_template)
     if options.init_from and not Path(options.init_from).expanduser().is_dir():
         raise InvalidRequest(f"--init-from {options.init_from} is not a folder")
@@ -139,7 +141,7 @@ def _attempts(document: Plan, options: RunOptions, fallback: bool) -> int:
     output = options.output_dir
     attempts = [document] + (runner_up_plans(document) if fallback else [])
     for number, plan in enumerate(attempts):
-        spec, _, _, workload, config = typed_plan(plan)
+        spec, workload, config = plan.model, plan.workload, plan.config
         if number and unsupported_reason(spec, workload, config, on_cuda=plan.hardware.vendor != "cpu"):
             print(f"planner train: skipping runner-up {number} ({unsupported_reason(spec, workload, config, True)})",
                   file=sys.stderr)
@@ -166,10 +168,12 @@ def _attempt(plan: Plan, options: RunOptions, resume: bool) -> tuple[str, int]:
     nproc = plan.config.devices
     log_path = output / "logs" / f"torchrun-{time.strftime('%Y%m%d-%H%M%S')}.log"
     log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "w") as log:  # torchrun's failure reports and the workers' warnings
+    # the bar (stderr, a terminal only) follows rank 0's metrics rows: the workers' stderr is the log
+    with open(log_path, "w") as log, bars(options.progress), \
+            metrics_bar(output / "metrics.jsonl", attempt, options.steps) as tick:
         # its own process group, and SIGKILL when this process dies (executor/lifeline.py)
         proc = subprocess.Popen(worker_command(run_options, nproc), env=env, stderr=log, preexec_fn=child_preexec)
-        rc, stopped_by = _wait_forwarding_signals(proc)
+        rc, stopped_by = _wait_forwarding_signals(proc, tick)
     summary = _summary_or_compose(plan, run_options, rc, attempt, stopped_by, log_path)
     _record_in_store(summary, options)
     status = summary["status"]
@@ -188,9 +192,11 @@ def _attempt(plan: Plan, options: RunOptions, resume: bool) -> tuple[str, int]:
     return status, 1
 
 
-def _wait_forwarding_signals(proc: subprocess.Popen) -> tuple[int, signal.Signals | None]:
-    """Wait for torchrun; SIGINT/SIGTERM/SIGHUP sent to this process are passed on to torchrun's
-    group as SIGTERM (torchrun then stops its workers), and the run is recorded as stopped."""
+def _wait_forwarding_signals(proc: subprocess.Popen, tick: Callable[[], None] = lambda: None,
+                             tick_s: float = 0.5) -> tuple[int, signal.Signals | None]:
+    """Wait for torchrun, calling `tick` every `tick_s` (the progress bar); SIGINT/SIGTERM/SIGHUP
+    sent to this process are passed on to torchrun's group as SIGTERM (torchrun then stops its
+    workers), and the run is recorded as stopped."""
     received: list[signal.Signals] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -202,7 +208,12 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> tuple[int, signal.Signal
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python takes handlers
     previous = {sig: signal.signal(sig, forward) for sig in wanted} if in_main_thread else {}
     try:
-        rc = proc.wait()
+        while True:
+            try:
+                rc = proc.wait(timeout=tick_s)
+                break
+            except subprocess.TimeoutExpired:
+                tick()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -221,8 +232,7 @@ def _summary_or_compose(plan: Plan, options: RunOptions, rc: int, attempt: str,
 
     import torch
 
-    _, _, _, workload, config = typed_plan(plan)
-    recorder = Recorder(workload.tokens_per_step, config.devices)
+    recorder = Recorder(plan.workload.tokens_per_step, plan.config.devices)
     metrics = output / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
         row = json.loads(line)
@@ -233,7 +243,7 @@ def _summary_or_compose(plan: Plan, options: RunOptions, rc: int, attempt: str,
     failure = _failure(output, rc, stopped_by, log_path)
     device = torch.device("cuda" if plan.hardware.vendor != "cpu" and torch.cuda.is_available() else "cpu")
     record = run_record(failure["status"], failure["error"], plan.to_dict(), recorder.measured(),
-                        environment(device, config.devices), {"options": options.to_dict()})
+                        environment(device, plan.config.devices), {"options": options.to_dict()})
     write_json(path, record)
     return record
 

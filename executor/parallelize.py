@@ -8,7 +8,8 @@ sees the checkpointed layer, and FSDP's all-gathers stay outside both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -205,6 +206,33 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, device: torch.device, has_d
         from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
         _pre_dp_module_transform(model)
+        model._tp_localized = [(parent, name, param) for parent in model.modules()
+                               for name, param in parent.named_parameters(recurse=False) if hasattr(param, "_st_info")]
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, process_group=dp_mesh.get_group(), device_ids=device_ids,
                                    gradient_as_bucket_view=True)
+
+
+@contextmanager
+def dtensor_parameters(root: nn.Module) -> Iterator[None]:
+    """With TP + DDP, torch's hooks leave the TP weights as plain DTensor attributes after a forward
+    (no longer parameters, so a state dict would lack them); inside this block they are DTensor
+    parameters again, built on the localized shards' storage, so that a state dict sees every weight."""
+    from torch.distributed.tensor import DTensor
+
+    saved = []
+    for parent, name, local in [r for m in root.modules() for r in getattr(m, "_tp_localized", ())]:
+        spec = local._st_info
+        saved.append((parent, name, parent._parameters.pop(name, None), parent.__dict__.pop(name, None)))
+        parent._parameters[name] = nn.Parameter(
+            DTensor.from_local(local.detach(), spec.mesh, spec.placements, run_check=False, shape=spec.shape,
+                               stride=spec.stride), requires_grad=local.requires_grad)
+    try:
+        yield
+    finally:
+        for parent, name, param, attribute in reversed(saved):
+            del parent._parameters[name]
+            if param is not None:
+                parent._parameters[name] = param
+            if attribute is not None:
+                parent.__dict__[name] = attribute

@@ -1,14 +1,17 @@
 """What rank 0 shows and writes per step: DIR/metrics.jsonl (always), TensorBoard event files in
 DIR/tensorboard (torch.utils.tensorboard, when the `tensorboard` package is installed), and a
-progress bar (tqdm: steps, ETA, loss, tokens/s, lr, gradient norm) on stdout."""
+progress bar (executor/train_progress.py: steps, ETA, loss, tokens/s, gradient norm) on stderr when
+it is a terminal: under `planner train` it is the log file, and the launcher draws the bar instead."""
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from executor.measure import MetricsLog
+from executor.train_progress import describe
+from planner.progress import progress as progress_bar
 
 SCALARS = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "tokens_per_s": "perf/tokens_per_s", "step_s": "perf/step_s"}
@@ -51,27 +54,21 @@ class StepReport:
         if self.board.note:
             print(f"note: {self.board.note}")
         self.steps, self.show = steps, is_rank0 and progress
-        self.bar = None
+        self.bar = contextlib.ExitStack()
+        self.advance = None
 
     def start(self, first_step: int) -> None:
-        from tqdm import tqdm
-
-        # stdout: the launcher keeps torchrun's stderr (its failure reports, worker warnings) in a log file
-        self.bar = tqdm(total=self.steps, initial=first_step, disable=not self.show, unit="step",
-                        dynamic_ncols=True, desc="train", file=sys.stdout)
+        if self.show:
+            self.advance = self.bar.enter_context(progress_bar(self.steps, "train"))
+            if first_step:
+                self.advance(first_step)
 
     def write(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
         self.board.write(record)
-        if self.bar is not None:
-            self.bar.update(1)
-            postfix = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}",
-                       "lr": f"{record['lr']:.2e}"}
-            if record.get("grad_norm") is not None:
-                postfix["gnorm"] = f"{record['grad_norm']:.2f}"
-            self.bar.set_postfix(postfix)
+        if self.advance is not None:
+            self.advance(1, description=describe(record))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
         self.board.close()

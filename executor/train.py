@@ -36,7 +36,7 @@ class Trainer:
                  device: torch.device, options: RunOptions, prepared: Prepared, recorder: Recorder) -> None:
         self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
         self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
-        _check_options(options, workload)
+        _check_options(options, workload, config)
         if workload.optimizer_in_backward and options.max_grad_norm > 0 and topo.rank == 0:
             print("note: no gradient clipping: the optimizer steps inside backward, before the global norm is known")
         tokenizer = load_tokenizer(options.tokenizer, spec.vocab_size)
@@ -239,8 +239,13 @@ class Trainer:
         return int(tensor.item())
 
 
-def _check_options(options: RunOptions, workload: Workload) -> None:
+def _check_options(options: RunOptions, workload: Workload, config: ParallelConfig) -> None:
     """What the options cannot do with this Plan, refused before training."""
+    if (options.checkpoint_every or options.resume) and config.tp > 1 and config.dp > 1 and config.zero <= 1:
+        # torch's TP + DDP recipe localizes the TP weights, and the optimizer's state of those cannot
+        # be mapped back to DTensors for a sharded checkpoint (the final model is saved whole)
+        raise InvalidRequest("checkpoints of dp x tp under ZeRO 0/1 are not implemented; plan with --zero 2 or 3 "
+                             "(FSDP2), or drop --checkpoint-every / --resume")
     if options.merge_lora and workload.method != "lora":
         what = "a full fine-tune saves the whole model already" if workload.method == "full" else \
             "the QLoRA base is 4-bit; merge the adapter into the full-precision base with peft after training"

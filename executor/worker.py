@@ -23,7 +23,7 @@ from executor.lifeline import bind_to_parent, started_by_torchrun
 from executor.measure import Recorder, comparison_lines, environment, run_record, write_json
 from executor.options import RunOptions
 from planner.errors import InvalidRequest, PlannerError
-from planner.plan import Plan, load_plan, typed_plan
+from planner.plan import Plan, load_plan
 
 EXIT_REFUSED, EXIT_FAILED, EXIT_OOM = 2, 1, 75
 
@@ -59,13 +59,13 @@ def uses_cuda(plan: Plan) -> bool:
 def check_environment(document: Plan, on_cuda: bool, options: RunOptions | None = None) -> None:
     from executor.preflight import preflight_reason
 
-    spec, hardware, cluster, workload, config = typed_plan(document)
+    spec, hardware, workload, config = document.model, document.hardware, document.workload, document.config
     check_supported(spec, workload, config, on_cuda)
     reason = preflight_reason(spec, workload, config, options)
     if reason:
         raise InvalidRequest(reason)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world(cluster, config, world)
+    check_world(document.cluster, config, world)
     if on_cuda:
         if not torch.cuda.is_available():
             raise InvalidRequest(f"the plan is for {hardware.name} but no CUDA device is visible; "
@@ -83,7 +83,7 @@ def train(document: Plan, options: RunOptions, device: torch.device, recorder: R
     from executor.save import save_final
     from executor.setup import prepare, should_compile
 
-    spec, hardware, cluster, workload, config = typed_plan(document)
+    spec, workload, config = document.model, document.workload, document.config
     notes = plan_notes(config, device.type == "cuda")
     if getattr(workload, "compile", False) and not should_compile(workload):
         notes.append("the plan says compile, but EXECUTOR_COMPILE=0 turned it off: timings are eager")
@@ -130,8 +130,7 @@ def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> in
             write_json(output / f"failure-rank-{rank}.json", {"status": "failed", "error": str(exc), "exit": EXIT_REFUSED})
         return EXIT_REFUSED
     device = init_distributed(on_cuda)
-    _, _, _, workload, config = typed_plan(document)
-    recorder = Recorder(workload.tokens_per_step, config.devices)
+    recorder = Recorder(document.workload.tokens_per_step, document.config.devices)
     status, error, extra, code = "finished", None, {}, 0
     try:
         extra = train(document, options, device, recorder, trainer_class)
@@ -141,7 +140,7 @@ def main(trainer_class: Callable[..., Any], argv: list[str] | None = None) -> in
         with contextlib.suppress(OSError):  # a full disk may refuse the note too; the launcher then says so
             write_json(output / f"failure-rank-{rank}.json", {"status": status, "error": error, "exit": code})
     if rank == 0:
-        record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, config.devices),
+        record = run_record(status, error, document.to_dict(), recorder.measured(), environment(device, document.config.devices),
                             {"options": options.to_dict(), **extra})
         write_json(output / "summary.json", record)
         if status == "finished":

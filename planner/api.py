@@ -70,12 +70,6 @@ class Request:
         self.model, self.gpu, self.gpus, self.gpus_per_node, self.flavor = model, gpu, gpus, gpus_per_node, flavor
         self.workload, self.calibration, self.memory_margin, self.target = workload, calibration, memory_margin, target
 
-    def __getattr__(self, name: str) -> Any:
-        """The workload's fields read through the request (request.seq_len, request.method, ...)."""
-        if name in WORKLOAD_FIELDS:
-            return getattr(self.__dict__["workload"], name)
-        raise AttributeError(name)
-
 
 @dataclass
 class Resolved:

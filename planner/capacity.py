@@ -175,7 +175,7 @@ def plan_capacity(request: Request, tokens: float, price_per_gpu_hour: float | N
     requests = _requests(request, max_gpus, flavor_family)
     if not requests:
         raise InvalidRequest(f"--max-gpus {max_gpus} leaves no device count (or flavor) to consider; raise it")
-    global_batch = request.global_batch or max(resolve(r).cluster.num_devices for r, _ in requests)
+    global_batch = request.workload.global_batch or max(resolve(r).cluster.num_devices for r, _ in requests)
     requests = [(replace(r, global_batch=global_batch), f) for r, f in requests]
     head = resolve(requests[0][0])
     price, price_source = _price(head.hardware.name, price_per_gpu_hour, budget)

@@ -77,18 +77,18 @@ def ways_out(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> list[
     devices = resolved.cluster.num_devices
     for factor in (2, 4, 8, 16, 32, 64):
         more = replace(request, gpus=devices * factor, flavor=None, gpu=resolved.hardware.name,
-                       global_batch=max(request.global_batch or 0, devices * factor))
+                       global_batch=max(request.workload.global_batch or 0, devices * factor))
         if fits(more, pins):
             ideas.append(f"{devices * factor} devices instead of {devices}")
             break
     for method in ("lora", "qlora"):
-        if request.method == "full" or (request.method == "lora" and method == "qlora"):
+        if request.workload.method == "full" or (request.workload.method == "lora" and method == "qlora"):
             if method == "qlora" and (pins.tp or 1) > 1:
                 continue
             if fits(replace(request, method=method), replace(pins, tp=None) if method == "qlora" else pins):
                 ideas.append(f"--method {method}")
                 break
-    seq = request.seq_len
+    seq = request.workload.seq_len
     while seq > 128:
         seq //= 2
         if fits(replace(request, seq_len=seq), pins):

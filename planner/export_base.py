@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planner.plan import Plan
+from planner.plan import ParallelConfig, Plan
+from planner.specs import Cluster, ModelSpec, Workload
 from planner.validity import printable
 
 
@@ -37,8 +38,21 @@ class _Plan:
     plan: Plan
     notes: list[str] = field(default_factory=list)
 
-    def __getattr__(self, name: str):
-        return getattr(self.plan, {"spec": "model"}.get(name, name))
+    @property
+    def spec(self) -> ModelSpec:
+        return self.plan.model
+
+    @property
+    def config(self) -> ParallelConfig:
+        return self.plan.config
+
+    @property
+    def workload(self) -> Workload:
+        return self.plan.workload
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.plan.cluster
 
     @property
     def step_s(self) -> float | None:

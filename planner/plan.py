@@ -190,9 +190,3 @@ def load_plan(path: str) -> Plan:
     """Read and check a Plan file (exit 2 with one line on anything wrong)."""
     return Plan.from_dict(read_json(path, "plan"), f"plan {path}")
 
-
-def typed_plan(plan: Plan | dict[str, Any]) -> tuple[ModelSpec, Hardware, Cluster, Workload, ParallelConfig]:
-    """(model, hardware, cluster, workload, config) of a Plan (or a plan document)."""
-    if not isinstance(plan, Plan):
-        plan = Plan.from_dict(plan)
-    return plan.model, plan.hardware, plan.cluster, plan.workload, plan.config

@@ -6,6 +6,8 @@ drawn by rich on stderr, and only there: stdout (and so `--json`) never sees the
             ...
             advance()
 
+`advance(steps, description=...)` also rewrites the bar's text (training shows its loss there).
+
 A bar is drawn only when stderr is a terminal, in the main process (a worker of a process pool
 never draws; its parent advances the bar as results arrive), and unless bars are off (`with
 bars(False)`: the commands' `--no-progress`). Otherwise `advance` does nothing. Rich itself would
@@ -40,7 +42,7 @@ def add_flag(parser: Any) -> None:
                         help="draw no progress bar (bars go to stderr, and only when it is a terminal)")
 
 
-def _noop(steps: float = 1) -> None:
+def _noop(steps: float = 1, **fields: Any) -> None:
     return None
 
 
@@ -65,7 +67,7 @@ def progress(total: int | None, description: str, console: Any = None) -> Iterat
     if active is not None:  # a bar inside a bar: one more line of the drawn one
         task = active.add_task(description, total=total)
         try:
-            yield lambda steps=1: active.advance(task, steps)
+            yield lambda steps=1, **fields: active.update(task, advance=steps, **fields)
         finally:
             active.remove_task(task)
         return
@@ -74,7 +76,7 @@ def progress(total: int | None, description: str, console: Any = None) -> Iterat
     try:
         with bar:
             task = bar.add_task(description, total=total)
-            yield lambda steps=1: bar.advance(task, steps)
+            yield lambda steps=1, **fields: bar.update(task, advance=steps, **fields)
     finally:
         _STATE["active"] = None
 

@@ -232,7 +232,7 @@ def what_fits_page(fields: dict[str, Any], config_text: str | None = None) -> di
     resolved = resolve(request)
     page: dict[str, Any] = {"model": resolved.spec.name, "hardware": resolved.hardware.name,
                             "gpus": resolved.cluster.num_devices, "capacity_bytes": resolved.hardware.memory_bytes}
-    limits = what_fits(request, methods=(request.method,))["methods"][0]
+    limits = what_fits(request, methods=(request.workload.method,))["methods"][0]
     page["limits"] = {"largest_micro_batch": limits["largest_micro_batch"], "longest_seq_len": limits["longest_seq_len"],
                       "fewest_devices": limits["fewest_devices"]}
     try:

@@ -70,7 +70,7 @@ def fewest_devices(request: Request, pins: Pins) -> int | None:
     per_node = r.cluster.devices_per_node
     count = 1
     while count <= MAX_DEVICES:
-        gb = max(request.global_batch or count, count)
+        gb = max(request.workload.global_batch or count, count)
         trial = replace(request, gpus=count, gpus_per_node=min(per_node, count), global_batch=gb, flavor=None,
                         gpu=r.hardware.name)
         if _feasible(trial, pins) is not None:
@@ -82,7 +82,7 @@ def fewest_devices(request: Request, pins: Pins) -> int | None:
 def what_fits(request: Request, pins: Pins | None = None, methods: tuple[str, ...] = ("full", "lora", "qlora")) -> dict[str, Any]:
     pins = pins or Pins()
     r = resolve(request)
-    limit = max(r.spec.max_position_embeddings, request.seq_len) * 4
+    limit = max(r.spec.max_position_embeddings, request.workload.seq_len) * 4
     rows = []
     for method in methods:
         trial = replace(request, method=method)
@@ -97,5 +97,5 @@ def what_fits(request: Request, pins: Pins | None = None, methods: tuple[str, ..
             "fewest_devices": fewest_devices(trial, method_pins),
         })
     return {"model": r.spec.name, "hardware": r.hardware.name, "gpus": r.cluster.num_devices,
-            "seq_len": request.seq_len, "global_batch": r.workload.global_batch,
+            "seq_len": request.workload.seq_len, "global_batch": r.workload.global_batch,
             "memory_margin": r.context.memory_margin, "methods": rows}

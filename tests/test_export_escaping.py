@@ -29,7 +29,7 @@ from planner.errors import InvalidRequest
 from planner.export import FORMATS, LaunchOptions, export_plan, shell_word
 from planner.export_base import _Plan
 from planner.export_engines import accelerate_config
-from planner.plan import save_plan, typed_plan
+from planner.plan import Plan, save_plan
 from planner.search import Pins
 from tests.conftest import ROOT
 
@@ -130,9 +130,9 @@ def test_hostile_names_in_every_format(name, base_plan, two_node_plan, tmp_path)
                 assert _value_after(argv, "--data") == "/data/corpus"
 
 
-def _check_loads_back(fmt: str, text: str, doc: dict) -> None:
+def _check_loads_back(fmt: str, text: str, doc: Plan) -> None:
     """The export parses with its format's parser and holds exactly the exporter's keys."""
-    spec, _hw, cluster, workload, config = typed_plan(doc)
+    workload = doc.workload
     if fmt == "deepspeed":
         assert json.loads(text)["train_batch_size"] == workload.global_batch
     elif fmt == "accelerate":

@@ -41,3 +41,12 @@ def test_untraceable_configuration_says_what_to_change(cli):
 def test_missing_grid_file_is_one_line(cli, tmp_path):
     proc = cli("oracle", "--grid", str(tmp_path / "none.json"))
     assert proc.returncode == 2 and "cannot read oracle grid" in proc.stderr
+
+
+def test_trace_of_a_saved_plan_compares_with_the_plans_prediction(cli, tmp_path):
+    plan = tmp_path / "plan.json"
+    cli("suggest", "--model", "llama-tiny", "--gpu", "cpu", "--gpus", "1", "--seq-len", "64", "--global-batch", "4",
+        "--save-plan", str(plan), check=True)
+    proc = cli("oracle", "--trace", "--plan", str(plan), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "llama-tiny: traced peak" in proc.stdout and "planner " in proc.stdout and "error" in proc.stdout

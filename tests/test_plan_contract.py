@@ -194,7 +194,7 @@ def test_the_request_holds_a_workload_and_the_cli_options_come_from_it():
     from planner.specs import Workload
 
     request = Request(model="llama-tiny", seq_len=128, method="lora")
-    assert request.workload.seq_len == 128 and request.method == "lora" and request.workload.global_batch is None
+    assert request.workload.seq_len == 128 and request.workload.method == "lora" and request.workload.global_batch is None
     parser = build_parser()
     suggest_parser = parser._subparsers._group_actions[0].choices["suggest"]
     options = {a.dest for a in suggest_parser._actions}

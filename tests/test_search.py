@@ -68,10 +68,11 @@ def test_cli_suggest_infeasible_exits_3(cli):
 
 
 def test_save_plan_round_trips(cli, tmp_path):
-    from planner.plan import load_plan, typed_plan
+    from planner.plan import load_plan
     path = tmp_path / "plan.json"
     cli("suggest", "--model", "llama-tiny", "--gpu", "cpu", "--gpus", "2", "--seq-len", "128", "--global-batch", "8",
         "--save-plan", str(path), "--json", check=True)
-    spec, hardware, cluster, workload, config = typed_plan(load_plan(str(path)))
+    plan = load_plan(str(path))
+    spec, hardware, cluster, workload, config = plan.model, plan.hardware, plan.cluster, plan.workload, plan.config
     assert spec.name == "llama-tiny" and hardware.name == "cpu" and cluster.num_devices == 2
     assert config.dp * config.tp * config.pp == 2 and workload.seq_len == 128

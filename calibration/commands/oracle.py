@@ -53,12 +53,12 @@ def _trace(args: argparse.Namespace) -> int:
     from calibration.oracle import PLANNER_GROUPS, trace
     from planner import api
     from planner.commands.predict import _config
-    from planner.plan import load_plan, typed_plan
+    from planner.plan import load_plan
 
     if args.plan:
         document = load_plan(args.plan)
-        spec, _, _, workload, config = typed_plan(document)
-        prediction = document.get("prediction")
+        spec, workload, config = document.model, document.workload, document.config
+        prediction = document.prediction
     else:
         request = request_from(args)
         resolved = api.resolve(request)

@@ -21,13 +21,15 @@ MODES = {
     "tp-sequence-parallel": (2, {"tp": 2, "micro_batch_size": 4, "sequence_parallel": True}, {}),
     "pp-1f1b": (2, {"pp": 2, "micro_batch_size": 2}, {}),
     "pp-interleaved": (2, {"pp": 2, "vpp": 2, "micro_batch_size": 2}, {}),
+    "ddpxtp": (4, {"dp": 2, "tp": 2, "zero": 0, "micro_batch_size": 2}, {}),
+    "zero1xtp": (4, {"dp": 2, "tp": 2, "zero": 1, "micro_batch_size": 2}, {}),
     "fsdp2xtp": (4, {"dp": 2, "tp": 2, "zero": 3, "micro_batch_size": 2}, {}),
     "ddp-full-checkpointing": (2, {"zero": 0, "micro_batch_size": 2, "recompute": "full"}, {}),
     "fsdp2-selective-checkpointing": (2, {"zero": 3, "micro_batch_size": 2, "recompute": "selective"}, {}),
     "fsdp2-shard-ends": (2, {"zero": 3, "micro_batch_size": 2, "shard_ends": True}, {}),
     "pp-fsdp2-checkpointing": (4, {"dp": 2, "pp": 2, "zero": 3, "micro_batch_size": 1, "recompute": "full"}, {}),
 }
-FAST = ("ddp", "tp", "pp-1f1b", "fsdp2xtp", "fsdp2-selective-checkpointing", "fsdp2-shard-ends")  # the rest with -m slow
+FAST = ("ddp", "tp", "pp-1f1b", "ddpxtp", "fsdp2xtp", "fsdp2-selective-checkpointing", "fsdp2-shard-ends")  # the rest with -m slow
 
 
 def _mode_params():

@@ -18,7 +18,7 @@ from executor.options import RunOptions
 from executor.pipeline import layers_per_stage
 from executor.tokenizer import ByteTokenizer
 from planner.errors import InvalidRequest
-from planner.plan import ParallelConfig, load_plan, typed_plan
+from planner.plan import ParallelConfig, Plan, load_plan
 from tests.executor.conftest import SHAREGPT, make_plan
 
 TOK = ByteTokenizer()
@@ -97,7 +97,8 @@ def test_mesh_order_is_tp_innermost_then_dp_then_pp():
 ])
 def test_unsupported_options_are_refused_by_name(tmp_path, workload, config, needle):
     plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16", **workload}, **config).read_text())
-    spec, _, _, w, c = typed_plan(plan)
+    parsed = Plan.from_dict(plan)
+    spec, w, c = parsed.model, parsed.workload, parsed.config
     assert needle in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
@@ -107,7 +108,7 @@ def test_a_hand_edited_plan_with_invalid_degrees_is_refused(tmp_path):
     plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}, dp=1, pp=2).read_text())
     plan["config"]["vpp"] = 3
     with pytest.raises(InvalidRequest, match="layers not divisible by pp x vpp"):
-        typed_plan(plan)  # the Plan checks its own layout when it is read
+        Plan.from_dict(plan)  # the Plan checks its own layout when it is read
 
 
 def test_a_plan_for_a_model_returning_fp32_logits_is_refused(tmp_path):
@@ -115,7 +116,8 @@ def test_a_plan_for_a_model_returning_fp32_logits_is_refused(tmp_path):
     the model (torchtune's) would be trained with a different memory profile than predicted."""
     plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}).read_text())
     plan["workload"]["fp32_logits"] = True
-    spec, _, _, w, c = typed_plan(plan)
+    parsed = Plan.from_dict(plan)
+    spec, w, c = parsed.model, parsed.workload, parsed.config
     assert "no --fp32-logits" in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
@@ -123,13 +125,15 @@ def test_a_plan_priced_for_megatrons_attention_is_refused(tmp_path):
     """fused-softmax prices Megatron-LM's attention, which transformers has no implementation of."""
     plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}).read_text())
     plan["workload"]["attention"] = "fused-softmax"
-    spec, _, _, w, c = typed_plan(plan)
+    parsed = Plan.from_dict(plan)
+    spec, w, c = parsed.model, parsed.workload, parsed.config
     assert "plan with --attention sdpa" in checks.unsupported_reason(spec, w, c, on_cuda=False)
 
 
 def test_world_mismatch_is_refused_with_the_fix(tmp_path):
     plan = json.loads(make_plan(tmp_path / "p.json", 2).read_text())
-    _, _, cluster, _, config = typed_plan(plan)
+    parsed = Plan.from_dict(plan)
+    cluster, config = parsed.cluster, parsed.config
     checks.check_world(cluster, config, 2)
     with pytest.raises(InvalidRequest, match="needs 2 processes .* but 4 were started"):
         checks.check_world(cluster, config, 4)
