@@ -228,6 +228,8 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
         notes.append("chunked cross-entropy (torchtune Llama 3.1 configs of that commit)")
+    # the stack the run used (every shipped case is tagged; a row without a tag reads as the executor's)
+    extras["framework"] = row.get("planner_framework") or "executor"
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
                     optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), notes
 

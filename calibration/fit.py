@@ -64,7 +64,11 @@ def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: b
         if residuals:
             Path(residuals).write_text(json.dumps(rows, indent=1) + "\n")
         summary = summarize(rows)
+        spread = (data.get("uncertainty") or {}).get("uncalibrated_log_sd") or {}
         data["uncertainty"] = summary.pop("uncertainty")
+        for what, values in spread.items():  # the fit's spread of throughput, the folds' of memory
+            data["uncertainty"].setdefault("uncalibrated_log_sd", {}).setdefault(what, {}).update(
+                {k: v for k, v in values.items() if k == "throughput"})
         data["validation"] = {"method": "leave-one-source-out", **summary}
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
