@@ -84,7 +84,7 @@ def time_parameters(scope: Scope) -> list[Parameter]:
     per_part_sigma = {"matmul_efficiency_max": 0.05, "attention_efficiency": 0.05, "memory_efficiency": 0.05,
                       "layer_overhead_s": 1.0}
     for name, chip in sorted(chips.items()):
-        if chip != name:
+        if name in scope.parts_apart:
             params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, per_part_sigma[key],
                                  relative_to=("compute", chip, "*", key))
                        for key, (lower, upper, _) in PER_CHIP_KEYS.items()]
@@ -191,8 +191,11 @@ def throughputs(prepared: list[Prepared], data: dict[str, Any]) -> np.ndarray:
 
 
 def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
+    """The base profile's value: a chip's (part's) own ratio to the shared (chip's) value where the
+    base has fitted one (`planner calibrate` on the shipped profile), else the shared value itself."""
     if param.relative_to is not None:
-        return 0.0
+        own, shared = _get(data, param.path, np.nan), _get(data, param.relative_to, np.nan)
+        return float(np.log(own / shared)) if np.isfinite(own) and np.isfinite(shared) and own > 0 < shared else 0.0
     return param.to_internal(_get(data, param.path, param.initial))
 
 
@@ -243,13 +246,15 @@ def fit_parameters(prepared, base_data, params, target: str,
     return result.x
 
 
-def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str]) -> dict[str, Any]:
-    """Parts the runs did not measure, but whose chip they did (an H200 in the shipped profile when
-    `planner calibrate` fits H100 runs), move by the factor their chip moved: the part's own entry
-    would otherwise hide the chip's new values from it."""
+def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str],
+                              apart: frozenset[str]) -> dict[str, Any]:
+    """Parts whose own values the runs did not fit (`apart`: those fitted apart from their chip),
+    but whose chip they did (an H200 in the shipped profile when `planner calibrate` fits H100
+    runs; the H100 itself when it is its chip's only measured part), move by the factor their chip
+    moved: the part's own entry would otherwise hide the chip's new values from it."""
     for name, entry in after["compute"].items():
         part = presets().get(name)
-        if part is None or name in fitted or chip_of(part) not in fitted.values():
+        if part is None or name in apart or chip_of(part) not in fitted.values():
             continue
         # the chip's values as the planner reads them (falling back to the shared ones)
         old, new = (_profile(d).compute(chip_of(part), part.vendor, "*", framework="") for d in (before, after))
@@ -288,8 +293,11 @@ def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) 
     scope = scope_of(with_tps)
     time_params = time_parameters(scope) if with_tps else []
     if time_params:
+        for name, chip in scope.chips.items():  # a chip's only measured part reads its chip's values
+            if name != chip and name not in scope.parts_apart:
+                data["compute"].pop(name, None)
         data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput", advance))
-        data = _parts_follow_their_chips(base.data, data, scope.chips)
+        data = _parts_follow_their_chips(base.data, data, scope.chips, scope.parts_apart)
     memory_params = memory_parameters(with_mem, base)
     if memory_params:
         fitted = fit_parameters(with_mem, data, memory_params, "memory", advance)

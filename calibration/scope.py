@@ -43,6 +43,13 @@ class Scope:
     def chip_names(self) -> set[str]:
         return set(self.chips.values())
 
+    @property
+    def parts_apart(self) -> frozenset[str]:
+        """Parts whose own values are fitted apart from their chip's: those of a chip measured on
+        two parts or more (on one, the part and its chip are the same unknowns)."""
+        return frozenset(name for name, chip in self.chips.items()
+                         if chip != name and sum(c == chip for c in self.chips.values()) >= 2)
+
 
 def scope_of(items: list[Any]) -> Scope:
     """The scope of prepared throughput runs (calibration/fitting.py Prepared)."""
