@@ -58,7 +58,7 @@ def test_plans_written_before_the_framework_read_as_the_executor(tmp_path):
 
 
 def test_every_public_case_is_tagged_with_a_framework_its_stack_names():
-    from calibration.cases import load_cases
+    from calibration.cases import framework_of, load_cases
 
     rows = json.loads(open("calibration/data/public_cases.json").read())["cases"]
     assert all(row.get("planner_framework") in FRAMEWORKS for row in rows)
@@ -67,6 +67,7 @@ def test_every_public_case_is_tagged_with_a_framework_its_stack_names():
     assert names["c069"] == "deepspeed" and names["c067"] == "megatron"  # one table, two stacks
     cases = {c.id: c for c in load_cases() if c.workload is not None}
     assert all(c.workload.framework == names[i] for i, c in cases.items())
+    assert all(framework_of(row) == row["planner_framework"] for row in rows)  # untagged copies read alike
 
 
 def test_a_frameworks_factors_scale_its_chips_values_and_fp8_only_under_fp8():
@@ -147,3 +148,15 @@ def test_fitting_runs_of_one_chip_leaves_every_other_chip_bit_identical(tmp_path
     for gpu, framework in (("a100-80gb", "executor"), ("mi300x-192gb", "megatron"), ("rtx4090-24gb", "torchtune")):
         assert _predict(gpu, path, framework) == _predict(gpu, None, framework), gpu
     assert _predict("h100-sxm-80gb", path)["time"]["step_s"] > 1.2 * _predict("h100-sxm-80gb", None)["time"]["step_s"]
+
+
+def test_validate_shows_each_rows_framework():
+    from calibration.cases import load_cases
+    from calibration.commands.validate import _as_json, _render
+    from calibration.validate import validate
+
+    result = validate([c for c in load_cases() if c.id in ("c001", "c057")])
+    text = _render(result, False)
+    assert "framework" in text.splitlines()[0]
+    assert "torchtitan" in text and "megatron" in text
+    assert {r["framework"] for r in _as_json(result)["cases"]} == {"torchtitan", "megatron"}
