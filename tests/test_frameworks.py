@@ -160,3 +160,14 @@ def test_validate_shows_each_rows_framework():
     assert "framework" in text.splitlines()[0]
     assert "torchtitan" in text and "megatron" in text
     assert {r["framework"] for r in _as_json(result)["cases"]} == {"torchtitan", "megatron"}
+
+
+def test_calibrate_never_prints_the_base_profiles_held_out_figures(cli, tmp_path):
+    rows = json.loads(open("calibration/data/public_cases.json").read())["cases"]
+    subset = tmp_path / "cases.json"
+    subset.write_text(json.dumps([r for r in rows if r["id"] in ("c001", "c002")]))
+    out = tmp_path / "fitted.json"
+    proc = cli("calibrate", "--cases", str(subset), "--out", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "out-of-sample: not computed" in proc.stdout and "leave one source out" not in proc.stdout
+    assert "validation" not in json.loads(out.read_text())
