@@ -228,6 +228,7 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
         notes.append("chunked cross-entropy (torchtune Llama 3.1 configs of that commit)")
+    extras["framework"] = row.get("planner_framework") or framework_of(row)
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
                     optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), notes
 
@@ -282,6 +283,22 @@ def _torchtune_checkpointing(case: Case) -> str:
         return "none"
     case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
     return "full"
+
+
+def framework_of(row: dict[str, Any]) -> str:
+    """The planner's --framework for a row's stack, as its `framework` text names it (for rows
+    without a `planner_framework` tag, e.g. ../shared/validation/cases.json): Narayanan et al.'s
+    table compares Megatron's PTD-P with DeepSpeed's ZeRO-3; FMEngine is DeepSpeed's pipeline
+    engine; MoAI (transformers models and AdamW on Moreh's runtime) and LLaMA2-Accessory (its own
+    PyTorch loop on bitsandbytes) are none of the planner's frameworks and read as hf, the nearest."""
+    text = str(row.get("framework") or "")
+    for needle, name in (("torchtitan", "torchtitan"), ("llm-foundry", "llm-foundry"), ("torchtune", "torchtune"),
+                         ("FMEngine", "deepspeed"), ("HF", "hf"), ("Moreh", "hf"), ("Accessory", "hf")):
+        if needle in text:
+            return name
+    if "Megatron" in text:
+        return "deepspeed" if (row.get("parallelism") or {}).get("zero_stage") == 3 else "megatron"
+    return "executor"
 
 
 def _loss_parallel(row: dict[str, Any]) -> bool:

@@ -57,6 +57,7 @@ def _held_out_rows(cases: list[Case], base: Profile, source: str) -> list[dict[s
         case = item.case
         memory = a if case.memory_kind == "allocated" else r
         rows.append({"id": case.id, "source": source, "hardware": case.hardware_name, "vendor": _vendor(case),
+                     "framework": item.context.workload.framework,
                      "throughput_residual": _log_ratio(case.tokens_per_s_per_device, t),
                      "memory_residual": _log_ratio(case.memory_bytes, memory)})
     return rows
@@ -70,11 +71,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "throughput": error_stats(rel([r["throughput_residual"] for r in rows])),
         "memory": error_stats(rel([r["memory_residual"] for r in rows])),
-        "by_source": {}, "by_hardware": {},
+        "by_source": {}, "by_hardware": {}, "by_framework": {},
     }
-    for key, table in (("source", out["by_source"]), ("hardware", out["by_hardware"])):
-        for name in sorted({r[key] for r in rows}):
-            members = [r for r in rows if r[key] == name]
+    for key, table in (("source", out["by_source"]), ("hardware", out["by_hardware"]),
+                       ("framework", out["by_framework"])):
+        for name in sorted({r.get(key, "executor") for r in rows}):
+            members = [r for r in rows if r.get(key, "executor") == name]
             table[name] = {"throughput": error_stats(rel([r["throughput_residual"] for r in members])),
                            "memory": error_stats(rel([r["memory_residual"] for r in members]))}
     out["uncertainty"] = intervals(rows)
@@ -95,7 +97,20 @@ def intervals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if len(values) >= 5:
             result["memory_log_residual"][vendor] = _quantiles(values)
             result["memory_margin"][vendor] = _margin(values)
+    result["uncalibrated_log_sd"] = {"chip": {"memory": _spread_of_medians(rows, "hardware")},
+                                     "framework": {"memory": _spread_of_medians(rows, "framework")}}
     return result
+
+
+def _spread_of_medians(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Root mean square, around 0, of each hardware's (framework's) median held-out memory residual:
+    how far memory predictions of an unmeasured one may be off, beyond the residuals' own spread."""
+    medians = []
+    for name in sorted({r.get(key, "executor") for r in rows}):
+        values = [r["memory_residual"] for r in rows if r.get(key, "executor") == name and r["memory_residual"] is not None]
+        if values:
+            medians.append(float(np.median(values)))
+    return float(np.sqrt(np.mean(np.square(medians)))) if len(medians) >= 2 else None
 
 
 def _margin(values: list[float]) -> float | None:

@@ -54,20 +54,38 @@ def write_profile(cases: list[Case], base: Profile, out: Path, cross_validate: b
     from the same base), write the profile to `out` (named after the file) and return it."""
     if not out.parent.is_dir():  # before the minutes of fitting, not after
         raise InvalidRequest(f"--out {out}: the folder {out.parent} does not exist; create it or write elsewhere")
-    data = fit_profile(cases, base)
+    if cross_validate and jobs > 1:  # the full fit in a process of its own, beside the folds
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1) as pool:
+            full = pool.submit(fit_profile, cases, base)
+            rows = _folds(cases, base, jobs)
+            data = full.result()
+    else:
+        data = fit_profile(cases, base)
+        rows = _folds(cases, base, jobs) if cross_validate else []
     data["name"] = out.stem
     data["version"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     if cross_validate:
-        from calibration.crossval import leave_one_source_out, summarize
+        from calibration.crossval import summarize
 
-        rows = leave_one_source_out(cases, base, jobs=jobs)
         if residuals:
             Path(residuals).write_text(json.dumps(rows, indent=1) + "\n")
         summary = summarize(rows)
+        spread = (data.get("uncertainty") or {}).get("uncalibrated_log_sd") or {}
         data["uncertainty"] = summary.pop("uncertainty")
+        for what, values in spread.items():  # the fit's spread of throughput, the folds' of memory
+            data["uncertainty"].setdefault("uncalibrated_log_sd", {}).setdefault(what, {}).update(
+                {k: v for k, v in values.items() if k == "throughput"})
         data["validation"] = {"method": "leave-one-source-out", **summary}
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
+
+
+def _folds(cases: list[Case], base: Profile, jobs: int) -> list[dict[str, Any]]:
+    from calibration.crossval import leave_one_source_out
+
+    return leave_one_source_out(cases, base, jobs=jobs)
 
 
 def load_run_records(paths: list[str]) -> list[Case]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from scipy.optimize import least_squares
 
 from calibration.case import request_for
 from calibration.cases import Case
+from calibration.scope import FRAMEWORK_PARAMS, Scope, record, runs_of_parameter, scope_of, spread
 from planner.api import resolve
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
@@ -58,9 +59,10 @@ PER_CHIP_KEYS = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficienc
                  "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
 
 
-def time_parameters(chips: dict[str, str]) -> list[Parameter]:
-    """Compute efficiency per chip and per part, shared shape and link/overlap parameters.
-    `chips` maps each hardware part of the runs to its chip (to itself when it has none)."""
+def time_parameters(scope: Scope) -> list[Parameter]:
+    """Compute efficiency per chip and per part, per framework factors, and (when the runs span
+    enough chips: calibration/scope.py) the shared shape and link/overlap parameters."""
+    chips = scope.chips
     # Each chip's efficiencies are the shared ones times exp(delta), delta ~ N(0, 0.3^2): chips
     # differ by tens of percent; with the data's 10 % noise one run of a new chip moves its delta
     # 90 % of the way, and a chip never measured takes the shared value.
@@ -70,7 +72,7 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
     params = [Parameter(shared["matmul_efficiency_max"], 0.7, 0.05, 1.0, 0.5),
               Parameter(shared["attention_efficiency"], 0.4, 0.05, 1.0, 0.5),
               Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
-              Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)]
+              Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)] if scope.shared else []
     for chip in sorted(set(chips.values())):
         params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
                    for key, (lower, upper, sigma) in PER_CHIP_KEYS.items()]
@@ -82,11 +84,23 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
     per_part_sigma = {"matmul_efficiency_max": 0.05, "attention_efficiency": 0.05, "memory_efficiency": 0.05,
                       "layer_overhead_s": 1.0}
     for name, chip in sorted(chips.items()):
-        if chip != name:
+        if name in scope.parts_apart:
             params += [Parameter(("compute", name, "*", key), 1.0, lower, upper, per_part_sigma[key],
                                  relative_to=("compute", chip, "*", key))
                        for key, (lower, upper, _) in PER_CHIP_KEYS.items()]
-    params += [
+    params += _framework_parameters(scope)
+    return params + (_shared_parameters() if scope.shared else [])
+
+
+def _framework_parameters(scope: Scope) -> list[Parameter]:
+    """Each identified framework's factors on its chips' values (fp8 only where it ran float8)."""
+    return [Parameter(("frameworks", framework, key), 1.0, lower, upper, sigma)
+            for framework in scope.frameworks for key, (lower, upper, sigma) in FRAMEWORK_PARAMS.items()
+            if key != "fp8_factor" or framework in scope.fp8_frameworks]
+
+
+def _shared_parameters() -> list[Parameter]:
+    return [
         Parameter(("compute", "default", "*", "matmul_half_flops"), 2e9, 1e7, 1e12, 2.0),
         Parameter(("compute", "default", "*", "compiled_io_factor"), 0.6, 0.1, 1.0, 0.5),
         Parameter(("compute", "default", "fp8", "matmul_dtype_factor"), 0.65, 0.1, 1.5, 0.5),
@@ -102,7 +116,6 @@ def time_parameters(chips: dict[str, str]) -> list[Parameter]:
         Parameter(("overlap", "pp"), 0.5, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "hidden_cost"), 0.2, 0.0, 1.0, 0.3, log=False),
     ]
-    return params
 
 
 # Typical relative error of one measured run against a good model (timing noise, framework details):
@@ -178,8 +191,11 @@ def throughputs(prepared: list[Prepared], data: dict[str, Any]) -> np.ndarray:
 
 
 def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
+    """The base profile's value: a chip's (part's) own ratio to the shared (chip's) value where the
+    base has fitted one (`planner calibrate` on the shipped profile), else the shared value itself."""
     if param.relative_to is not None:
-        return 0.0
+        own, shared = _get(data, param.path, np.nan), _get(data, param.relative_to, np.nan)
+        return float(np.log(own / shared)) if np.isfinite(own) and np.isfinite(shared) and own > 0 < shared else 0.0
     return param.to_internal(_get(data, param.path, param.initial))
 
 
@@ -206,13 +222,13 @@ def _residual_fn(prepared, base_data, params, target: str, on_evaluation: Callab
 
 
 def _jacobian_sparsity(prepared, params) -> np.ndarray:
-    """A chip's or a part's own parameters move only its runs' residuals; least_squares then
-    perturbs several of them at once when estimating the Jacobian."""
-    keys = [(p.context.hardware.name, chip_of(p.context.hardware)) for p in prepared]
+    """A chip's, a part's or a framework's own parameters move only its runs' residuals;
+    least_squares then perturbs several of them at once when estimating the Jacobian."""
     data_rows = np.ones((len(prepared), len(params)), dtype=bool)
     for j, param in enumerate(params):
-        if param.relative_to is not None:  # a chip's or a part's own parameter
-            data_rows[:, j] = [param.path[1] in key for key in keys]
+        if param.path[0] == "compute" and param.path[1] != "default" or param.path[0] == "frameworks":
+            moved = {id(p) for p in runs_of_parameter(param.path, prepared)}
+            data_rows[:, j] = [id(p) in moved for p in prepared]
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])
 
 
@@ -230,16 +246,18 @@ def fit_parameters(prepared, base_data, params, target: str,
     return result.x
 
 
-def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str]) -> dict[str, Any]:
-    """Parts the runs did not measure, but whose chip they did (an H200 in the shipped profile when
-    `planner calibrate` fits H100 runs), move by the factor their chip moved: the part's own entry
-    would otherwise hide the chip's new values from it."""
+def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fitted: dict[str, str],
+                              apart: frozenset[str]) -> dict[str, Any]:
+    """Parts whose own values the runs did not fit (`apart`: those fitted apart from their chip),
+    but whose chip they did (an H200 in the shipped profile when `planner calibrate` fits H100
+    runs; the H100 itself when it is its chip's only measured part), move by the factor their chip
+    moved: the part's own entry would otherwise hide the chip's new values from it."""
     for name, entry in after["compute"].items():
         part = presets().get(name)
-        if part is None or name in fitted or chip_of(part) not in fitted.values():
+        if part is None or name in apart or chip_of(part) not in fitted.values():
             continue
         # the chip's values as the planner reads them (falling back to the shared ones)
-        old, new = (_profile(d).compute(chip_of(part), part.vendor, "*") for d in (before, after))
+        old, new = (_profile(d).compute(chip_of(part), part.vendor, "*", framework="") for d in (before, after))
         for key, value in entry.get("*", {}).items():
             if key in PER_CHIP_KEYS:
                 lower, upper, _ = PER_CHIP_KEYS[key]
@@ -267,15 +285,79 @@ def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) 
     with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
     with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
     data = copy.deepcopy(base.data)
-    chips = {p.context.hardware.name: chip_of(p.context.hardware) for p in with_tps}
-    time_params = time_parameters(chips)
-    data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput", advance))
-    data = _parts_follow_their_chips(base.data, data, chips)
-    data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory", advance))
+    data.pop("validation", None)  # out-of-sample figures are the base's: recomputed by fit.py or absent
+    if data.get("uncertainty") and "source" not in data["uncertainty"]:
+        # the base's intervals stay the prior's (so that unmeasured chips predict as before), labelled
+        data["uncertainty"]["source"] = (f"cross-validation of profile '{base.name}' ({base.data.get('version')}); "
+                                         "not recomputed on the runs of this fit")
+    scope = scope_of(with_tps)
+    time_params = time_parameters(scope) if with_tps else []
+    if time_params:
+        for name, chip in scope.chips.items():  # a chip's only measured part reads its chip's values
+            if name != chip and name not in scope.parts_apart:
+                data["compute"].pop(name, None)
+        data = with_values(data, time_params, fit_parameters(with_tps, data, time_params, "throughput", advance))
+        data = _parts_follow_their_chips(base.data, data, scope.chips, scope.parts_apart)
+    memory_params = memory_parameters(with_mem, base)
+    if memory_params:
+        fitted = fit_parameters(with_mem, data, memory_params, "memory", advance)
+        data = _same_memory_for_parts(with_values(data, memory_params, fitted), with_mem)
     sources = sorted({p.case.publication for p in with_tps + with_mem})
     summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
     data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"
-    data["fitted_on"] = {"summary": summary, "sources": sources,
-                         "cases": sorted({p.case.id for p in with_tps + with_mem}),
-                         "date": _dt.date.today().isoformat()}
+    data["fitted_on"] = _fitted_on(base.data.get("fitted_on"), summary, sources, with_tps, with_mem, scope,
+                                   time_params, memory_params)
+    _keep_spread(data, scope)
     return data
+
+
+def memory_parameters(with_mem: list[Prepared], base: Profile) -> list[Parameter]:
+    """The allocator/framework overheads: shared (memory.default) when the runs span two chips or
+    more, else those of the one measured chip's first part (copied to its other measured parts),
+    starting from what the base profile gives that part."""
+    if len({chip_of(p.context.hardware) for p in with_mem}) >= 2 or not with_mem:
+        return MEMORY_PARAMETERS if with_mem else []
+    hardware = with_mem[0].context.hardware
+    start = base.memory(hardware.name, hardware.vendor)
+    return [replace(param, path=("memory", hardware.name, param.path[-1]),
+                    initial=float(getattr(start, param.path[-1]))) for param in MEMORY_PARAMETERS]
+
+
+def _same_memory_for_parts(data: dict[str, Any], with_mem: list[Prepared]) -> dict[str, Any]:
+    names = sorted({p.context.hardware.name for p in with_mem})
+    first = with_mem[0].context.hardware.name if with_mem else None
+    if first in data["memory"] and len({chip_of(p.context.hardware) for p in with_mem}) == 1:
+        for name in names:
+            data["memory"][name] = dict(data["memory"][first])
+    return data
+
+
+def _fitted_on(before: Any, summary: str, sources: list[str], with_tps: list[Prepared], with_mem: list[Prepared],
+               scope: Scope, time_params: list[Parameter], memory_params: list[Parameter]) -> dict[str, Any]:
+    """What was fitted on what; the chips and frameworks calibrated are this fit's and the base's."""
+    before = before if isinstance(before, dict) else {}
+    measured = with_tps + with_mem
+    chips = set(before.get("chips", [])) | {chip_of(p.context.hardware) for p in measured}
+    parts = set(before.get("hardware", [])) | {p.context.hardware.name for p in measured}
+    frameworks = set(before.get("frameworks", [])) | set(scope.frameworks)
+    parameters = {**(before.get("parameters") or {}), **record([p.path for p in time_params], with_tps),
+                  **record([p.path for p in memory_params], with_mem)}
+    out = {"summary": summary, "sources": sources, "cases": sorted({p.case.id for p in measured}),
+           "date": _dt.date.today().isoformat(), "chips": sorted(chips), "hardware": sorted(parts),
+           "frameworks": sorted(frameworks), "parameters": parameters}
+    if before and "chips" not in before:  # a fitted base that did not record them: unknown, nothing flagged
+        for key in ("chips", "hardware", "frameworks"):
+            out.pop(key)
+    return out
+
+
+def _keep_spread(data: dict[str, Any], scope: Scope) -> None:
+    """The spread across chips and frameworks that widens the intervals of unmeasured ones: refitted
+    with the shared parameters (a fit that spans chips), else the base's, so that a fit of one
+    chip's runs leaves every other chip's predictions, intervals included, as they were."""
+    if not scope.shared:
+        return
+    uncertainty = data.setdefault("uncertainty", {})
+    sd = uncertainty.setdefault("uncalibrated_log_sd", {})
+    for what, value in spread(data, set(data["fitted_on"]["chips"])).items():
+        sd.setdefault(what, {})["throughput"] = value

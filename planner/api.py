@@ -120,6 +120,7 @@ def predict(request: Request, config: ParallelConfig) -> dict[str, Any]:
     prediction = estimates.prediction(r.context, 0)
     reason = runnable_reason(request.target, config, r.spec, r.workload, r.hardware)
     prediction["runnable"] = {"target": request.target, "reason": reason}
+    prediction["uncalibrated"] = r.context.uncalibrated  # the intervals are widened for these
     return prediction
 
 
@@ -211,7 +212,8 @@ def _margin_note(r: Resolved, result: SearchResult, best: dict[str, Any]) -> str
 def describe(r: Resolved) -> dict[str, Any]:
     return {"model": r.spec.name, "params": count_params(r.spec), "hardware": r.hardware.name,
             "gpus": r.cluster.num_devices, "gpus_per_node": r.cluster.devices_per_node,
-            "workload": r.workload.to_dict(), "calibration": r.context.profile.summary()}
+            "workload": r.workload.to_dict(),
+            "calibration": {**r.context.profile.summary(), "uncalibrated": r.context.uncalibrated}}
 
 
 def make_plan(request: Request, prediction: dict[str, Any], runner_ups: list[dict[str, Any]] | None = None) -> Plan:

@@ -16,12 +16,16 @@
   memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
       allocated - 1), largest_block_factor (reserved beyond that, in units of the step's largest
       single allocation), cpu memory for the executor's runs
+  frameworks.<framework>: the software stack's factors on its chip's values (fitted, 1 when absent):
+      matmul_factor (GEMM efficiency), attention_factor, fp8_factor (its float8 recipe: Transformer
+      Engine's vs torchao's), layer_overhead_factor (kernel launches per layer)
   attention: causal_fraction (share of the score matrix a causal kernel computes),
       backward_factor (backward / forward FLOPs of flash attention)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,7 +39,10 @@ DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "calibration" / "prof
 COMPUTE_KEYS = ("matmul_efficiency_max", "matmul_half_flops", "attention_efficiency", "memory_efficiency",
                 "compiled_io_factor", "layer_overhead_s")
 TOP_KEYS = {"name", "version", "description", "fitted_on", "validation", "uncertainty", "compute", "links",
-            "overlap", "memory", "attention", "moe"}
+            "overlap", "memory", "attention", "moe", "frameworks"}
+FRAMEWORK_KEYS = ("matmul_factor", "attention_factor", "fp8_factor", "layer_overhead_factor")
+# a 95 % interval's half-width in standard deviations of a normal distribution
+Z_95 = 1.96
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ class Profile:
     path: str
     data: dict[str, Any]
 
-    def compute(self, hardware: str, vendor: str, dtype: str, chip: str = "") -> ComputeParams:
+    def compute(self, hardware: str, vendor: str, dtype: str, chip: str = "",
+                framework: str = "executor") -> ComputeParams:
         table = self.data["compute"]
         merged: dict[str, float] = {}
         for key in (("default", "*"), ("default", dtype), (vendor, "*"), (vendor, dtype),
@@ -78,7 +86,30 @@ class Profile:
         # bf16 GEMMs reach of theirs (compute.<level>.<dtype>.matmul_dtype_factor): a factor, not an
         # efficiency, so that it still applies on a chip whose own efficiency was fitted.
         params["matmul_efficiency_max"] *= float(merged.get("matmul_dtype_factor", 1.0))
-        return ComputeParams(**params)
+        return ComputeParams(**self._framework_scaled(params, dtype, framework))
+
+    def framework_factors(self, framework: str) -> dict[str, float]:
+        """The framework's fitted factors on its chip's values (1 for any it lacks)."""
+        entry = (self.data.get("frameworks") or {}).get(framework) or {}
+        return {key: float(entry.get(key, 1.0)) for key in FRAMEWORK_KEYS}
+
+    def _framework_scaled(self, params: dict[str, float], dtype: str, framework: str) -> dict[str, float]:
+        factors = self.framework_factors(framework)
+        matmul = factors["matmul_factor"] * (factors["fp8_factor"] if dtype == "fp8" else 1.0)
+        params["matmul_efficiency_max"] = min(1.0, params["matmul_efficiency_max"] * matmul)
+        params["attention_efficiency"] = min(1.0, params["attention_efficiency"] * factors["attention_factor"])
+        params["layer_overhead_s"] *= factors["layer_overhead_factor"]
+        return params
+
+    def uncalibrated(self, hardware: str, chip: str, framework: str) -> list[str]:
+        """What of a prediction no measured run calibrated: the chip (a part counts as measured when
+        a part of its chip was) and the framework. Empty for profiles that do not record it."""
+        fitted = self.data.get("fitted_on")
+        if not isinstance(fitted, dict) or "chips" not in fitted:
+            return []
+        missing = [] if (chip or hardware) in fitted["chips"] or hardware in fitted.get("hardware", []) \
+            else [f"chip {chip or hardware}"]
+        return missing + ([] if framework in fitted.get("frameworks", []) else [f"framework {framework}"])
 
     def link(self, tier: str) -> LinkParams:
         entry = self.data["links"][tier]
@@ -114,16 +145,29 @@ class Profile:
     def attention(self, key: str) -> float:
         return float(self.data["attention"][key])
 
-    def log_interval(self, kind: str, vendor: str = "default") -> tuple[float, float] | None:
+    def log_interval(self, kind: str, vendor: str = "default",
+                     uncalibrated: list[str] | tuple[str, ...] = ()) -> tuple[float, float] | None:
         """(low, high) quantiles of log(measured / predicted) from cross-validation, or None.
-        kind: "throughput" or "memory" (memory per vendor when the profile has enough runs)."""
+        kind: "throughput" or "memory" (memory per vendor when the profile has enough runs).
+        `uncalibrated` (Profile.uncalibrated's list) widens it by the spread across chips and
+        across frameworks of their fitted values (calibration/fitting.py spread), added in
+        quadrature: the calibrated runs' residuals do not say how far an unmeasured one lies."""
         table = self.data.get("uncertainty") or {}
         if kind == "throughput":
             values = table.get("throughput_log_residual")
         else:
             by_vendor = table.get("memory_log_residual") or {}
-            values = by_vendor.get(vendor) or by_vendor.get("default")
-        return (float(values[0]), float(values[1])) if values else None
+            values = (by_vendor.get("default") if uncalibrated else None) or by_vendor.get(vendor) \
+                or by_vendor.get("default")
+        if not values:
+            return None
+        low, high = float(values[0]), float(values[1])
+        spread = table.get("uncalibrated_log_sd") or {}
+        variance = sum(float((spread.get(what.split(" ")[0]) or {}).get(kind) or 0.0) ** 2 for what in uncalibrated)
+        if variance:
+            widen = (Z_95 ** 2) * variance  # each side's distance from 0 grows in quadrature
+            low, high = low - (math.sqrt(low ** 2 + widen) - abs(low)), high + (math.sqrt(high ** 2 + widen) - abs(high))
+        return low, high
 
     def memory_margin(self, vendor: str) -> float:
         """Default safety margin on memory: how far the measured peak exceeded the prediction for

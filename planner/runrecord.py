@@ -164,6 +164,8 @@ class Run:
                  "excluded": self.excluded, "model_name": self.model_name, "hardware_name": self.hardware_name,
                  "num_devices": self.num_devices, "devices_per_node": self.devices_per_node,
                  **_parts(self), "measured": self.measured.to_dict()}
+        if facts["workload"] and facts["workload"].get("framework") == "executor":
+            del facts["workload"]["framework"]  # the default: ids of runs stored before it existed stay
         return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
 
 

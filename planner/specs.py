@@ -21,6 +21,11 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 ATTENTION_IMPLS = ("sdpa", "eager", "fused-softmax")
 OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# the software stack a run uses: each is a set of fitted parameters in the calibration profile
+# (planner/profile.py frameworks.<name>). megatron: Megatron-LM / Megatron-Core / NeMo / Megatron-Bridge
+# with Transformer Engine; deepspeed: incl. Megatron-DeepSpeed; hf: transformers Trainer, TRL,
+# Accelerate, axolotl; executor: this project's own trainer
+FRAMEWORKS = ("executor", "torchtitan", "megatron", "deepspeed", "hf", "llm-foundry", "torchtune")
 
 
 ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
@@ -247,6 +252,12 @@ class Workload:
     # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)
     fp32_logits: bool = field(default=False, metadata=option(
         "the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts"))
+    # last, so that positional Workload(...) calls keep their meaning; plans and records from before
+    # it existed read as "executor"
+    framework: str = field(default="executor", metadata=option(
+        "the training software whose calibration to use: executor (default, this project's), torchtitan, "
+        "megatron (Megatron-LM/Core, NeMo; Transformer Engine), deepspeed, hf (Trainer, TRL, Accelerate, "
+        "axolotl), llm-foundry, torchtune", FRAMEWORKS))
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)
@@ -258,6 +269,7 @@ class Workload:
         _require_choice("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS)
         _require_choice("--attention", self.attention, ATTENTION_IMPLS)
         _require_choice("--master-dtype", self.master_dtype, ("fp32", "bf16"))
+        _require_choice("--framework", self.framework, FRAMEWORKS)
         _require_positive("--loss-chunks", self.loss_chunks)
         if self.master_dtype == "bf16" and self.precision == "fp32":
             raise InvalidRequest("--master-dtype bf16 needs a 16-bit --precision (bf16 or fp16)")

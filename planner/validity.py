@@ -154,7 +154,7 @@ def check_profile_numbers(data: dict, where: Any) -> None:
                 limits = "in (0, 1]" if efficiency else "in [0, 1]" if fraction else "finite and >= 0"
                 raise InvalidRequest(f"calibration profile {where}: {path[1:]} must be {limits}, got {node!r}")
 
-    for section in ("compute", "links", "overlap", "memory", "attention", "uncertainty"):
+    for section in ("compute", "links", "overlap", "memory", "attention", "uncertainty", "frameworks"):
         walk(data.get(section), f".{section}", section)
 
 

@@ -68,5 +68,7 @@ def _render(report: dict) -> str:
     cv = report.get("cross_validation")
     if cv:
         lines.append(f"  out-of-sample (leave one source out): {line(cv)}")
+    else:  # never the base profile's figures: they were not measured on this one
+        lines.append("  out-of-sample: not computed for this profile (--cross-validate computes it)")
     lines.append(f"use it with --calibration {report['out']}")
     return "\n".join(lines)

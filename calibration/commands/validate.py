@@ -48,6 +48,7 @@ def _as_json(result: dict) -> dict:
     for r in result["rows"]:
         c = r.case
         rows.append({"id": c.id, "model": c.model, "hardware": c.hardware_name, "devices": c.devices,
+                     "framework": c.workload.framework if c.workload else None,
                      "config": c.config.to_dict() if c.config else None, "excluded": r.error,
                      "measured_tokens_per_s_per_device": c.tokens_per_s_per_device,
                      "predicted_tokens_per_s_per_device": r.predicted_tokens_per_s,
@@ -71,13 +72,13 @@ def _render(result: dict, show_all: bool) -> str:
         if r.error:
             excluded.append(f"  {c.id} {c.model}: {r.error}")
             continue
-        rows.append([c.id, c.model[:22], c.hardware_name, c.devices,
+        rows.append([c.id, c.model[:22], c.hardware_name, c.workload.framework, c.devices,
                      f"{c.tokens_per_s_per_device:,.0f}" if c.tokens_per_s_per_device else "-",
                      f"{r.predicted_tokens_per_s:,.0f}", _pct(r.throughput_error),
                      f"{c.memory_bytes / 2**30:.1f}" if c.memory_bytes else "-",
                      f"{r.predicted_memory_bytes / 2**30:.1f}", _pct(r.memory_error)])
-    lines = [table(["case", "model", "hardware", "devices", "tok/s/dev meas", "pred", "err",
-                    "GiB meas", "pred", "err"], rows, align="lllrrrrrrr")]
+    lines = [table(["case", "model", "hardware", "framework", "devices", "tok/s/dev meas", "pred", "err",
+                    "GiB meas", "pred", "err"], rows, align="llllrrrrrrr")]
     for name in ("throughput", "memory"):
         s = result[name]
         if s["n"]:

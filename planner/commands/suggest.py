@@ -46,6 +46,14 @@ def spread(bounds: list | None, unit: float) -> str:
     return f" ({low:{digits}}-{high:{digits}})"
 
 
+def uncalibrated_note(missing: list[str] | None) -> str | None:
+    """The flag on tables whose chip or framework no measured run of the profile calibrated."""
+    if not missing:
+        return None
+    return (f"uncalibrated: intervals widened (no measured runs of {' or '.join(missing)} in the calibration "
+            "profile; they take the spread across chips and frameworks)")
+
+
 def render(result: dict, saved: str | None) -> str:
     from planner.format import count, duration, gib
 
@@ -54,7 +62,7 @@ def render(result: dict, saved: str | None) -> str:
     method = w["method"] if w["method"] == "full" else f"{w['method']} r{w['lora_rank']}"
     lines = [f"{req['model']} ({count(req['params'])} params) on {req['gpus']} x {req['hardware']} "
              f"({req['gpus_per_node']} per node): seq {w['seq_len']}, global batch {w['global_batch']}, "
-             f"{method}, {w['precision']}, {w['optimizer']} ({w['optimizer_impl']})",
+             f"{method}, {w['precision']}, {w['optimizer']} ({w['optimizer_impl']}), {w.get('framework', 'executor')}",
              f"searched {result['searched']:,} candidates ({result['evaluated']:,} valid and costed), "
              f"{result['feasible']:,} fit, in {result['seconds']:.2f} s", ""]
     best = result["candidates"][0]
@@ -67,6 +75,9 @@ def render(result: dict, saved: str | None) -> str:
               f"per device", ""]
     if result.get("margin_note"):
         lines += [f"Memory margin: {result['margin_note']}", ""]
+    note = uncalibrated_note((req.get("calibration") or {}).get("uncalibrated"))
+    if note:
+        lines += [note, ""]
     lines.append(candidate_table(result["candidates"]))
     if result["explanation"]:
         lines += ["", "Why the runner-ups lost:"] + [f"  {line}" for line in result["explanation"]]

@@ -116,7 +116,13 @@ class Context:
         return self.hardware.hbm_bandwidth_bytes_per_s * self.compute_params.memory_efficiency
 
     def _params(self, dtype: str) -> ComputeParams:
-        return self.profile.compute(self.hardware.name, self.hardware.vendor, dtype, chip_of(self.hardware))
+        return self.profile.compute(self.hardware.name, self.hardware.vendor, dtype, chip_of(self.hardware),
+                                    self.workload.framework)
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        """The chip and framework no measured run of the profile calibrated (intervals widen)."""
+        return self.profile.uncalibrated(self.hardware.name, chip_of(self.hardware), self.workload.framework)
 
 
 @dataclass

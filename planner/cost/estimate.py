@@ -60,8 +60,10 @@ class Estimates:
         elif not self.host_fits[i]:
             reason = (f"offload needs {self.memory['host'][i] * ctx.cluster.devices_per_node / 2**30:.0f} GiB of host "
                       f"memory per node, the node has {ctx.hardware.host_memory_bytes_per_node / 2**30:.0f} GiB")
-        memory_range = _range(ctx.profile.log_interval("memory", ctx.hardware.vendor), self.memory["reserved"][i])
-        tps_range = _range(ctx.profile.log_interval("throughput"), self.tokens_per_s[i])
+        uncalibrated = ctx.uncalibrated
+        memory_range = _range(ctx.profile.log_interval("memory", ctx.hardware.vendor, uncalibrated),
+                              self.memory["reserved"][i])
+        tps_range = _range(ctx.profile.log_interval("throughput", uncalibrated=uncalibrated), self.tokens_per_s[i])
         return {
             "fits": bool(self.fits[i] and self.host_fits[i]),
             "fits_with_margin": bool(self.fits_with_margin[i] and self.host_fits[i]),
