@@ -169,6 +169,9 @@ class Hardware:
     # the silicon (GH100, GA100, ...): SKUs of one chip share the calibration's efficiencies, their
     # clocks, memory and links being in the fields above; "" when a part is its own chip
     chip: str = ""
+    # the node's host CPU cores, shared by its devices for host-side work (the offloaded optimizer
+    # step); hardware files without it get a 2-socket server's 32
+    host_cpu_cores_per_node: int = 32
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
