@@ -1,0 +1,64 @@
+"""A run that ran, fits: validation counts a run predicted above its devices' memory as a failure,
+and `planner runs import` flags what validation excludes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from calibration.cases import SHIPPED_CASES, load_cases
+from calibration.commands.validate import _as_json, _render
+from calibration.ingest import import_paths
+from calibration.validate import validate
+from planner.runstore import iter_runs
+
+
+def with_huge_batch(ran):
+    huge = replace(ran, id="huge", memory_bytes=None, workload=replace(ran.workload, global_batch=16),
+                   config=replace(ran.config, micro_batch_size=16))
+    return ran, huge
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {case.id: case for case in load_cases()}
+
+
+def test_a_run_predicted_above_its_device_is_a_failure_even_without_a_memory_figure(cases):
+    """c116 trained on one RTX A6000; at 16 sequences a micro-batch the same run is predicted far
+    above the device: with no memory figure the excess over the device is its (lower-bound) error."""
+    ran, huge = with_huge_batch(cases["c116"])
+    result = validate([ran, huge])
+    assert result["ran_but_predicted_not_to_fit"] == ["huge"]
+    row = next(r for r in result["rows"] if r.case.id == "huge")
+    assert row.capacity_error == pytest.approx(row.predicted_memory_bytes / row.capacity_bytes - 1)
+    assert row.capacity_error > 0.5
+    memory = result["memory"]
+    assert memory["n"] == 2 and memory["failed_to_fit"] == 1
+    assert memory["p90_abs"] > 0.5  # the failure is in the statistics, not left out of them
+
+
+def test_validate_json_keeps_its_keys_and_shows_the_failures(cases):
+    ran, huge = with_huge_batch(cases["c116"])
+    result = validate([ran, huge])
+    out = _as_json(result)
+    assert {"throughput", "memory", "by_source", "by_hardware", "cases"} <= set(out)
+    assert out["ran_but_predicted_not_to_fit"] == ["huge"]
+    flagged = {row["id"]: row["ran_but_predicted_not_to_fit"] for row in out["cases"]}
+    assert flagged == {"c116": False, "huge": True}
+    json.dumps(out)
+    text = _render(result, show_all=False)
+    assert "1 runs that ran were predicted not to fit" in text and "huge" in text
+
+
+def test_runs_import_flags_the_cases_validation_excludes(tmp_path, cases):
+    """c115's memory claim is below what its configuration holds: validation excludes it, and the
+    store must too, or the fit trains on it."""
+    assert cases["c115"].excluded and "impossible memory claim" in cases["c115"].excluded
+    db = tmp_path / "runs.sqlite"
+    import_paths([SHIPPED_CASES], db)
+    stored = {run.run_id.removeprefix("published:"): run for run in iter_runs(db, origin="published")}
+    for case_id, case in cases.items():
+        assert bool(stored[case_id].excluded) == bool(case.excluded), case_id
