@@ -230,6 +230,11 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
     extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
     extras["compile"] = _compiled(row)
+    if "llm-foundry" in str(row.get("framework")):
+        # MPT's loss_fn defaults to fused_crossentropy: flash_attn.losses.cross_entropy.CrossEntropyLoss
+        # (llm-foundry llm_foundry/models/mpt/modeling_mpt.py ComposerMPTCausalLM)
+        extras["fused_loss"] = True
+        notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
     extras["loss_parallel"] = _loss_parallel(row)
     extras["attention"] = _attention(row)
     if extras["attention"] != "sdpa":

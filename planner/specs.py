@@ -245,6 +245,11 @@ class Workload:
     # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)
     fp32_logits: bool = field(default=False, metadata=option(
         "the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts"))
+    # a fused cross-entropy kernel on the logits (flash-attn's xentropy, which llm-foundry's MPT uses by
+    # default: loss_fn fused_crossentropy): no fp32 copy, a log-sum-exp per token, the gradient written
+    # in the logits' dtype — the memory of a compiled loss without compiling the model
+    fused_loss: bool = field(default=False, metadata=option(
+        "a fused cross-entropy kernel (flash-attn's, llm-foundry's default): no fp32 copy of the logits"))
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)

@@ -11,7 +11,9 @@ import pytest
 from calibration.cases import SHIPPED_CASES, load_cases
 from calibration.commands.validate import _as_json, _render
 from calibration.ingest import import_paths
-from calibration.validate import validate
+from calibration.case import request_for
+from calibration.validate import predict_case, validate
+from planner.api import predict
 from planner.runstore import iter_runs
 
 
@@ -62,3 +64,23 @@ def test_runs_import_flags_the_cases_validation_excludes(tmp_path, cases):
     stored = {run.run_id.removeprefix("published:"): run for run in iter_runs(db, origin="published")}
     for case_id, case in cases.items():
         assert bool(stored[case_id].excluded) == bool(case.excluded), case_id
+
+
+@pytest.mark.parametrize("case_id", ["c042", "c050", "c053", "c056", "c066"])
+def test_published_runs_that_trained_are_predicted_to_fit(cases, case_id):
+    """llm-foundry's MPT rows (c042, c050, c053, c056: MPT's loss_fn is flash-attn's fused
+    cross-entropy, no fp32 copy of the logits) and Megatron's 1T row (c066: its tied embedding and
+    output layer are vocabulary shards over TP) trained; each was predicted above its device."""
+    row = predict_case(cases[case_id])
+    assert row.fits, f"{case_id}: {row.predicted_memory_bytes / 2**30:.1f} GiB of {row.capacity_bytes / 2**30:.1f}"
+
+
+def test_a_fused_cross_entropy_keeps_the_logits_not_an_fp32_copy(cases):
+    """The same MPT run with torch's cross-entropy holds an fp32 upcast of the logits and its
+    log-softmax: the fused kernel's logits memory is a fraction of it."""
+    fused = cases["c042"]
+    assert fused.workload.fused_loss
+    eager = replace(fused, workload=replace(fused.workload, fused_loss=False))
+    logits = {name: predict(request_for(c), c.config)["memory"]["breakdown"]["logits"]
+              for name, c in (("fused", fused), ("eager", eager))}
+    assert logits["fused"] < 0.5 * logits["eager"]
