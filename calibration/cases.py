@@ -102,6 +102,7 @@ def _fill(case: Case, row: dict[str, Any]) -> None:
     case.excluded = _unmodelled(row)
     if case.excluded:
         return
+    case.paged_optimizer = "paged" in str(row.get("optimizer")).lower()
     case.workload, notes = _workload(row)
     case.assumptions += notes
     case.config = _config(row, case)

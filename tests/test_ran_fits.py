@@ -84,3 +84,11 @@ def test_a_fused_cross_entropy_keeps_the_logits_not_an_fp32_copy(cases):
     logits = {name: predict(request_for(c), c.config)["memory"]["breakdown"]["logits"]
               for name, c in (("fused", fused), ("eager", eager))}
     assert logits["fused"] < 0.5 * logits["eager"]
+
+
+def test_a_paged_optimizers_states_may_leave_the_device(cases):
+    """The QLoRA paper's 65B run on one 48 GB GPU (c133, qlora.py: paged AdamW): with its states on
+    the device the prediction is above 48 GB; bitsandbytes pages them to host memory, and the rest fits."""
+    paged = cases["c133"]
+    assert paged.paged_optimizer and predict_case(paged).fits
+    assert not predict_case(replace(paged, paged_optimizer=False)).fits
