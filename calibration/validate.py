@@ -50,6 +50,12 @@ class Row:
         return self.predicted_memory_bytes / self.case.memory_bytes - 1
 
 
+def ran_within_device(case: Case) -> bool:
+    """A usable run with no memory figure: it trained, so it held at most its device's memory (a
+    bound for fitting). Not for a paged optimizer, whose states may have left the device."""
+    return case.usable and not case.memory_bytes and not case.paged_optimizer
+
+
 def predict_case(case: Case, calibration: str | None = None) -> Row:
     row = Row(case)
     if not case.usable:

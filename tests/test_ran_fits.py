@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from calibration.cases import SHIPPED_CASES, load_cases
@@ -92,3 +93,20 @@ def test_a_paged_optimizers_states_may_leave_the_device(cases):
     paged = cases["c133"]
     assert paged.paged_optimizer and predict_case(paged).fits
     assert not predict_case(replace(paged, paged_optimizer=False)).fits
+
+
+def test_the_memory_fit_counts_a_run_predicted_above_its_device(cases):
+    """In the memory fit a run with no memory figure is a one-sided residual: zero while predicted
+    within its device, positive (log of the excess over sigma) when predicted above it."""
+    from calibration.fitting import MEMORY_PARAMETERS, MEASUREMENT_SIGMA, _residual_fn, prepare
+    from planner.profile import load_profile
+
+    profile = load_profile()
+    _, huge = with_huge_batch(cases["c116"])
+    prepared = prepare([cases["c153"], huge], profile)
+    residuals, x0, _ = _residual_fn(prepared, profile.data, MEMORY_PARAMETERS, "memory")
+    within, over = residuals(x0)[:2]
+    row = predict_case(huge)
+    assert within == 0.0
+    assert over == pytest.approx(np.log(row.predicted_memory_bytes / row.capacity_bytes) / MEASUREMENT_SIGMA["memory"],
+                                 rel=1e-6)
