@@ -281,7 +281,9 @@ def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) 
     data = _parts_follow_their_chips(base.data, data, chips)
     data = with_values(data, MEMORY_PARAMETERS, fit_parameters(with_mem, data, MEMORY_PARAMETERS, "memory", advance))
     sources = sorted({p.case.publication for p in with_tps + with_mem})
-    summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
+    bounds = sum(ran_within_device(p.case) for p in with_mem)
+    summary = (f"{len(with_tps)} throughput and {len(with_mem) - bounds} memory measurements "
+               f"(and {bounds} runs bounded by their devices' memory) from {len(sources)} sources")
     data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"
     data["fitted_on"] = {"summary": summary, "sources": sources,
                          "cases": sorted({p.case.id for p in with_tps + with_mem}),

@@ -151,8 +151,6 @@ def loss_io_bytes_per_token(ctx: Context, vocab: int) -> float:
     if not vocab:
         return 0.0
     cb = 2 if ctx.workload.precision != "fp32" else FP32
-    if ctx.workload.fused_loss:  # one kernel: write logits, read them forward, read them and write the gradient
-        return 4 * cb * vocab
     return (cb + (cb + FP32) + 2 * FP32 + FP32 + 2 * FP32 + FP32 + (FP32 + cb)) * vocab
 
 

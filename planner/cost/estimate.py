@@ -27,7 +27,6 @@ from planner.cost.offload import host_step_seconds, offload_seconds
 from planner.cost.schedule import pipeline_seconds
 from planner.cost.stages import role_layers
 
-FP32 = 4
 DDP_BUCKET_BYTES = 25 * 2**20
 TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_bubble", "pp_comm", "dp_comm",
                    "optimizer", "offload")

@@ -12,7 +12,7 @@ NF4 — 0.5 B a weight, not nothing.
 The host side is shared by the node's GPUs: its cores and its memory bandwidth are divided by the
 devices per node. The host step is the slower of its memory traffic (bandwidth) and its
 arithmetic (cores x a measured per-core Adam rate; planner/presets/host_adam.json): DeepSpeed's
-CPU Adam for ZeRO-Offload, torch's AdamW on CPU tensors for FSDP2's offload. A PCIe transfer also
+CPU Adam for ZeRO-Offload, torch's AdamW on CPU tensors (fused, or the for-loop) for FSDP2's offload. A PCIe transfer also
 reads or writes host memory once: its rate is the slower of the device's link and its share of
 host memory bandwidth.
 """
@@ -60,7 +60,10 @@ def host_step_seconds(ctx: Context, c: Candidates, params: np.ndarray, step_byte
     """The optimizer step on the host over `params` local parameters: memory- or core-bound."""
     memory_s = params * step_bytes_per_param / host_memory_bytes_per_s(ctx)
     rates = host_adam_rates()
-    rate = np.where(c.offload == OFFLOAD_OPTIMIZER, rates["deepspeed_cpu_adam"], rates["torch_adamw_cpu"])
+    # ZeRO-Offload steps with DeepSpeed's CPU Adam; FSDP2's offload with torch's AdamW on CPU tensors,
+    # fused when asked for, else the for-loop (torch takes foreach only for CUDA tensors)
+    torch_rate = rates["torch_adamw_cpu_fused" if ctx.workload.optimizer_impl == "fused" else "torch_adamw_cpu"]
+    rate = np.where(c.offload == OFFLOAD_OPTIMIZER, rates["deepspeed_cpu_adam"], torch_rate)
     if ctx.workload.optimizer == "sgd":
         rate = rate * 3  # a third of Adam's arithmetic per parameter (no moments)
     compute_s = params / (rate * host_cores_per_device(ctx))
