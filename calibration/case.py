@@ -37,6 +37,9 @@ class Case:
     excluded: str | None = None
     assumptions: list[str] = field(default_factory=list)
     framework: str = ""
+    # bitsandbytes' paged optimizers keep their states in CUDA managed memory, which the driver
+    # evicts to host memory when the device runs short: a run that ran held at most the rest
+    paged_optimizer: bool = False
 
     @property
     def usable(self) -> bool:

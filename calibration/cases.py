@@ -39,11 +39,19 @@ def load_cases(path: str | Path | None = None) -> list[Case]:
     rows = data["cases"] if isinstance(data, dict) and "cases" in data else data
     if not isinstance(rows, list):
         raise InvalidRequest(f"{target}: expected a list of cases or an object with 'cases'")
-    cases = [adapt(row) for row in rows]
+    return adapt_all(rows)
+
+
+def adapt_all(rows: list[Any]) -> list[Case]:
+    """Every row of a cases file as a Case, with the checks that need the whole file: what
+    validation, fitting and `planner runs import` all see."""
+    cases = [adapt(row) if isinstance(row, dict) else Case(id="?", source="?", model="?", excluded="not an object")
+             for row in rows]
     # a table reports one kind of memory: a note on some of its rows says which for all of them
-    allocated_tables = {row.get("source") for row in rows if "Peak Memory Active" in (row.get("notes") or "")}
+    allocated_tables = {row.get("source") for row in rows
+                        if isinstance(row, dict) and "Peak Memory Active" in (row.get("notes") or "")}
     for case, row in zip(cases, rows, strict=True):
-        if case.memory_bytes and row.get("source") in allocated_tables:
+        if case.memory_bytes and isinstance(row, dict) and row.get("source") in allocated_tables:
             case.memory_kind = "allocated"
         case.excluded = case.excluded or _impossible_memory(case)
     return cases
@@ -94,6 +102,7 @@ def _fill(case: Case, row: dict[str, Any]) -> None:
     case.excluded = _unmodelled(row)
     if case.excluded:
         return
+    case.paged_optimizer = "paged" in str(row.get("optimizer")).lower()
     case.workload, notes = _workload(row)
     case.assumptions += notes
     case.config = _config(row, case)
@@ -222,6 +231,11 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     global_batch = row.get("global_batch") or (row["micro_batch"] * (row["parallelism"].get("dp") or 1))
     extras = _torchtune_features(row) if "torchtune" in str(row.get("framework")) else {}
     extras["compile"] = _compiled(row)
+    if "llm-foundry" in str(row.get("framework")):
+        # MPT's loss_fn defaults to fused_crossentropy: flash_attn.losses.cross_entropy.CrossEntropyLoss
+        # (llm-foundry llm_foundry/models/mpt/modeling_mpt.py ComposerMPTCausalLM)
+        extras["fused_loss"] = True
+        notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
     extras["loss_parallel"] = _loss_parallel(row)
     extras["attention"] = _attention(row)
     if extras["attention"] != "sdpa":

@@ -22,6 +22,7 @@ from scipy.optimize import least_squares
 from calibration.case import request_for
 from calibration.cases import Case
 from calibration.scope import FRAMEWORK_PARAMS, Scope, record, runs_of_parameter, scope_of, spread
+from calibration.validate import ran_within_device
 from planner.api import resolve
 from planner.cost.candidates import Candidates
 from planner.cost.context import Context
@@ -207,6 +208,10 @@ def _residual_fn(prepared, base_data, params, target: str, on_evaluation: Callab
     else:
         measured = np.array([p.case.memory_bytes if p.case.memory_kind == "reserved" else np.nan
                              for p in prepared], dtype=float)
+    # a run that ran with no memory figure held at most its device: a one-sided residual (calibration/validate.py)
+    bound = np.array([ran_within_device(p.case) for p in prepared], dtype=bool) if target == "memory" else None
+    if bound is not None:
+        measured = np.where(bound, [p.context.hardware.memory_bytes for p in prepared], measured)
     rows = np.isfinite(measured) & (measured > 0)
     kept = [p for p, keep in zip(prepared, rows, strict=True) if keep]
 
@@ -214,6 +219,8 @@ def _residual_fn(prepared, base_data, params, target: str, on_evaluation: Callab
         data = with_values(base_data, params, x)
         predicted = throughputs(kept, data) if target == "throughput" else predictions(kept, data)[1]
         fit = np.log(predicted / measured[rows]) / MEASUREMENT_SIGMA[target]
+        if bound is not None:
+            fit = np.where(bound[rows], np.maximum(fit, 0.0), fit)
         if on_evaluation is not None:
             on_evaluation()
         return np.concatenate([fit, (x - x0) / sigma])
@@ -283,7 +290,8 @@ def fit_profile(cases: list[Case], base: Profile) -> dict[str, Any]:
 def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) -> dict[str, Any]:
     prepared = prepare(cases, base)
     with_tps = [p for p in prepared if p.case.tokens_per_s_per_device]
-    with_mem = [p for p in prepared if p.case.memory_bytes and p.case.memory_kind == "reserved"]
+    with_mem = [p for p in prepared if (p.case.memory_bytes and p.case.memory_kind == "reserved")
+                or ran_within_device(p.case)]
     data = copy.deepcopy(base.data)
     data.pop("validation", None)  # out-of-sample figures are the base's: recomputed by fit.py or absent
     if data.get("uncertainty") and "source" not in data["uncertainty"]:
@@ -303,7 +311,9 @@ def _fit_profile(cases: list[Case], base: Profile, advance: Callable[[], None]) 
         fitted = fit_parameters(with_mem, data, memory_params, "memory", advance)
         data = _same_memory_for_parts(with_values(data, memory_params, fitted), with_mem)
     sources = sorted({p.case.publication for p in with_tps + with_mem})
-    summary = f"{len(with_tps)} throughput and {len(with_mem)} memory measurements from {len(sources)} sources"
+    bounds = sum(ran_within_device(p.case) for p in with_mem)
+    summary = (f"{len(with_tps)} throughput and {len(with_mem) - bounds} memory measurements "
+               f"(and {bounds} runs bounded by their devices' memory) from {len(sources)} sources")
     data["description"] = f"Fitted by calibration.fit from profile '{base.name}' on {summary}"
     data["fitted_on"] = _fitted_on(base.data.get("fitted_on"), summary, sources, with_tps, with_mem, scope,
                                    time_params, memory_params)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from calibration.cases import Case, adapt
+from calibration.cases import Case, adapt_all
 from calibration.flat import COLUMNS, check_columns, flat_row, run_from_flat
 from planner.errors import InvalidRequest, PlannerError, require_regular_file
 from planner.hardware import load_hardware, make_cluster
@@ -172,25 +172,35 @@ def _json_entries(path: Path, content: str) -> Iterator[Entry]:
     if isinstance(document, dict) and isinstance(document.get("cases"), list):
         document = document["cases"]
     items = document if isinstance(document, list) else [document]
+    # published cases are adapted together, as validation and fitting load them (calibration/cases.py)
+    case_rows = [item for item in items if isinstance(item, dict) and _is_case(item)]
+    adapted = dict(zip(map(id, case_rows), _adapt_all(case_rows), strict=True))
     for number, item in enumerate(items, start=1):
         where = f"{path}" if len(items) == 1 and not isinstance(document, list) else f"{path}: item {number}"
         if isinstance(item, dict) and _is_case(item):
             where = f"{path}: case {item.get('id', number)}"
-        yield _entry(where, item, path.parent)
+        yield _entry(where, item, path.parent, adapted.get(id(item)))
+
+
+def _adapt_all(rows: list[dict[str, Any]]) -> list[Case | None]:
+    try:
+        return adapt_all(rows)
+    except PlannerError:  # each row then reports its own error
+        return [None] * len(rows)
 
 
 def _is_case(item: dict[str, Any]) -> bool:
     return "format" not in item and ("model_shape" in item or "n_gpus" in item)
 
 
-def _entry(where: str, item: Any, base_dir: Path) -> Entry:
+def _entry(where: str, item: Any, base_dir: Path, case: Case | None = None) -> Entry:
     if not isinstance(item, dict):
         return Entry(where, error="must be a JSON object (a run record, a published case or a flat row)")
     try:
         if "format" in item:
             run = from_record(item, default_source=where)
         elif _is_case(item):
-            run = run_from_case(item)
+            run = run_from_case(item, case)
         else:
             run = run_from_flat(item, where, base_dir)
     except PlannerError as exc:
@@ -198,9 +208,11 @@ def _entry(where: str, item: Any, base_dir: Path) -> Entry:
     return Entry(where, run=run)
 
 
-def run_from_case(raw: dict[str, Any]) -> Run:
-    """A published case (kept even when excluded, flagged, with the original row in `input`)."""
-    case = adapt(raw)
+def run_from_case(raw: dict[str, Any], case: Case | None = None) -> Run:
+    """A published case (kept even when excluded, flagged, with the original row in `input`):
+    `case` as its file's rows adapt it (calibration/cases.py adapt_all, which also flags memory
+    claims below what the configuration holds), else the row alone."""
+    case = case if case is not None else adapt_all([raw])[0]
     hardware = load_hardware(case.hardware) if case.hardware else None
     per_node = case.devices_per_node
     if hardware is not None and case.devices > 0:

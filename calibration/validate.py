@@ -20,7 +20,22 @@ class Row:
     predicted_tokens_per_s: float | None = None
     predicted_memory_bytes: float | None = None
     fits: bool | None = None
+    capacity_bytes: float | None = None
     error: str | None = None  # why no prediction was made
+
+    @property
+    def ran_but_predicted_not_to_fit(self) -> bool:
+        """Every case with a prediction is a run that trained (published, or stored and usable): it
+        fit in its devices, so a prediction above their memory is a failure, memory figure or not."""
+        return self.fits is False
+
+    @property
+    def capacity_error(self) -> float | None:
+        """For a run that ran without a memory figure, how far the prediction exceeds the device: a
+        lower bound of its memory error (the run held at most the device's memory); None when it fits."""
+        if not self.ran_but_predicted_not_to_fit or self.case.memory_bytes or not self.capacity_bytes:
+            return None
+        return self.predicted_memory_bytes / self.capacity_bytes - 1
 
     @property
     def throughput_error(self) -> float | None:
@@ -33,6 +48,12 @@ class Row:
         if self.predicted_memory_bytes is None or not self.case.memory_bytes:
             return None
         return self.predicted_memory_bytes / self.case.memory_bytes - 1
+
+
+def ran_within_device(case: Case) -> bool:
+    """A usable run with no memory figure: it trained, so it held at most its device's memory (a
+    bound for fitting). Not for a paged optimizer, whose states may have left the device."""
+    return case.usable and not case.memory_bytes and not case.paged_optimizer
 
 
 def predict_case(case: Case, calibration: str | None = None) -> Row:
@@ -48,14 +69,23 @@ def predict_case(case: Case, calibration: str | None = None) -> Row:
     row.predicted_tokens_per_s = p["time"]["tokens_per_s_per_device"]
     key = "allocated_peak_bytes" if case.memory_kind == "allocated" else "peak_bytes"
     row.predicted_memory_bytes = p["memory"][key]
-    row.fits = p["fits"]
+    row.capacity_bytes = p["memory"]["capacity_bytes"]
+    row.fits = p["fits"] or (case.paged_optimizer and _fits_without_paged_states(p))
     return row
+
+
+def _fits_without_paged_states(prediction: dict[str, Any]) -> bool:
+    """A paged optimizer's states can leave the device (bitsandbytes' paged optimizers: CUDA managed
+    memory, evicted to host under pressure): the run fits when the rest does."""
+    memory = prediction["memory"]
+    return memory["peak_bytes"] - memory["breakdown"]["optimizer"] <= memory["capacity_bytes"]
 
 
 def validate(cases: list[Case], calibration: str | None = None) -> dict[str, Any]:
     rows = [predict_case(c, calibration) for c in cases]
     return {"rows": rows, "throughput": error_stats([r.throughput_error for r in rows]),
-            "memory": error_stats([r.memory_error for r in rows]),
+            "memory": memory_stats(rows),
+            "ran_but_predicted_not_to_fit": [r.case.id for r in rows if r.ran_but_predicted_not_to_fit],
             "by_source": _by_group(rows, lambda r: r.case.publication),
             "by_hardware": _by_group(rows, lambda r: r.case.hardware_name)}
 
@@ -67,12 +97,20 @@ def error_stats(errors: list[float | None]) -> dict[str, Any]:
     return {"n": int(len(values)), "median_abs": float(np.median(values)), "p90_abs": float(np.percentile(values, 90))}
 
 
+def memory_stats(rows: list[Row]) -> dict[str, Any]:
+    """Memory errors: measured peaks, and for runs that ran with no memory figure but were predicted
+    above their devices, the excess over the device (a lower bound of the error) — a failure, not a
+    row without error. `failed_to_fit` counts every run that ran but was predicted not to fit."""
+    stats = error_stats([r.memory_error if r.memory_error is not None else r.capacity_error for r in rows])
+    return {**stats, "failed_to_fit": sum(r.ran_but_predicted_not_to_fit for r in rows)}
+
+
 def _by_group(rows: list[Row], key) -> dict[str, Any]:
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
     return {name: {"throughput": error_stats([r.throughput_error for r in members]),
-                   "memory": error_stats([r.memory_error for r in members])} for name, members in groups.items()}
+                   "memory": memory_stats(members)} for name, members in groups.items()}
 
 
 def plausibility(case: Case) -> dict[str, Any] | None:

@@ -179,6 +179,9 @@ class Hardware:
     # the silicon (GH100, GA100, ...): SKUs of one chip share the calibration's efficiencies, their
     # clocks, memory and links being in the fields above; "" when a part is its own chip
     chip: str = ""
+    # the node's host CPU cores, shared by its devices for host-side work (the offloaded optimizer
+    # step); hardware files without it get a 2-socket server's 32
+    host_cpu_cores_per_node: int = 32
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -252,6 +255,11 @@ class Workload:
     # `output = self.output(h).float()`); otherwise the loss upcasts them (transformers' ForCausalLMLoss)
     fp32_logits: bool = field(default=False, metadata=option(
         "the model returns fp32 logits (torchtune without chunked loss); default: the loss upcasts"))
+    # a fused cross-entropy kernel on the logits (flash-attn's xentropy, which llm-foundry's MPT uses by
+    # default: loss_fn fused_crossentropy): no fp32 copy, a log-sum-exp per token, the gradient written
+    # in the logits' dtype — the memory of a compiled loss without compiling the model
+    fused_loss: bool = field(default=False, metadata=option(
+        "a fused cross-entropy kernel (flash-attn's, llm-foundry's default): no fp32 copy of the logits"))
     # last, so that positional Workload(...) calls keep their meaning; plans and records from before
     # it existed read as "executor"
     framework: str = field(default="executor", metadata=option(

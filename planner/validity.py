@@ -112,6 +112,9 @@ def check_number(value: Any, what: str, upper: float, integer: bool = False, all
         raise InvalidRequest(f"{what} {show(value)} is below any real value (at least {lower:.4g}); check the unit")
 
 
+MAX_HOST_CPU_CORES = 4096
+
+
 def check_hardware_numbers(hardware: Any, where: str) -> None:
     """Every number of a hardware description: finite, positive, of the right type, bounded."""
     check_name(hardware.name, f"{where}: name")
@@ -125,6 +128,7 @@ def check_hardware_numbers(hardware: Any, where: str) -> None:
         lower = MIN_MEMORY_BYTES if "memory_bytes" in key else MIN_BANDWIDTH_BYTES_PER_S
         check_number(getattr(hardware, key), f"{where}: {key}", upper, lower=lower)
     check_number(hardware.devices_per_node, f"{where}: devices_per_node", MAX_DEVICES_PER_NODE, integer=True)
+    check_number(hardware.host_cpu_cores_per_node, f"{where}: host_cpu_cores_per_node", MAX_HOST_CPU_CORES, integer=True)
     if not isinstance(hardware.peak_flops, dict) or not hardware.peak_flops:
         raise InvalidRequest(f"{where}: peak_flops must map dtypes (bf16, fp32, ...) to FLOP/s")
     for dtype, value in hardware.peak_flops.items():

@@ -54,9 +54,18 @@ def _as_json(result: dict) -> dict:
                      "predicted_tokens_per_s_per_device": r.predicted_tokens_per_s,
                      "throughput_error": r.throughput_error, "measured_memory_bytes": c.memory_bytes,
                      "memory_kind": c.memory_kind, "predicted_memory_bytes": r.predicted_memory_bytes,
-                     "memory_error": r.memory_error, "assumptions": c.assumptions, "source": c.source})
+                     "memory_error": r.memory_error, "assumptions": c.assumptions, "source": c.source,
+                     "fits": r.fits, "capacity_bytes": r.capacity_bytes,
+                     "ran_but_predicted_not_to_fit": r.ran_but_predicted_not_to_fit,
+                     "capacity_error": r.capacity_error})
     return {"throughput": result["throughput"], "memory": result["memory"], "by_source": result["by_source"],
-            "by_hardware": result["by_hardware"], "cases": rows}
+            "by_hardware": result["by_hardware"], "cases": rows,
+            "ran_but_predicted_not_to_fit": result["ran_but_predicted_not_to_fit"]}
+
+
+def _fit_mark(row) -> str:
+    """'RAN, predicted over' for a run that trained but was predicted above its devices' memory."""
+    return "RAN, predicted over" if row.ran_but_predicted_not_to_fit else "yes"
 
 
 def _pct(value) -> str:
@@ -76,13 +85,20 @@ def _render(result: dict, show_all: bool) -> str:
                      f"{c.tokens_per_s_per_device:,.0f}" if c.tokens_per_s_per_device else "-",
                      f"{r.predicted_tokens_per_s:,.0f}", _pct(r.throughput_error),
                      f"{c.memory_bytes / 2**30:.1f}" if c.memory_bytes else "-",
-                     f"{r.predicted_memory_bytes / 2**30:.1f}", _pct(r.memory_error)])
+                     f"{r.predicted_memory_bytes / 2**30:.1f}", _pct(r.memory_error),
+                     _fit_mark(r)])
     lines = [table(["case", "model", "hardware", "framework", "devices", "tok/s/dev meas", "pred", "err",
-                    "GiB meas", "pred", "err"], rows, align="llllrrrrrrr")]
+                    "GiB meas", "pred", "err", "fits"], rows, align="llllrrrrrrrl")]
     for name in ("throughput", "memory"):
         s = result[name]
         if s["n"]:
             lines.append(f"{name}: n={s['n']}, median |error| {s['median_abs']:.1%}, 90th percentile {s['p90_abs']:.1%}")
+    failed = [r for r in result["rows"] if r.ran_but_predicted_not_to_fit]
+    if failed:
+        lines.append(f"{len(failed)} runs that ran were predicted not to fit (failures; with no memory figure, the "
+                     "excess over the device counts as their memory error): "
+                     + ", ".join(f"{r.case.id} {r.predicted_memory_bytes / 2**30:.1f} of {r.capacity_bytes / 2**30:.1f} GiB"
+                                 for r in failed))
     lines.append(f"{len(excluded)} cases excluded (not representable or not plausible)"
                  + (":" if show_all else "; --all lists them"))
     if show_all:

@@ -30,6 +30,14 @@ from planner.cost.summary import Matmul, PartSummary
 FP32 = 4
 BF16_BYTES = 2
 FLOAT8_BYTES = 1
+# Bytes one bitsandbytes NF4 dequantization moves per weight (bitsandbytes/functional.py
+# dequantize_4bit, csrc kDequantizeBlockwise; bitsandbytes/autograd/_functions.py MatMul4Bit calls
+# it in forward and again in backward for the input gradient): read the packed 4-bit codes (0.5 B),
+# write the weight in the compute dtype (2 B); per 64-weight block read its fp32 absmax (4 B), which
+# double quantization first rebuilds (read its 8-bit code, write fp32, then `absmax += offset`
+# reads and writes fp32: 1 + 4 + 8 B).
+NF4_BLOCK = 64
+NF4_DEQUANT_BYTES_PER_PARAM = 0.5 + BF16_BYTES + (4 + 1 + 4 + 8) / NF4_BLOCK
 
 
 @dataclass
@@ -74,6 +82,11 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
             cast_fwd += forward_bytes
             cast_bwd += backward_bytes
             selective_mm += forward_bytes * matmul.recomputed_selective / ctx.memory_bytes_per_s
+        if matmul.quantized:  # one memory-bound pass per use: forward, grad-input, recomputed forward
+            dequant_s = nf4_dequant_bytes(matmul, spec.num_experts / c.ep if experts else 1, shard) / ctx.memory_bytes_per_s
+            fwd_mm += dequant_s
+            bwd_mm += dequant_s
+            selective_mm += dequant_s * matmul.recomputed_selective
     fwd_attn, bwd_attn = _attention_seconds(ctx, part.attention_flops_per_token_seq * tokens * w.seq_len / t)
     io = part.io_bytes.evaluate(tokens, w.seq_len, t, sp_div)
     io = io + loss_io_bytes_per_token(ctx, loss_vocab) * tokens / t
@@ -106,6 +119,12 @@ def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray,
     weight_cast = BF16_BYTES + FLOAT8_BYTES
     forward = inputs * activation_cast + weights * (BF16_BYTES + weight_cast)  # the weight's amax pass, then its cast
     return forward, grad_outputs * activation_cast + weights * weight_cast
+
+
+def nf4_dequant_bytes(matmul: Matmul, copies: np.ndarray | float, shard: np.ndarray) -> np.ndarray:
+    """Memory traffic of dequantizing one NF4 base linear once (QLoRA): every weight of the rank's
+    shard (each of its local experts), NF4_DEQUANT_BYTES_PER_PARAM apiece; a mixed stack's share."""
+    return matmul.share * copies * matmul.in_features * matmul.out_features / shard * NF4_DEQUANT_BYTES_PER_PARAM
 
 
 def _attention_seconds(ctx: Context, full_flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,12 +21,12 @@ from planner.cost.candidates import Candidates
 from planner.cost.compute import FLOAT8_BYTES, model_flops_per_token, part_times
 from planner.cost.cpep import cp_seconds, ep_seconds
 from planner.cost.context import ROLES, Context, Regime, StageLayout, stage_layout
-from planner.cost.memory import CATEGORIES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, memory_breakdown, reduce_bytes, stage_params
+from planner.cost.memory import CATEGORIES, memory_breakdown, reduce_bytes, stage_params
 from planner.cost.moments import MOMENTS
+from planner.cost.offload import host_step_seconds, offload_seconds
 from planner.cost.schedule import pipeline_seconds
 from planner.cost.stages import role_layers
 
-FP32 = 4
 DDP_BUCKET_BYTES = 25 * 2**20
 TIME_CATEGORIES = ("compute", "recompute", "tp_comm", "cp_comm", "ep_comm", "pp_bubble", "pp_comm", "dp_comm",
                    "optimizer", "offload")
@@ -273,28 +273,17 @@ def _largest_stage_params(ctx: Context, regime: Regime, c: Candidates, layout: S
 
 
 def _optimizer_seconds(ctx: Context, regime: Regime, c: Candidates, worst: dict[str, np.ndarray], slowest):
-    """Optimizer step: memory-bound over the local (sharded) parameters. Offload moves gradients
-    to the host and parameters back over PCIe and runs the step on the host CPU."""
+    """Optimizer step: memory-bound over the local (sharded) parameters on the device; offloaded,
+    the host's step and the PCIe traffic (planner/cost/offload.py)."""
     w = ctx.workload
     sharded = c.zero >= 1  # over dp x cp: the whole layer's share (experts included); else this rank's
     local = np.where(sharded, worst["trainable_full"], worst["trainable"]) / np.where(sharded, c.data_ranks, 1)
     per_param = OPTIMIZER_STEP_BYTES.get((w.optimizer, w.optimizer_impl), OPTIMIZER_STEP_BYTES.get((w.optimizer, "*"), 36.0))
-    memory_eff = ctx.compute_params.memory_efficiency
     on_device = local * per_param / ctx.memory_bytes_per_s
-    host_bw = ctx.hardware.host_memory_bandwidth_bytes_per_s / ctx.cluster.devices_per_node
-    on_host = local * per_param / (host_bw * memory_eff)
-    cb = regime.numerics.compute_bytes
-    pcie_step = comm.pcie_seconds(ctx.cluster, ctx.profile, local * (FP32 + cb))
-    fsdp = c.zero >= 2
-    shard = (np.where(fsdp, worst["trainable_full"] + worst["frozen_full"], worst["trainable"] + worst["frozen"])
-             / np.where(fsdp, c.data_ranks, 1))
-    pcie_params = c.num_micro_batches * comm.pcie_seconds(ctx.cluster, ctx.profile, shard * (2 * FP32 + FP32))
-    hidden = ctx.profile.overlap("offload")
-    offload = np.select([c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS],
-                        [pcie_step * (1 - hidden), (pcie_step + pcie_params) * (1 - hidden)], 0.0)
+    on_host = host_step_seconds(ctx, c, local, per_param)
+    offload = offload_seconds(ctx, regime, c, worst, local, c.num_micro_batches * slowest["total"])
     optimizer = np.where(c.offload == 0, on_device, on_host)
-    return optimizer, offload
-
+    return optimizer, np.where(c.offload == 0, 0.0, offload)
 
 
 def tokens_per_second(ctx: Context, c: Candidates) -> np.ndarray:

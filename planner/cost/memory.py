@@ -84,8 +84,10 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     n = layout.layers[role]
     first, last = layout.has_embedding[role], layout.has_head[role]
     full = ctx.workload.method == "full"
-    # the executor shards a tied embedding / LM head with TP only when they are not tied
-    tv = np.where(ctx.spec.tie_word_embeddings, 1, t)
+    # the executor shards a tied embedding / LM head with TP only when they are not tied; with a
+    # vocabulary-parallel loss both are vocabulary shards, tied or not (Megatron's
+    # VocabParallelEmbedding and its output layer share the shard: megatron/core/tensor_parallel/layers.py)
+    tv = np.where(ctx.spec.tie_word_embeddings & ~np.asarray(ctx.workload.loss_parallel), 1, t)
     # a tied LM head on its own pipeline stage needs its own copy of the embedding (Megatron does this)
     tied_copy = np.where(last & (c.pp > 1) & ctx.spec.tie_word_embeddings, emb.trainable_tp + emb.frozen_tp, 0)
     emb_trainable = emb.trainable_tp / tv + emb.trainable_rep
@@ -181,7 +183,7 @@ def _largest_block(ctx: Context, parts: StepParts) -> np.ndarray:
     smaller allocations of the same step have split (c10/cuda/CUDACachingAllocator.cpp), so its
     reserved memory holds about one more such block beyond the allocated peak."""
     w = ctx.workload
-    per_element = 1.0 if w.compile and not w.fp32_logits else FP32 / parts.compute_bytes
+    per_element = 1.0 if (w.compile or w.fused_loss) and not w.fp32_logits else FP32 / parts.compute_bytes
     return np.maximum(parts.grad_logits * per_element / w.loss_chunks, parts.gathered_at["max"])
 
 
@@ -243,9 +245,10 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
     vocab, hidden = spec.vocab_size, spec.hidden_size
     vocab_parallel = w.loss_parallel & (t > 1)  # the cross-entropy runs on the logits' TP shards
     logit_split = np.where(vocab_parallel, t, 1)
+    fused = w.compile or w.fused_loss  # a fused cross-entropy keeps the logits, not an fp32 copy
     loss = {phase: has_head * tokens / logit_split * np.where(
-                vocab_parallel, loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase, True, w.fp32_logits),
-                loss_bytes_per_token(cb, vocab, w.loss_chunks, w.compile, phase, False, w.fp32_logits))
+                vocab_parallel, loss_bytes_per_token(cb, vocab, w.loss_chunks, fused, phase, True, w.fp32_logits),
+                loss_bytes_per_token(cb, vocab, w.loss_chunks, fused, phase, False, w.fp32_logits))
             for phase in ("forward", "backward")}
     fsdp, gb = c.zero >= 2, store["grad_bytes"]
     shard = store["shard"]

@@ -53,6 +53,7 @@ class Matmul:
     recomputed_selective: bool  # re-run in backward under selective recomputation
     row_parallel: bool = False  # TP splits its input features, not its output's
     float8: bool = False
+    quantized: bool = False  # a frozen base linear stored in NF4 (QLoRA): dequantized at every use
     share: float = 1.0  # of a mixed stack's layers, the share that have this matmul (flops_per_token includes it)
 
 
@@ -140,7 +141,8 @@ def summarize_ops(ops: list[Op], quantized: bool, layer_input: Saved | None) -> 
         params=_param_groups(ops, quantized),
         matmuls=tuple(Matmul(op.name, op.flops_per_token, op.gemm[0], op.gemm[1], op.tokens_factor,
                              op.trainable, op.tp_split, recomputed_selective=op.name not in kept and not op.lora_of,
-                             row_parallel=op.row_parallel, float8=op.float8)
+                             row_parallel=op.row_parallel, float8=op.float8,
+                             quantized=quantized and op.quantizable and not op.trainable)
                       for op in ops if op.kind in ("matmul", "experts")),
         attention_flops_per_token_seq=sum(op.flops_per_token_seq for op in ops),
         io_bytes=sum((_shard(op.io_bytes_per_token, "tp" if op.tp_split else "sp") + Bytes(seq=op.io_bytes_per_token_seq)
