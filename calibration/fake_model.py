@@ -92,11 +92,11 @@ def fake_world(world_size: int) -> None:
 
 
 def device_mesh(config: ParallelConfig) -> DeviceMesh:
-    """The executor's mesh (executor/mesh.py): dims (pp, dp, tp), TP innermost."""
+    """The executor's mesh (executor/mesh.py): dims (pp, dp, cp, tp), TP innermost."""
     from executor.mesh import MESH_DIMS
 
-    fake_world(config.pp * config.dp * config.tp)
-    return init_device_mesh("cpu", (config.pp, config.dp, config.tp), mesh_dim_names=MESH_DIMS)
+    fake_world(config.devices)
+    return init_device_mesh("cpu", (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
 
 
 def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: ModelSpec, workload: Workload,

@@ -70,7 +70,7 @@ class Plan:
     def layout(self) -> dict[str, Any]:
         c = self.config
         return {"stages": self.stages, "schedule": schedule_name(c), "rank_order": list(RANK_ORDER),
-                "mesh_shape": [c.pp, c.dp, c.tp], "num_nodes": self.cluster.num_nodes}
+                "mesh_shape": [c.pp, c.dp, c.cp, c.tp], "num_nodes": self.cluster.num_nodes}
 
     def with_runner_up(self, index: int) -> Plan:
         """The plan rewritten for its index-th runner-up (same model, cluster and workload)."""

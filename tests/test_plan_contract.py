@@ -92,7 +92,7 @@ def test_plans_of_the_previous_format_still_load(tiny_plan_file):
 def test_a_saved_plan_round_trips_and_writes_its_derived_values(tiny_plan_file):
     document = json.loads(tiny_plan_file.read_text())
     assert document["format"] == PLAN_FORMAT
-    assert document["layout"]["stages"] == [[0, 1, 2, 3]] and document["layout"]["rank_order"] == ["pp", "dp", "tp"]
+    assert document["layout"]["stages"] == [[0, 1, 2, 3]] and document["layout"]["rank_order"] == ["pp", "dp", "cp", "tp"]
     assert document["dtypes"] == {"trained": "float32", "frozen": "none", "compute": "bfloat16",
                                   "optimizer_state": "float32"}
     plan = load_plan(str(tiny_plan_file))
