@@ -75,6 +75,11 @@ class StepParts:
     layers_resident: np.ndarray  # layers whose saved activations stay on the device (activation offload)
     checkpointed: np.ndarray  # layers recompute their forward in the backward (bool)
     ring: np.ndarray | float = 0.0  # context parallelism's K/V gather and dK/dV buffers in a layer's backward
+    # expert parallelism under FSDP2: the routed experts are units of their own (torchtitan apply_fsdp),
+    # gathered at their own backward and reduce-scattered when it ends: the share of `gathered_layer` and
+    # `scatter_layer` that is neither prefetched with the layer below nor still reducing above
+    experts_gathered: np.ndarray | float = 0.0
+    experts_scatter: np.ndarray | float = 0.0
 
 
 def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
@@ -175,8 +180,8 @@ def _backward_layer(x: StepParts, index: np.ndarray, step: tuple[np.ndarray, np.
 
 def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray) -> np.ndarray:
     casts = np.where(x.checkpointed, 1, index + 1) * x.cast_layer  # a checkpointed layer recasts its own
-    prefetch = np.where(index > 0, x.gathered_layer, 0.0)
-    scatter = np.where(above > 0, x.scatter_layer, 0.0)
+    prefetch = np.where(index > 0, x.gathered_layer - x.experts_gathered, 0.0)
+    scatter = np.where(above > 0, x.scatter_layer - x.experts_scatter, 0.0)
     zero3 = x.gathered_root + x.gathered_layer + prefetch + scatter
     zero2 = x.gathered_root + (index + 1) * x.gathered_layer + scatter
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))
