@@ -1,6 +1,6 @@
 """Context parallelism in the executor: torch 2.13's context_parallel refuses CPU attention (so the
-executor refuses cp on CPU, naming the op), and on two or more GPUs cp = 2 trains the
-single-process model."""
+executor refuses cp on CPU, naming the op); with torch's ring attention given the CPU flash kernel
+(tests/executor/cp_cpu_shim, slow) and on two or more GPUs, cp trains the single-process model."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_torch_context_parallel_has_no_cpu_attention():
     assert CPU_OP.split(".", 1)[1] in CP_CPU_REFUSAL
 
 
-def test_cpu_plan_with_cp_is_refused_before_launch(tmp_path):
+def test_cpu_plan_with_cp_is_refused_before_launch(tmp_path, monkeypatch):
+    monkeypatch.delenv("EXECUTOR_TEST_CPU_RING", raising=False)
     plan = make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}, dp=1, cp=2, micro_batch_size=1)
     spec, _, _, w, c = typed_plan(__import__("json").loads(plan.read_text()))
     assert CPU_OP.split(".", 1)[1] in checks.unsupported_reason(spec, w, c, on_cuda=False)
@@ -90,3 +91,25 @@ def test_cp2_on_gpus_matches_one_process(tmp_path, config):
     got = run("cp2", 2, micro_batch_size=4, **config)
     assert got[20] < got[1] - 1.0
     assert abs(got[20] - reference[20]) < 2e-2, (got[20], reference[20])
+
+
+SHIM = __import__("pathlib").Path(__file__).parent / "cp_cpu_shim"
+
+
+@pytest.mark.slow  # minutes: torchrun with 2 and 4 processes, 20 steps each
+@pytest.mark.parametrize("config", [{"dp": 1, "cp": 2, "zero": 0}, {"dp": 2, "cp": 2, "zero": 3}],
+                         ids=["cp2-ddp", "dp2xcp2-fsdp2"])
+def test_cp_path_matches_one_process_with_the_ring_on_cpu_kernels(tmp_path, config, single_process_losses,
+                                                                   monkeypatch):
+    """The executor's cp path end to end on CPU (gloo): torch's own ring attention with the CPU flash
+    kernel per block (tests/executor/cp_cpu_shim: the one thing torch lacks on CPU), the sequence
+    split with shifted labels and positions, gradients averaged over dp x cp; the loss is the
+    single process's (fp32: 1e-2, the parallel-mode tolerance)."""
+    monkeypatch.setenv("EXECUTOR_TEST_CPU_RING", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    processes = config["dp"] * config["cp"]
+    plan = make_plan(tmp_path / "plan.json", processes, micro_batch_size=4 // config["dp"], **config)
+    train(plan, tmp_path / "run", 20, "--no-save")
+    got = losses(tmp_path / "run")
+    assert got[20] < got[1] - 1.0
+    assert abs(got[20] - single_process_losses[20]) < 1e-2, (got[20], single_process_losses[20])
