@@ -97,9 +97,28 @@ def _fill(case: Case, row: dict[str, Any]) -> None:
     case.workload, notes = _workload(row)
     case.assumptions += notes
     case.config = _config(row, case)
+    case.excluded = _refused(case)
     if "Paged" in str(row.get("optimizer")) and case.config.recompute == "none":
         case.excluded = ("a paged optimizer beside un-checkpointed activations: its states (in CUDA managed memory, "
                          "which torch's counters do not see) page to host memory, which is not modelled")
+
+
+def _refused(case: Case) -> str | None:
+    """A published configuration the planner cannot run as stated (e.g. Megatron's uneven virtual
+    pipeline stages, which count the embedding and the loss as layers): kept, excluded with the
+    reason, as calibration/ingest.py stores it."""
+    from planner.hardware import load_hardware, make_cluster
+    from planner.plan import check_config
+
+    try:
+        cluster = make_cluster(load_hardware(case.hardware), case.devices, case.devices_per_node)
+    except InvalidRequest:
+        return None
+    try:
+        check_config(case.spec, case.workload, cluster, case.config)
+    except InvalidRequest as exc:
+        return f"the planner refuses the configuration: {exc}"
+    return None
 
 
 def _hardware(text: str) -> tuple[str, bool]:
@@ -168,9 +187,11 @@ def _model(row: dict[str, Any]) -> ModelSpec:
     """A config.json for the published shape, in the family its name says; the catalog's config.json
     where the case names one (`model_preset`: MoE and MLA models, whose shape the table cannot hold)."""
     if row.get("model_preset"):
+        from dataclasses import replace
+
         from planner.models import load_model
 
-        return load_model(row["model_preset"])
+        return replace(load_model(row["model_preset"]), name=row["model"])
     shape, name = row["model_shape"], row["model"]
     seq = row.get("seq_len") or 8192
     if name.startswith("MPT"):
