@@ -106,15 +106,35 @@ def _fill(case: Case, row: dict[str, Any]) -> None:
     case.workload, notes = _workload(row)
     case.assumptions += notes
     case.config = _config(row, case)
+    case.excluded = _refused(case)
     if "Paged" in str(row.get("optimizer")) and case.config.recompute == "none":
         case.excluded = ("a paged optimizer beside un-checkpointed activations: its states (in CUDA managed memory, "
                          "which torch's counters do not see) page to host memory, which is not modelled")
+
+
+def _refused(case: Case) -> str | None:
+    """A published configuration the planner cannot run as stated (e.g. Megatron's uneven virtual
+    pipeline stages, which count the embedding and the loss as layers): kept, excluded with the
+    reason, as calibration/ingest.py stores it."""
+    from planner.hardware import load_hardware, make_cluster
+    from planner.plan import check_config
+
+    try:
+        cluster = make_cluster(load_hardware(case.hardware), case.devices, case.devices_per_node)
+    except InvalidRequest:
+        return None
+    try:
+        check_config(case.spec, case.workload, cluster, case.config)
+    except InvalidRequest as exc:
+        return f"the planner refuses the configuration: {exc}"
+    return None
 
 
 def _hardware(text: str) -> tuple[str, bool]:
     """(preset, counts MI250 packages): the case's GPU string to a preset."""
     t = text.lower()
     rules = [("mi250", "mi250-gcd-64gb"), ("h100 sxm 96gb", "h100-sxm-96gb-500w"), ("h200", "h200-141gb"),
+             ("b200", "b200-180gb"),
              ("h100", "h100-sxm-80gb"), ("a100 40gb", "a100-40gb"), ("a100", "a100-80gb"),
              ("rtx 4090", "rtx4090-24gb"), ("rtx a6000", "rtx-a6000-48gb"), ("rtx 3090", "rtx3090-24gb"),
              ("48 gb gpu", "rtx-a6000-48gb")]
@@ -132,8 +152,6 @@ def _unmodelled(row: dict[str, Any]) -> str | None:
         return "architecture not modelled (encoder-decoder, multimodal or unknown shape)"
     if "implied_fraction_of_peak_6N" in (row.get("derived") or {}):
         return "physically impossible throughput claim (above the hardware's peak FLOP/s)"
-    if (par.get("cp") or 1) > 1:
-        return "context parallelism is not modelled"
     if row.get("seq_len") is None and "default 8192" not in notes:
         return "sequence length not published"
     if row.get("global_batch") is None and row.get("micro_batch") is None:
@@ -175,7 +193,14 @@ def _torchtune_features(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model(row: dict[str, Any]) -> ModelSpec:
-    """A config.json for the published shape, in the family its name says."""
+    """A config.json for the published shape, in the family its name says; the catalog's config.json
+    where the case names one (`model_preset`: MoE and MLA models, whose shape the table cannot hold)."""
+    if row.get("model_preset"):
+        from dataclasses import replace
+
+        from planner.models import load_model
+
+        return replace(load_model(row["model_preset"]), name=row["model"])
     shape, name = row["model_shape"], row["model"]
     seq = row.get("seq_len") or 8192
     if name.startswith("MPT"):
@@ -250,9 +275,10 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
 def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     par = row["parallelism"]
     dp, tp, pp = par.get("dp") or 1, par.get("tp") or 1, par.get("pp") or 1
-    if dp * tp * pp != case.devices:
-        dp = case.devices // (tp * pp)
-        case.assumptions.append(f"dp set to {dp} so that dp x tp x pp equals the {case.devices} devices")
+    cp, ep = par.get("cp") or 1, par.get("ep") or 1
+    if dp * cp * tp * pp != case.devices:
+        dp = case.devices // (cp * tp * pp)
+        case.assumptions.append(f"dp set to {dp} so that dp x cp x tp x pp equals the {case.devices} devices")
     gb = case.workload.global_batch
     mbs = row.get("micro_batch")
     if mbs is None:
@@ -265,7 +291,7 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     elif "SHARD_GRAD_OP" in fsdp:
         zero = 2
     elif fsdp or "distribute_param true" in str(par.get("notes")):
-        zero = 3 if dp > 1 or "over 1" not in fsdp else 0
+        zero = 3 if dp * cp > 1 or "over 1" not in fsdp else 0  # torchtitan's FSDP shards over dp x cp
     else:
         zero = 0
     recompute_text = str(row.get("activation_recompute") or "").lower()
@@ -283,7 +309,8 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
                                 "configs: custom_sharded_layers)")
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=max(gb // (dp * mbs), 1),
                           recompute=recompute, zero=zero, offload=offload,
-                          sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1, shard_ends=shard_ends)
+                          sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1, shard_ends=shard_ends,
+                          cp=cp, ep=ep)
 
 
 def _torchtune_checkpointing(case: Case) -> str:

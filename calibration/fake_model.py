@@ -28,8 +28,18 @@ from planner.specs import ModelSpec, Workload
 LAYER_KEYS = {"gpt2": "n_layer"}
 
 
-def hf_config(spec: ModelSpec, workload: Workload, num_layers: int):
+# routed-expert count keys of transformers' MoE configs (Mixtral, Qwen2/3-MoE, DeepSeek)
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def hf_config(spec: ModelSpec, workload: Workload, num_layers: int, ep: int = 1):
     """The executor's transformers config (executor/model.py hf_config), cut to `num_layers`.
+
+    Expert parallelism (ep > 1) as one rank of torchtitan's ExpertParallel holds it: the rank's
+    num_experts / ep routed experts, which (balanced routing) receive as many token rows from the
+    all-to-all as the rank sends, tokens x top-k: the rank's model routes its own tokens over its
+    local experts (top-k unchanged, so ep <= experts / top-k; the router's num_experts / ep outputs
+    instead of num_experts are a few thousand parameters). The all-to-all buffers themselves are not traced.
 
     Attention dropout is switched off: on a GPU the flash kernel keeps only an RNG state for it,
     while CPU SDPA with dropout falls back to the math kernel and materialises the scores.
@@ -43,16 +53,20 @@ def hf_config(spec: ModelSpec, workload: Workload, num_layers: int):
             setattr(config, key, 0.0)
     if getattr(config, "num_local_experts", 0):
         config._experts_implementation = "grouped_mm"
+    keys = [key for key in EXPERT_KEYS if getattr(config, key, 0)][:1]  # one: some configs alias the others
+    for key in keys if ep > 1 else ():
+        setattr(config, key, getattr(config, key) // ep)
     return config
 
 
-def build_model(spec: ModelSpec, workload: Workload, num_layers: int, fake_mode: FakeTensorMode) -> torch.nn.Module:
+def build_model(spec: ModelSpec, workload: Workload, num_layers: int, fake_mode: FakeTensorMode,
+                ep: int = 1) -> torch.nn.Module:
     """executor/model.py build_model on the meta device (dtype, attention, LoRA), then fake tensors."""
     from transformers import AutoModelForCausalLM
 
     from executor.model import add_lora, param_dtype, unwrap
 
-    config = hf_config(spec, workload, num_layers)
+    config = hf_config(spec, workload, num_layers, ep)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=param_dtype(workload),
                                                  attn_implementation=workload.attention)
@@ -92,37 +106,68 @@ def fake_world(world_size: int) -> None:
 
 
 def device_mesh(config: ParallelConfig) -> DeviceMesh:
-    """The executor's mesh (executor/mesh.py): dims (pp, dp, tp), TP innermost."""
+    """The executor's mesh (executor/mesh.py): dims (pp, dp, cp, tp), TP innermost."""
     from executor.mesh import MESH_DIMS
 
-    fake_world(config.pp * config.dp * config.tp)
-    return init_device_mesh("cpu", (config.pp, config.dp, config.tp), mesh_dim_names=MESH_DIMS)
+    fake_world(config.devices)
+    return init_device_mesh("cpu", (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
 
 
 def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: ModelSpec, workload: Workload,
                 config: ParallelConfig) -> None:
-    """executor/setup.py `_prepare_single_stage`: TP -> checkpointing -> FSDP2 (ZeRO 2/3).
+    """executor/setup.py `_prepare_single_stage`: TP -> checkpointing -> FSDP2 (ZeRO 2/3), over
+    dp x cp with context parallelism (executor/mesh.py Topology.dp_mesh); with expert parallelism
+    each layer's routed experts are FSDP units of their own over the dp x cp / ep expert-data-parallel
+    ranks first (torchtitan's apply_fsdp: fully_shard(transformer_block.moe.experts, dp_mod_ep_mesh)).
 
-    Each decoder layer's forward first enters CudaBehaviour (calibration/cuda_behaviour.py),
-    inside the checkpoint, so that recomputation in the backward replays it too."""
+    Each decoder layer's forward first enters CudaBehaviour (calibration/cuda_behaviour.py) and
+    the ring attention's stand-in, inside the checkpoint, so that recomputation in the backward
+    replays them too."""
     from executor.parallelize import apply_activation_checkpointing, apply_fsdp, apply_tensor_parallel
 
     mesh = device_mesh(config)
     if config.tp > 1:
         apply_tensor_parallel(model, layers, mesh["tp"], config.sequence_parallel, spec.tie_word_embeddings)
     for layer in layers:
-        layer.forward = _as_on_cuda(layer.forward)
+        layer.forward = _as_on_cuda(layer.forward, config.cp)
     apply_activation_checkpointing(layers, config.recompute)
     if config.zero >= 2:
-        apply_fsdp([model], layers, mesh["dp"], config, workload)
+        if config.ep > 1:
+            _shard_experts(layers, config, workload)
+        apply_fsdp([model], layers, mesh["dp", "cp"]._flatten("dp_cp") if config.cp > 1 else mesh["dp"], config,
+                   workload)
 
 
-def _as_on_cuda(forward):
+def _shard_experts(layers: list[torch.nn.Module], config: ParallelConfig, workload: Workload) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from executor.parallelize import mixed_precision_policy
+
+    from torch.distributed.tensor import Shard
+
+    shape = (config.pp, config.dp * config.cp // config.ep, config.ep, config.tp)
+    edp = init_device_mesh("cpu", shape, mesh_dim_names=("pp", "edp", "ep", "tp"))["edp"]
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if not name.endswith("experts"):
+                continue
+            local_experts = next(module.parameters()).shape[0]
+            # torchtitan: with fewer local experts than expert-data-parallel ranks, shard dim 1, not dim 0
+            # (which FSDP2 would pad to the rank count)
+            placement = (lambda _param: Shard(1)) if edp.size() > local_experts else None
+            fully_shard(module, mesh=edp, reshard_after_forward=config.zero == 3,
+                        mp_policy=mixed_precision_policy(workload), shard_placement_fn=placement)
+
+
+def _as_on_cuda(forward, cp: int = 1):
+    """The layer under CudaBehaviour, and (cp > 1) SDPA as the ring attention's stand-in
+    (calibration/ring_attention.py)."""
     from calibration.cuda_behaviour import CudaBehaviour
+    from calibration.ring_attention import RingAttention
 
     @wraps(forward)
     def run(*args, **kwargs):
-        with CudaBehaviour():
+        with CudaBehaviour(), RingAttention(cp):
             return forward(*args, **kwargs)
     return run
 

@@ -43,7 +43,7 @@ COLUMNS: dict[str, str] = {
     "gpus_per_node": "devices per node (default from the preset)",
     # the workload's columns and their meanings are the Workload's own fields (planner/specs.py)
     **{f.name: f.metadata["help"] for f in fields(Workload)},
-    "dp": "data parallel degree (default gpus / (tp x pp))", "tp": "tensor parallel degree (default 1)",
+    "dp": "data parallel degree (default gpus / (tp x pp x cp))", "tp": "tensor parallel degree (default 1)",
     "pp": "pipeline stages (default 1)", "micro_batch_size": "sequences per micro-batch (default 1)",
     "num_micro_batches": "micro-batches per step (default global_batch / (dp x micro_batch_size))",
     "recompute": "none (default), selective or full", "zero": "0 (default), 1, 2 or 3",
@@ -68,7 +68,8 @@ WORKLOAD_COLUMNS = tuple(f.name for f in fields(Workload))
 CONFIG_COLUMNS = tuple(f.name for f in fields(ParallelConfig))
 MEASURED_COLUMNS = tuple(f.name for f in fields(Measured))
 WHOLE = {"seq_len": 1, "global_batch": 1, "lora_rank": 1, "loss_chunks": 1, "dp": 1, "tp": 1, "pp": 1,
-         "micro_batch_size": 1, "num_micro_batches": 1, "vpp": 1, "zero": 0, "gpus": 1, "gpus_per_node": 1}
+         "micro_batch_size": 1, "num_micro_batches": 1, "vpp": 1, "zero": 0, "gpus": 1, "gpus_per_node": 1,
+         "cp": 1, "ep": 1}
 FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "fp32_logits", "sequence_parallel",
          "shard_ends", "fused_loss")
 
@@ -193,16 +194,17 @@ def _typed(values: dict[str, Any]) -> dict[str, Any]:
 def _config(typed: dict[str, Any], global_batch: int, devices: int) -> ParallelConfig:
     """Unset degrees as `planner predict` fills them: pure data parallelism, micro-batch 1."""
     tp, pp, mbs = typed.get("tp") or 1, typed.get("pp") or 1, typed.get("micro_batch_size") or 1
-    if devices % (tp * pp):
-        raise FieldError("tp", f"tp x pp = {tp} x {pp} does not divide the {devices} devices (gpus)")
-    dp = typed.get("dp") or devices // (tp * pp)
+    cp = typed.get("cp") or 1
+    if devices % (tp * pp * cp):
+        raise FieldError("tp", f"tp x pp x cp = {tp} x {pp} x {cp} does not divide the {devices} devices (gpus)")
+    dp = typed.get("dp") or devices // (tp * pp * cp)
     if global_batch % (dp * mbs):
         raise FieldError("global_batch", f"{global_batch} is not divisible by dp x micro_batch_size = {dp} x {mbs}")
     micro_batches = global_batch // (dp * mbs)
     if typed.get("num_micro_batches") not in (None, micro_batches):
         raise FieldError("num_micro_batches", f"is {typed['num_micro_batches']} but global_batch / (dp x "
                          f"micro_batch_size) = {micro_batches}; leave it empty or fix it")
-    options = ("recompute", "zero", "offload", "sequence_parallel", "vpp", "shard_ends")
+    options = ("recompute", "zero", "offload", "sequence_parallel", "vpp", "shard_ends", "cp", "ep")
     given = {name: typed[name] for name in options if typed.get(name) is not None}
     return ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=micro_batches, **given)
 

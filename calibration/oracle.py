@@ -84,7 +84,10 @@ def check_traceable(spec: ModelSpec, workload: Workload, config: ParallelConfig)
     unsupported = [
         (config.pp > 1, "pipeline parallelism"),
         (config.offload != "none", "host offload"),
-        (config.zero in (0, 1) and config.dp > 1, "data parallelism without FSDP (use --zero 2 or 3)"),
+        (config.zero in (0, 1) and config.dp * config.cp > 1, "data parallelism without FSDP (use --zero 2 or 3)"),
+        (config.ep > 1 and config.zero < 2, "expert parallelism without FSDP"),
+        (config.ep > 1 and spec.experts_per_token * config.ep > spec.num_experts,
+         "ep above experts / top-k (each rank's model routes over its own experts)"),
         (workload.method == "qlora", "QLoRA (bitsandbytes NF4 does not run on fake tensors)"),
         (workload.optimizer == "adamw8bit", "8-bit AdamW (bitsandbytes)"),
         (workload.precision == "fp8", "fp8 precision"),
@@ -129,13 +132,14 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     torch.manual_seed(0)
     autocast = uses_autocast(workload, config)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
-    model = fake_model.build_model(spec, workload, num_layers, fake_mode)
+    model = fake_model.build_model(spec, workload, num_layers, fake_mode, config.ep)
     layers = decoder_layers(model)  # before FSDP2 renames their classes
     fake_model.parallelize(model, layers, spec, workload, config)
     with fake_mode:
         optimizer = fake_model.build_optimizer(model, workload, config)
         _reach_steady_state(model, optimizer, config.num_micro_batches > 1)
-        ids = torch.randint(0, spec.vocab_size, (config.micro_batch_size, workload.seq_len))
+        # context parallelism: this rank's seq_len / cp tokens (calibration/ring_attention.py)
+        ids = torch.randint(0, spec.vocab_size, (config.micro_batch_size, workload.seq_len // config.cp))
         items = torch.tensor(float(ids.numel()))
         tracker = _tracker(model, optimizer, ids, config)
         tracker.watch_layers(layers)

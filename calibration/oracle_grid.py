@@ -24,11 +24,13 @@ GPU = "h100-sxm-80gb"  # allocated bytes do not depend on it; the reserved peak 
 
 
 def _point(name: str, model: str, seq: int, mbs: int, recompute: str = "none", dp: int = 1, tp: int = 1,
-           zero: int = 0, m: int = 1, sp: bool = False, ends: bool = False, **workload: Any) -> dict[str, Any]:
+           zero: int = 0, m: int = 1, sp: bool = False, ends: bool = False, cp: int = 1, ep: int = 1,
+           **workload: Any) -> dict[str, Any]:
     config = {"dp": dp, "tp": tp, "pp": 1, "micro_batch_size": mbs, "num_micro_batches": m,
               "recompute": recompute, "zero": zero, "sequence_parallel": sp}
     if ends:
         config["shard_ends"] = True
+    config.update({k: v for k, v in (("cp", cp), ("ep", ep)) if v > 1})
     return {"name": name, "model": model, "workload": {"seq_len": seq, **workload}, "config": config}
 
 
@@ -102,6 +104,16 @@ GRID: list[dict[str, Any]] = [
     _point("llama3-8b tp4 sequence-parallel 1x4096 full", "llama3-8b", 4096, 1, "full", tp=4, sp=True),
     _point("llama3-70b tp4 fsdp16 1x4096 full", "llama3-70b", 4096, 1, "full", dp=16, tp=4, zero=3),
     _point("llama3-8b tp2 fsdp4 2x2048 selective", "llama3-8b", 2048, 2, "selective", dp=4, tp=2, zero=3),
+    # context parallelism (each rank traces seq_len / cp tokens with the ring attention's buffers,
+    # calibration/ring_attention.py; FSDP2 over dp x cp) and expert parallelism (each rank's
+    # experts / ep routed experts, FSDP2 over dp x cp / ep; calibration/fake_model.py hf_config)
+    _point("llama3.2-1b cp2 fsdp2 1x8192", "llama3.2-1b", 8192, 1, dp=2, zero=3, cp=2),
+    _point("llama3-8b cp2 fsdp4 1x16384", "llama3-8b", 16384, 1, dp=4, zero=3, cp=2),
+    _point("llama3-8b cp4 fsdp2 1x32768 full", "llama3-8b", 32768, 1, "full", dp=2, zero=3, cp=4),
+    _point("llama3-8b tp2 cp2 fsdp2 1x8192 selective", "llama3-8b", 8192, 1, "selective", dp=2, tp=2, zero=3, cp=2),
+    _point("mixtral-8x7b ep4 fsdp8 1x4096 full", "mixtral-8x7b", 4096, 1, "full", dp=8, zero=3, ep=4),
+    _point("mixtral-8x7b ep2 fsdp16 2x4096 selective", "mixtral-8x7b", 4096, 2, "selective", dp=16, zero=3, ep=2),
+    _point("mixtral-8x7b ep2 cp2 fsdp4 1x8192 full", "mixtral-8x7b", 8192, 1, "full", dp=4, zero=3, cp=2, ep=2),
 ]
 
 
@@ -119,7 +131,7 @@ def request_and_config(point: dict[str, Any]):
     shipped = Path(__file__).resolve().parents[1] / model  # a config.json shipped in the repository
     if model.endswith(".json") and shipped.is_file():
         model = str(shipped)
-    request = Request(model=model, gpu=GPU, gpus=config.dp * config.tp, global_batch=global_batch, **workload)
+    request = Request(model=model, gpu=GPU, gpus=config.devices, global_batch=global_batch, **workload)
     return request, config
 
 

@@ -76,10 +76,10 @@ def check_supported(spec: ModelSpec, workload: Workload, config: ParallelConfig,
 def check_world(cluster: Cluster, config: ParallelConfig, world_size: int) -> None:
     """The process count the launcher found against the Plan's degrees and devices."""
     if config.devices != cluster.num_devices:
-        raise InvalidRequest(f"the plan is inconsistent: dp x tp x pp = {config.devices} but it has "
+        raise InvalidRequest(f"the plan is inconsistent: dp x cp x tp x pp = {config.devices} but it has "
                              f"{cluster.num_devices} devices; write it again with `planner suggest --save-plan`")
     if world_size != config.devices:
-        raise InvalidRequest(f"the plan needs {config.devices} processes (dp {config.dp} x tp {config.tp} x "
+        raise InvalidRequest(f"the plan needs {config.devices} processes (dp {config.dp} x cp {config.cp} x tp {config.tp} x "
                              f"pp {config.pp}) but {world_size} were started; launch with "
                              f"--nproc-per-node x nodes = {config.devices}, or plan with --gpus {world_size}")
 

@@ -1,9 +1,11 @@
-"""The DeviceMesh of a Plan: dims (pp, dp, tp) with TP innermost, then DP, then PP (Megatron's
-order, so that tensor-parallel peers are neighbouring ranks, i.e. the same node)."""
+"""The DeviceMesh of a Plan: dims (pp, dp, cp, tp) with TP innermost, then CP, DP and PP
+(Megatron's order, so that tensor-parallel peers are neighbouring ranks, i.e. the same node;
+torchtitan's ParallelDims puts cp between data and tensor parallelism the same way)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -23,10 +25,20 @@ class Topology:
     dp_rank: int
     tp_rank: int
     config: ParallelConfig
+    cp_rank: int = 0
+
+    @cached_property  # flattened once: each _flatten makes its process group
+    def dp_mesh(self) -> DeviceMesh:
+        """The ranks that shard (FSDP2) or replicate (DDP) the parameters and average gradients:
+        dp, or dp x cp flattened with context parallelism (torchtitan's dp_shard_cp mesh: cp ranks
+        hold the same weights and each sees part of every sequence)."""
+        if self.config.cp == 1:
+            return self.mesh["dp"]
+        return self.mesh["dp", "cp"]._flatten("dp_cp")
 
     @property
-    def dp_mesh(self) -> DeviceMesh:
-        return self.mesh["dp"]
+    def cp_mesh(self) -> DeviceMesh:
+        return self.mesh["cp"]
 
     @property
     def tp_mesh(self) -> DeviceMesh:
@@ -42,21 +54,23 @@ class Topology:
 
     @property
     def logs_loss(self) -> bool:
-        """One rank per data-parallel replica contributes the loss: last stage, first TP rank."""
+        """The ranks whose losses add up to the global loss: last stage, first TP rank (every cp
+        rank holds the loss of its part of the sequence)."""
         return self.is_last_stage and self.tp_rank == 0
 
 
-def coordinates(rank: int, config: ParallelConfig) -> tuple[int, int, int]:
-    """(pp, dp, tp) of a global rank: rank = (pp * dp_size + dp) * tp_size + tp."""
+def coordinates(rank: int, config: ParallelConfig) -> tuple[int, int, int, int]:
+    """(pp, dp, cp, tp) of a global rank: rank = ((pp * dp_size + dp) * cp_size + cp) * tp_size + tp."""
     tp_rank = rank % config.tp
-    dp_rank = (rank // config.tp) % config.dp
-    pp_rank = rank // (config.tp * config.dp)
-    return pp_rank, dp_rank, tp_rank
+    cp_rank = (rank // config.tp) % config.cp
+    dp_rank = (rank // (config.tp * config.cp)) % config.dp
+    pp_rank = rank // (config.tp * config.cp * config.dp)
+    return pp_rank, dp_rank, cp_rank, tp_rank
 
 
 def build_topology(config: ParallelConfig, device: torch.device) -> Topology:
-    mesh = init_device_mesh(device.type, (config.pp, config.dp, config.tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device.type, (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
     rank = dist.get_rank()
-    pp_rank, dp_rank, tp_rank = coordinates(rank, config)
-    assert list(mesh.get_coordinate()) == [pp_rank, dp_rank, tp_rank], (mesh.get_coordinate(), rank)
-    return Topology(mesh, rank, pp_rank, dp_rank, tp_rank, config)
+    pp_rank, dp_rank, cp_rank, tp_rank = coordinates(rank, config)
+    assert list(mesh.get_coordinate()) == [pp_rank, dp_rank, cp_rank, tp_rank], (mesh.get_coordinate(), rank)
+    return Topology(mesh, rank, pp_rank, dp_rank, tp_rank, config, cp_rank)

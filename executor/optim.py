@@ -82,7 +82,7 @@ def build_optimizers(params: list[nn.Parameter], workload: Workload, config: Par
     if workload.optimizer_in_backward:
         return Optimizers(None, _in_backward(params, cls, options))
     groups = parameter_groups(params)
-    if config.zero == 1 and config.dp > 1:  # over one rank ZeRO-1 is the plain optimizer
+    if config.zero == 1 and config.dp * config.cp > 1:  # over one rank ZeRO-1 is the plain optimizer
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return Optimizers(ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=dp_group, **options))

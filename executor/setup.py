@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from executor.expert_parallel import ExpertParallel, apply_expert_fsdp, apply_expert_parallel, ignore_in_ddp
+from executor.context_parallel import attach_causal_hooks
 from executor.loss import causal_lm_loss
 from executor.mesh import Topology
 from executor.model import build_model, count_parameters, decoder_layers
@@ -53,6 +54,8 @@ def prepare(spec: ModelSpec, workload: Workload, config: ParallelConfig, topo: T
     if config.pp > 1:
         prepared = _prepare_pipeline(model, spec, workload, config, topo, device, compile_layers, options)
     else:
+        if config.cp > 1:  # the capability table refuses cp with pp
+            attach_causal_hooks(model)
         prepared = _prepare_single_stage(model, spec, workload, config, topo, device, compile_layers, options)
     prepared.peft_model = peft_model
     prepared.parameters = counts
@@ -89,7 +92,7 @@ def _prepare_single_stage(model, spec, workload, config, topo, device, compile_l
         if experts is not None:
             apply_expert_fsdp(experts, config, workload)
         apply_fsdp([model], layers, topo.dp_mesh, config, workload)
-    elif config.dp > 1:
+    elif config.dp * config.cp > 1:  # cp ranks average their gradients too (topo.dp_mesh is dp x cp)
         if experts is not None:
             ignore_in_ddp(model, experts)
         forward_module, uses_ddp = apply_ddp(model, topo.dp_mesh, device, has_dtensors=config.tp > 1), True

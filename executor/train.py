@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from executor import checkpoint
 from executor.clip import clip_grad_norm_
+from executor.context_parallel import sequence_split, shard_inputs
 from executor.data import PackedData, load_examples
 from executor.loss import items_per_rank
 from executor.measure import CpuMemoryProbe, Recorder, cuda_peaks
@@ -37,6 +38,10 @@ class Trainer:
         self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
         self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
         _check_options(options, workload, config)
+        if config.cp > 1 and options.document_mask:
+            raise InvalidRequest("--document-mask with cp > 1 is not implemented (the ring attention runs full causal "
+                                 "attention); drop --document-mask or plan with --cp 1")
+        self.data_ranks = config.dp * config.cp  # the ranks over which gradients are averaged
         if workload.optimizer_in_backward and options.max_grad_norm > 0 and topo.rank == 0:
             print("note: no gradient clipping: the optimizer steps inside backward, before the global norm is known")
         tokenizer = load_tokenizer(options.tokenizer, spec.vocab_size)
@@ -82,6 +87,13 @@ class Trainer:
             inputs["position_ids"] = positions[rows]
         return inputs
 
+    def _split(self, inputs: dict) -> contextlib.AbstractContextManager[dict]:
+        """The micro-batch as this rank runs it: whole, or (cp > 1) its share of each sequence with
+        SDPA as the ring attention, for the forward and the backward (executor/context_parallel.py)."""
+        if self.config.cp == 1:
+            return contextlib.nullcontext(inputs)
+        return sequence_split(self.topo.cp_mesh, shard_inputs(inputs))
+
     def _forward_context(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         w = self.workload
@@ -99,9 +111,9 @@ class Trainer:
         for m in range(self.config.num_micro_batches):
             last = m == self.config.num_micro_batches - 1
             sync = contextlib.nullcontext() if (last or not self.p.uses_ddp) else model.no_sync()
-            with sync:
+            with sync, self._split(self._inputs(ids, labels, positions, m)) as inputs:
                 with self._forward_context():
-                    loss = model(**self._inputs(ids, labels, positions, m), num_items_in_batch=items).loss
+                    loss = model(**inputs, num_items_in_batch=items).loss
                 loss.backward()
             total += loss.detach().float()
         return total
@@ -134,7 +146,7 @@ class Trainer:
         if step == 1 and _inject_oom(self.config):
             raise torch.OutOfMemoryError("injected by EXECUTOR_INJECT_OOM")
         ids, labels = self.data.batch(step)
-        items = items_per_rank(labels, self.config.dp, self.device)
+        items = items_per_rank(labels, self.data_ranks, self.device)
         local_ids, local_labels = self._local(ids, labels)
         run = self._pipeline if self.config.pp > 1 else self._micro_batches
         local = run(local_ids, local_labels, self._positions(self.data, step), items)
@@ -146,7 +158,7 @@ class Trainer:
         values = torch.stack([contribution, own_norm])
         dist.all_reduce(values)
         loss_sum, norm_value = values.tolist()
-        return loss_sum / self.config.dp, (norm_value if norm is not None else None)
+        return loss_sum / self.data_ranks, (norm_value if norm is not None else None)
 
     @torch.no_grad()
     def evaluate(self, batches: int = 2) -> float:
@@ -154,17 +166,17 @@ class Trainer:
         model.eval()
         for step in range(batches):
             ids, labels = self.eval_data.batch(step)
-            items = items_per_rank(labels, self.config.dp, self.device)
+            items = items_per_rank(labels, self.data_ranks, self.device)
             local_ids, local_labels = self._local(ids, labels)
             positions = self._positions(self.eval_data, step)
             local = torch.zeros((), device=self.device)
             for m in range(self.config.num_micro_batches):
-                with self._forward_context():
-                    local += model(**self._inputs(local_ids, local_labels, positions, m),
-                                   num_items_in_batch=items).loss.float()
+                with self._split(self._inputs(local_ids, local_labels, positions, m)) as inputs, \
+                        self._forward_context():
+                    local += model(**inputs, num_items_in_batch=items).loss.float()
             contribution = local if self.topo.logs_loss else torch.zeros_like(local)
             dist.all_reduce(contribution)
-            total += contribution.item() / self.config.dp
+            total += contribution.item() / self.data_ranks
         model.train()
         return total / batches
 

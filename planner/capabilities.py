@@ -96,8 +96,9 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          lambda c, s, w: (w.method == "qlora") & (c.zero >= 2), fix="--zero 0 or 1"),
     Rule("8-bit AdamW with sharded states is not implemented by the executor",
          lambda c, s, w: (w.optimizer == "adamw8bit") & ((c.zero >= 1) | (c.tp > 1)), fix="--zero 0 --tp 1"),
-    Rule("context parallelism in the executor needs torch's context_parallel on CUDA", lambda c, s, w: c.cp > 1,
-         fix="--cp 1"),
+    Rule("the executor's context parallelism (torch's context_parallel) runs llama-like models with full causal "
+         "attention, without pp", lambda c, s, w: (c.cp > 1) & ((s.family not in EXECUTOR_TP_PP_FAMILIES)
+                                                              | _windowed(s, w) | (c.pp > 1)), fix="--cp 1"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
     Rule("the executor's expert parallelism runs with full training, ZeRO 0, 2 or 3 and no tp, pp or cp",
@@ -178,7 +179,25 @@ def _device_rules(target: str, on_gpu: bool) -> tuple[Rule, ...]:
     if target == "executor" and on_gpu:
         return (Rule("the executor has no ZeRO-Offload on GPUs", lambda c, s, w: c.offload == _OPT,
                      fix="--offload none, or --offload params with --zero 3"),)
+    if target == "executor":
+        return (Rule(CP_CPU_REFUSAL, lambda c, s, w: c.cp > 1, fix="--cp 1, or a GPU"),)
     return ()
+
+
+# torch 2.13's ring attention (torch/distributed/tensor/experimental/_context_parallel/_attention.py,
+# _sdpa_handler) dispatches only the CUDA flash, efficient and cuDNN SDPA kernels; tried with gloo on
+# 2 processes, CPU SDPA stops with "Operator aten._scaled_dot_product_flash_attention_for_cpu.default
+# does not have a sharding strategy registered"
+CP_CPU_REFUSAL = ("torch 2.13's context_parallel has no CPU attention "
+                  "(aten._scaled_dot_product_flash_attention_for_cpu has no ring-attention handler)")
+
+
+def _windowed(s: ModelSpec, w: Workload) -> bool:
+    """A sliding window shorter than the sequence: context_parallel runs full causal attention only
+    (accelerate refuses such models for cp the same way, big_modeling._attach_context_parallel_hooks)."""
+    config = s.hf_config or {}
+    window = config.get("sliding_window")
+    return bool(window) and config.get("use_sliding_window", True) is not False and w.seq_len > window
 
 
 def on_gpu(hardware: Hardware) -> bool:

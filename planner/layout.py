@@ -16,8 +16,9 @@ RECOMPUTE = ("none", "selective", "full")
 OFFLOAD = ("none", "optimizer", "params")
 ZERO = (0, 1, 2, 3)
 # torch.distributed DeviceMesh dimension order, outermost first (executor/mesh.py builds this mesh):
-# pipeline stages across the slowest links, tensor parallel ranks adjacent (one node's NVLink)
-RANK_ORDER = ("pp", "dp", "tp")
+# pipeline stages across the slowest links, tensor parallel ranks adjacent (one node's NVLink), context
+# parallel ranks next to them (torchtitan's ParallelDims order: pp, dp_replicate, dp_shard, cp, tp)
+RANK_ORDER = ("pp", "dp", "cp", "tp")
 # fp8: float8 matmuls (torchao) over bf16 activations and weights
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}
 

@@ -70,7 +70,7 @@ class Plan:
     def layout(self) -> dict[str, Any]:
         c = self.config
         return {"stages": self.stages, "schedule": schedule_name(c), "rank_order": list(RANK_ORDER),
-                "mesh_shape": [c.pp, c.dp, c.tp], "num_nodes": self.cluster.num_nodes}
+                "mesh_shape": [c.pp, c.dp, c.cp, c.tp], "num_nodes": self.cluster.num_nodes}
 
     def with_runner_up(self, index: int) -> Plan:
         """The plan rewritten for its index-th runner-up (same model, cluster and workload)."""
@@ -171,12 +171,22 @@ def _cluster(data: Any, where: str) -> dict[str, int]:
 def _check_derived(plan: Plan, document: dict[str, Any], where: str) -> None:
     """Derived values written in the file must be what the degrees give (older files lack them)."""
     written = {"cluster.num_nodes": (document["cluster"].get("num_nodes"), plan.cluster.num_nodes),
-               "layout": (document.get("layout"), plan.layout()),
+               "layout": (_as_written_before_cp(document.get("layout"), plan), plan.layout()),
                "dtypes": (document.get("dtypes"), plan.dtypes.to_dict())}
     for key, (value, derived) in written.items():
         if value is not None and value != derived:
             raise InvalidRequest(f"{where}: {key} {json.dumps(value)[:120]} contradicts the plan's degrees and "
                                  f"workload (they give {json.dumps(derived)[:120]}); write the plan again with --save-plan")
+
+
+def _as_written_before_cp(layout: Any, plan: Plan) -> Any:
+    """Plans written before cp had rank order (pp, dp, tp): read with cp = 1 they are the same mesh."""
+    if not isinstance(layout, dict) or layout.get("rank_order") != ["pp", "dp", "tp"] or plan.config.cp != 1:
+        return layout
+    shape = layout.get("mesh_shape")
+    if isinstance(shape, list) and len(shape) == 3:
+        shape = [shape[0], shape[1], 1, shape[2]]
+    return {**layout, "rank_order": list(RANK_ORDER), "mesh_shape": shape}
 
 
 def save_plan(path: str, plan: Plan | dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 the search and pins, what each engine runs, and the exports."""
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -148,10 +149,11 @@ def test_search_offers_cp_only_where_the_sequence_divides():
 
 # ---- acceptance ---------------------------------------------------------------------------------
 
-def test_llama3_8b_at_128k_on_8_h100_plans_context_parallelism():
-    """The issue's command, with --target torchtitan (the executor cannot run cp yet)."""
+@pytest.mark.parametrize("target", ["executor", "torchtitan"])
+def test_llama3_8b_at_128k_on_8_h100_plans_context_parallelism(target):
+    """The issue's command, under the default target (the executor) and torchtitan."""
     command = [sys.executable, "-m", "planner.cli", "suggest", "--model", "llama3-8b", "--gpu", H100, "--gpus", "8",
-               "--seq-len", "131072", "--global-batch", "8", "--target", "torchtitan", "--json"]
+               "--seq-len", "131072", "--global-batch", "8", "--target", target, "--json"]
     proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -159,13 +161,26 @@ def test_llama3_8b_at_128k_on_8_h100_plans_context_parallelism():
     assert all({"cp", "ep"} <= set(c["config"]) for c in result["candidates"])
 
 
-def test_executor_refuses_cp_with_one_line():
-    """The executor cannot run cp yet: at 128k nothing it runs fits (exit 3), and a cp plan is refused."""
-    with pytest.raises(Infeasible):
-        suggest(llama_long(131072))
-    reason = runnable_reason("executor", config(dp=1, cp=8), resolve(llama_long()).spec, resolve(llama_long()).workload,
-                             resolve(llama_long()).hardware)
-    assert "context_parallel on CUDA" in reason and "--cp 1" in reason
+def test_executor_refuses_cp_on_cpu_naming_the_op_that_refuses():
+    """torch 2.13's ring attention has no CPU SDPA handler (tests/executor/test_context_parallel.py
+    shows torch refusing): a CPU plan with cp is refused with one line, a GPU plan is not."""
+    gpu = resolve(llama_long())
+    assert runnable_reason("executor", config(dp=1, cp=8), gpu.spec, gpu.workload, gpu.hardware) is None
+    cpu = resolve(Request(model="llama3.2-1b", gpu="cpu", gpus=2, seq_len=1024, global_batch=2))
+    reason = runnable_reason("executor", config(dp=1, cp=2, global_batch=2), cpu.spec, cpu.workload, cpu.hardware)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in reason and "--cp 1" in reason and "\n" not in reason
+    assert all(c["config"]["cp"] == 1 for c in suggest(Request(model="llama3.2-1b", gpu="cpu", gpus=4, seq_len=1024,
+                                                               global_batch=4), top=20)["candidates"])
+
+
+def test_executor_refuses_cp_where_its_ring_attention_would_change_the_model():
+    """Full causal attention only (a sliding window shorter than the sequence would be dropped), and no pp."""
+    r = resolve(llama_long())
+    assert "--cp 1" in runnable_reason("executor", config(dp=1, cp=4, pp=2), r.spec, r.workload, r.hardware)
+    windowed = replace(r.spec, hf_config={**r.spec.hf_config, "sliding_window": 4096})
+    assert "full causal" in runnable_reason("executor", config(dp=8 // 2, cp=2), windowed, r.workload, r.hardware)
+    assert runnable_reason("executor", config(dp=4, cp=2), replace(r.spec, hf_config={**r.spec.hf_config,
+                           "sliding_window": 65536}), r.workload, r.hardware) is None
 
 
 def test_mixtral_on_16_h100_has_expert_parallel_plans_among_the_best():

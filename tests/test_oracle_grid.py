@@ -45,7 +45,8 @@ def test_grid_covers_the_space_the_issue_asks_for():
     assert any(s.tie_word_embeddings and s.vocab_size > 150_000 for s in specs.values())  # qwen2
     assert min(params) < 0.6e9 and max(params) > 70e9
     assert {c["micro_batch_size"] for c in configs} >= {1, 2, 4, 8}
-    assert min(w["seq_len"] for w in workloads) == 512 and max(w["seq_len"] for w in workloads) == 8192
+    per_rank = [w["seq_len"] // c.get("cp", 1) for w, c in zip(workloads, configs)]  # cp: seq_len / cp traced per rank
+    assert min(per_rank) == 512 and max(per_rank) == 8192
     assert {c["recompute"] for c in configs} == {"none", "selective", "full"}
     assert {c["dp"] for c in configs if c["zero"] == 3} >= {8, 64}
     assert {c["tp"] for c in configs} >= {2, 4}
@@ -98,7 +99,7 @@ def test_the_peak_falls_where_the_trace_says():
 
 
 SAMPLE = ["llama3.2-1b 8x512", "qwen2.5-0.5b fsdp64 8x2048", "llama3-8b tp2 1x2048",
-          "llama3-8b lora r8 q,v 2x2048", "gpt2-xl 2x512 selective"]
+          "llama3-8b lora r8 q,v 2x2048", "gpt2-xl 2x512 selective", "llama3.2-1b cp2 fsdp2 1x8192"]
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def test_plans_of_the_previous_format_still_load(tiny_plan_file):
 def test_a_saved_plan_round_trips_and_writes_its_derived_values(tiny_plan_file):
     document = json.loads(tiny_plan_file.read_text())
     assert document["format"] == PLAN_FORMAT
-    assert document["layout"]["stages"] == [[0, 1, 2, 3]] and document["layout"]["rank_order"] == ["pp", "dp", "tp"]
+    assert document["layout"]["stages"] == [[0, 1, 2, 3]] and document["layout"]["rank_order"] == ["pp", "dp", "cp", "tp"]
     assert document["dtypes"] == {"trained": "float32", "frozen": "none", "compute": "bfloat16",
                                   "optimizer_state": "float32"}
     plan = load_plan(str(tiny_plan_file))
@@ -199,3 +199,19 @@ def test_the_request_holds_a_workload_and_the_cli_options_come_from_it():
     suggest_parser = parser._subparsers._group_actions[0].choices["suggest"]
     options = {a.dest for a in suggest_parser._actions}
     assert {f.name for f in fields(Workload)} <= options
+
+
+def test_plans_written_before_cp_keep_loading_and_still_have_their_mesh_checked(tiny_plan_file):
+    """plan@2 files from before context parallelism wrote rank order (pp, dp, tp) and a 3-D mesh."""
+    def before_cp(document):
+        document["layout"]["rank_order"] = ["pp", "dp", "tp"]
+        document["layout"]["mesh_shape"] = [s for k, s in zip(["pp", "dp", "cp", "tp"], document["layout"]["mesh_shape"])
+                                            if k != "cp"]
+    plan = load_plan(edited(tiny_plan_file, before_cp))
+    assert plan.layout()["rank_order"] == ["pp", "dp", "cp", "tp"]
+
+    def wrong_mesh(document):
+        before_cp(document)
+        document["layout"]["mesh_shape"][1] += 1
+    with pytest.raises(InvalidRequest, match="contradicts"):
+        load_plan(edited(tiny_plan_file, wrong_mesh))

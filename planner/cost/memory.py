@@ -99,7 +99,7 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     quantized = n * layer.quantized_tp / t
     per_layer = layer.trainable_tp / t + layer.trainable_rep + layer.frozen_tp / t + layer.frozen_rep + layer.quantized_tp / t
     root = first * (emb.total - emb.quantized_tp) / tv + last * (head.total + tied_copy) / tv
-    layer_pad, root_pad = layer.padding(c.data_ranks), (emb + head).padding(c.data_ranks)
+    layer_pad, root_pad = _layer_padding(layer, regime.experts, c, ctx.spec.num_experts), (emb + head).padding(c.data_ranks)
     stage = n * per_layer + root
     # the executor's vocabulary-parallel embedding (RowwiseParallel) gets its gradient replicated: DTensor's
     # embedding backward all-reduces a whole-vocabulary gradient that AccumulateGrad then keeps
@@ -122,6 +122,19 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
             "head_trainable": last * head_trainable, "vocab_split": tv, "embedding_replicated_grad": replicated,
             "layer_padding": layer_pad, "root_padding": root_pad,
             "padding": (n * per_layer * layer_pad + root * root_pad) / np.maximum(stage, 1)}
+
+
+def _layer_padding(layer, experts, c: Candidates, num_experts: int) -> np.ndarray:
+    """FSDP2's dim-0 padding of a layer's tensors over the dp x cp ranks, except the routed experts
+    under expert parallelism when dp x cp exceeds the experts: torchtitan then shards them along
+    dim 1 (apply_fsdp's `_experts_shard_placement_fn`: dp_mod_ep x ep > num_experts), which pads
+    nothing. A stack of mixed layer kinds keeps the dim-0 padding (its experts carry no shapes)."""
+    padding = layer.padding(c.data_ranks)
+    total, expert_total = sum(n for _, n in layer.dims), sum(n for _, n in experts.dims)
+    if not total or not expert_total:
+        return padding
+    excess = (experts.padding(c.data_ranks) - 1.0) * expert_total / total
+    return np.where((c.ep > 1) & (c.data_ranks > num_experts), padding - excess, padding)
 
 
 def _expert_local(regime: Regime, c: Candidates, layers: np.ndarray,
@@ -298,7 +311,18 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         unsharded_at={k: np.where(fsdp, cb * p[f"layer_{k}_trainable"], 0.0) for k in (*POSITIONS, "max")},  # unpadded
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
         tied_sum=np.where(fsdp & ~ends, 3 * cb * tied / store["master_bytes"], 0.0),
-        checkpointed=c.recompute != 0)
+        checkpointed=c.recompute != 0, **_expert_units(regime, c, w, cb, layer_pad, fsdp))
+
+
+def _expert_units(regime: Regime, c: Candidates, w, compute_bytes: int, layer_pad, fsdp) -> dict[str, np.ndarray]:
+    """One layer's ep-local routed experts as an FSDP2 unit of their own (ep > 1, ZeRO 3), gathered in
+    the compute dtype and reduce-scattered in the reduce dtype, padded as the layer is."""
+    x, t = regime.experts, c.tp
+    separate = (c.ep > 1) & fsdp & (c.zero == 3)
+    trainable = (x.trainable_tp / t + x.trainable_rep) / c.ep
+    held = trainable + (x.frozen_tp / t + x.frozen_rep) / c.ep
+    return {"experts_gathered": np.where(separate, compute_bytes * held * layer_pad, 0.0),
+            "experts_scatter": np.where(separate, reduce_bytes(w) * trainable * layer_pad, 0.0)}
 
 
 def _position_parts(regime, c: Candidates, p: dict[str, np.ndarray], per_micro_batch, grad_per_param: np.ndarray,

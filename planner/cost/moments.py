@@ -88,6 +88,11 @@ class StepParts:
     grad_at: dict[str, np.ndarray] | None = None  # gradients stored by the layer at each position
     # FSDP2 root holding a tied head: its buffered gradient, the embedding's and their sum (compute dtype)
     tied_sum: np.ndarray | float = 0.0
+    # expert parallelism under FSDP2: the routed experts are units of their own (torchtitan apply_fsdp),
+    # gathered at their own backward and reduce-scattered when it ends: the share of `gathered_layer` and
+    # `scatter_layer` that is neither prefetched with the layer below nor still reducing above
+    experts_gathered: np.ndarray | float = 0.0
+    experts_scatter: np.ndarray | float = 0.0
 
 
 def moments(x: StepParts) -> dict[str, dict[str, np.ndarray]]:
@@ -247,8 +252,11 @@ def _scatter(x: StepParts, where: str) -> np.ndarray:
 def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray, where: str) -> np.ndarray:
     own, below, upper = NEIGHBOURS[where]
     casts = np.where(x.checkpointed, 1, index + 1) * x.cast_layer  # a checkpointed layer recasts its own
-    prefetch = np.where(index > 0, _gathered(x, below), 0.0)
-    scatter = np.where(above > 0, _scatter(x, upper), 0.0)
+    # experts that are FSDP2 units of their own are neither prefetched nor still reducing; a stack of
+    # several kinds (dense and MoE layers) keeps the neighbours' whole layers (conservative)
+    own_experts = x.gathered_at is None
+    prefetch = np.where(index > 0, _gathered(x, below) - np.where(own_experts, x.experts_gathered, 0.0), 0.0)
+    scatter = np.where(above > 0, _scatter(x, upper) - np.where(own_experts, x.experts_scatter, 0.0), 0.0)
     zero3 = x.gathered_root + _gathered(x, own) + prefetch + scatter
     zero2 = x.gathered_root + (index + 1) * x.gathered_layer + scatter
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))

@@ -87,7 +87,15 @@ def test_stages_mirror_the_planner_layout():
 def test_mesh_order_is_tp_innermost_then_dp_then_pp():
     config = ParallelConfig(dp=2, tp=2, pp=2, micro_batch_size=1, num_micro_batches=2)
     assert [coordinates(r, config) for r in range(8)] == [
-        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1), (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)]
+
+
+def test_cp_ranks_sit_between_dp_and_tp():
+    """torchtitan's order (ParallelDims: pp, dp_replicate, dp_shard, cp, tp): a cp group is tp apart."""
+    config = ParallelConfig(dp=2, tp=2, pp=1, micro_batch_size=1, num_micro_batches=1, cp=2)
+    coords = [coordinates(r, config) for r in range(8)]
+    assert coords[:4] == [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1)]
+    assert coords[4] == (0, 1, 0, 0) and len(set(coords)) == 8
 
 
 @pytest.mark.parametrize("workload,config,needle", [
