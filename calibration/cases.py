@@ -338,7 +338,8 @@ def framework_of(row: dict[str, Any]) -> str:
         if needle in text:
             return name
     if "Megatron" in text:
-        return "deepspeed" if (row.get("parallelism") or {}).get("zero_stage") == 3 else "megatron"
+        zero3 = (row.get("parallelism") or {}).get("zero_stage") == 3
+        return "deepspeed" if zero3 and "DeepSpeed" in text else "megatron"  # Megatron-Core's own FSDP stays megatron
     return "executor"
 
 

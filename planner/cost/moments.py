@@ -254,7 +254,7 @@ def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray, where: str
     casts = np.where(x.checkpointed, 1, index + 1) * x.cast_layer  # a checkpointed layer recasts its own
     # experts that are FSDP2 units of their own are neither prefetched nor still reducing; a stack of
     # several kinds (dense and MoE layers) keeps the neighbours' whole layers (conservative)
-    own_experts = x.gathered_at is None
+    own_experts = x.kind_at is None
     prefetch = np.where(index > 0, _gathered(x, below) - np.where(own_experts, x.experts_gathered, 0.0), 0.0)
     scatter = np.where(above > 0, _scatter(x, upper) - np.where(own_experts, x.experts_scatter, 0.0), 0.0)
     zero3 = x.gathered_root + _gathered(x, own) + prefetch + scatter

@@ -12,7 +12,7 @@ import torch
 
 from executor import checks
 from planner.capabilities import CP_CPU_REFUSAL
-from planner.plan import typed_plan
+from planner.plan import load_plan
 from tests.executor.conftest import losses, make_plan, train
 
 CPU_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
@@ -57,7 +57,8 @@ def test_torch_context_parallel_has_no_cpu_attention():
 def test_cpu_plan_with_cp_is_refused_before_launch(tmp_path, monkeypatch):
     monkeypatch.delenv("EXECUTOR_TEST_CPU_RING", raising=False)
     plan = make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}, dp=1, cp=2, micro_batch_size=1)
-    spec, _, _, w, c = typed_plan(__import__("json").loads(plan.read_text()))
+    loaded = load_plan(str(plan))
+    spec, w, c = loaded.model, loaded.workload, loaded.config
     assert CPU_OP.split(".", 1)[1] in checks.unsupported_reason(spec, w, c, on_cuda=False)
     assert checks.unsupported_reason(spec, w, c, on_cuda=True) is None
     proc = train(plan, tmp_path / "run", 2, check=False)
