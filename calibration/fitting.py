@@ -195,9 +195,20 @@ def _prior_centre(param: Parameter, data: dict[str, Any]) -> float:
     """The base profile's value: a chip's (part's) own ratio to the shared (chip's) value where the
     base has fitted one (`planner calibrate` on the shipped profile), else the shared value itself."""
     if param.relative_to is not None:
+        if not _measured_in(data, param.path[1]):  # a value no run calibrated says nothing beyond the shared prior
+            return 0.0
         own, shared = _get(data, param.path, np.nan), _get(data, param.relative_to, np.nan)
         return float(np.log(own / shared)) if np.isfinite(own) and np.isfinite(shared) and own > 0 < shared else 0.0
     return param.to_internal(_get(data, param.path, param.initial))
+
+
+def _measured_in(data: dict[str, Any], name: str) -> bool:
+    """Whether the profile records runs of this chip or part (fitted_on.chips / .hardware); a profile
+    that does not record them (older ones) counts every entry as measured."""
+    fitted = data.get("fitted_on")
+    if not isinstance(fitted, dict) or "chips" not in fitted:
+        return True
+    return name in fitted["chips"] or name in fitted.get("hardware", [])
 
 
 def _residual_fn(prepared, base_data, params, target: str, on_evaluation: Callable[[], None] | None = None):

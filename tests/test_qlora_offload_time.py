@@ -89,7 +89,7 @@ def test_parameter_offload_streams_the_nf4_weights():
     nf4_s = 2 * 68.5e9 * NF4_BYTES_PER_PARAM / (hardware.pcie_bandwidth_bytes_per_s * link.efficiency)
     overlap = load_profile().overlap("offload")
     assert p["time"]["breakdown"]["offload"] >= (1 - overlap) * nf4_s
-    assert p["time"]["mfu"] < 0.30
+    assert p["time"]["mfu"] < 0.34  # the issue: "predicted at 6.1 GiB and 34 % MFU" without the NF4 stream
 
 
 def test_the_host_optimizer_shares_the_nodes_cores():

@@ -35,7 +35,7 @@ def _stand_in(monkeypatch, built_in_rows: list, fail: bool = False) -> list:
         return types.SimpleNamespace(to_list=lambda: [{k: row.get(k) for k in sorted(keys)} for _, row in built_in_rows])
 
     module = types.SimpleNamespace(load_dataset=load_dataset, disable_progress_bars=lambda: None,
-                                   logging=types.SimpleNamespace(set_verbosity_error=lambda: None))
+                                   logging=types.SimpleNamespace(set_verbosity=lambda level: None, CRITICAL=50))
     monkeypatch.setitem(sys.modules, "datasets", module)
     return calls
 
