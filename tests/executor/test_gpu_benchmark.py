@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.executor.conftest import ROOT
 
 
+@pytest.mark.slow  # ~25 s
 def test_dry_run_executes_every_part(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "benchmarks/gpu_executor_vs_hf.py", "--out", str(tmp_path), "--dry-run",

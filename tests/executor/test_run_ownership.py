@@ -63,6 +63,7 @@ def _assert_nothing_runs_on(run: Path, grace_s: float = 3.0) -> None:
     assert (run / "metrics.jsonl").stat().st_size == size
 
 
+@pytest.mark.slow  # ~70 s: three runs of 2 processes
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 def test_sigkill_stops_every_worker_and_resume_is_bit_identical(tmp_path, single_process_losses):
     reference = single_process_losses  # same plan, data, seed and lr, never interrupted
@@ -111,6 +112,7 @@ def test_sigkill_stops_every_worker_and_resume_is_bit_identical(tmp_path, single
     print(f"kill, refuse, kill torchrun, resume: {time.monotonic() - started:.0f} s")
 
 
+@pytest.mark.slow  # ~70 s: three runs
 def test_damaged_newest_checkpoint_then_full_disk(tmp_path):
     """A truncated shard of the newest checkpoint: --resume warns once and resumes from the one
     before, with the uninterrupted run's losses. Then the disk fills while checkpointing: exit 2,

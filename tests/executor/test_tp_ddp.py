@@ -28,6 +28,7 @@ def test_dp_x_tp_saves_the_whole_model_of_the_single_process(tmp_path):
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # ~25 s: starts 4 processes before the refusal
 def test_dp_x_tp_checkpoints_are_refused(tmp_path):
     plan = make_plan(tmp_path / "plan.json", 4, dp=2, tp=2, zero=1, micro_batch_size=2)
     proc = train(plan, tmp_path / "run", 2, "--checkpoint-every", "1", check=False)

@@ -92,6 +92,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     assert proc.returncode == 2 and "--resume" in proc.stderr
 
 
+@pytest.mark.slow  # ~65 s: a run killed and resumed
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path, single_process_losses):
     """FSDP2 on 2 processes (sharded DCP checkpoints): the uninterrupted run matches the single
     process; then kill -9 the whole run after step 10, with a complete checkpoint at step 8 and

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from rich.console import Console
 
 from executor.train_progress import MetricsFollower, describe, metrics_bar
@@ -98,6 +100,7 @@ def test_the_bar_is_drawn_on_a_terminal_and_predicted_tokens_per_s_printed_besid
     assert "train  loss" not in proc.stdout  # the bar never reaches stdout
 
 
+@pytest.mark.slow  # ~16 s: a whole training run
 def test_no_bar_when_stderr_is_not_a_terminal(tmp_path):
     plan = make_plan(tmp_path / "plan.json", 1, micro_batch_size=4)
     proc = _train_cli(plan, tmp_path / "run", subprocess.PIPE)
