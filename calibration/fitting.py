@@ -272,7 +272,8 @@ def _parts_follow_their_chips(before: dict[str, Any], after: dict[str, Any], fit
     moved: the part's own entry would otherwise hide the chip's new values from it."""
     for name, entry in after["compute"].items():
         part = presets().get(name)
-        if part is None or name in apart or chip_of(part) not in fitted.values():
+        # a chip's own entry (named as its chip) is what the fit set: it does not follow itself
+        if part is None or name in apart or name == chip_of(part) or chip_of(part) not in fitted.values():
             continue
         # the chip's values as the planner reads them (falling back to the shared ones)
         old, new = (_profile(d).compute(chip_of(part), part.vendor, "*", framework="") for d in (before, after))

@@ -177,3 +177,19 @@ def test_calibrate_never_prints_the_base_profiles_held_out_figures(cli, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "out-of-sample: not computed" in proc.stdout and "leave one source out" not in proc.stdout
     assert "validation" not in json.loads(out.read_text())
+
+
+def test_a_chip_fitted_under_its_own_name_keeps_the_fitted_values():
+    """The CPU preset is its own chip ("cpu"): the fit writes its values into compute.cpu, which must
+    not then be moved again as a part following its chip (that scaled them by the fit's own factor,
+    clipped at the bounds, and a one-run fit missed its own run by 62 %)."""
+    from calibration.fitting import _parts_follow_their_chips
+    from planner.hardware import chip_of, presets
+
+    assert chip_of(presets()["cpu"]) == "cpu"
+    before = {"compute": {"default": {"*": {"matmul_efficiency_max": 0.7}},
+                          "cpu": {"*": {"matmul_efficiency_max": 0.03, "layer_overhead_s": 1e-2}}}}
+    after = copy.deepcopy(before)
+    after["compute"]["cpu"]["*"] = {"matmul_efficiency_max": 0.8, "layer_overhead_s": 5e-4}
+    moved = _parts_follow_their_chips(before, copy.deepcopy(after), {"cpu": "cpu"}, frozenset())
+    assert moved["compute"]["cpu"] == after["compute"]["cpu"]
