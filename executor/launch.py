@@ -27,7 +27,7 @@ from pathlib import Path
 
 from executor.checks import all_reasons, unsupported_reason
 from executor.lifeline import LAUNCHER_PID_ENV, RunLock, child_preexec
-from executor.options import RunOptions
+from executor.options import RunOptions, check_options
 from executor.train_progress import metrics_bar
 from planner.errors import InvalidRequest
 from planner.export import shell_join
@@ -90,6 +90,7 @@ def preflight(document: Plan, options: RunOptions) -> None:
     from executor.tokenizer import load_tokenizer
     from executor.worker import check_environment, uses_cuda
 
+    check_options(options, document.workload, document.config)
     if document.cluster.num_nodes > 1:
         raise InvalidRequest(f"the plan spans {document.cluster.num_nodes} nodes; print the launch line with "
                              "--print-launch and start it on every node")

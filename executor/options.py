@@ -8,6 +8,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from planner.errors import InvalidRequest
+from planner.plan import ParallelConfig
+from planner.specs import Workload
+
 LR_SCHEDULES = ("cosine", "linear", "constant")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 WARMUP_SHARE, WARMUP_MAX_STEPS = 0.03, 100  # Alpaca / HF recipes: warmup_ratio 0.03, capped
@@ -97,3 +101,24 @@ class RunOptions:
 
 def _parser_for(type_name: str):
     return {"int": int, "int | None": int, "float": float}.get(type_name, str)
+
+
+def check_options(options: RunOptions, workload: Workload, config: ParallelConfig) -> None:
+    """What the options cannot do with this Plan: refused before any process starts (preflight)
+    and again by the trainer (a worker started by hand)."""
+    if (options.checkpoint_every or options.resume) and config.tp > 1 and config.dp > 1 and config.zero <= 1:
+        # torch's TP + DDP recipe localizes the TP weights, and the optimizer's state of those cannot
+        # be mapped back to DTensors for a sharded checkpoint (the final model is saved whole)
+        raise InvalidRequest("checkpoints of dp x tp under ZeRO 0/1 are not implemented; plan with --zero 2 or 3 "
+                             "(FSDP2), or drop --checkpoint-every / --resume")
+    if options.merge_lora and workload.method != "lora":
+        what = "a full fine-tune saves the whole model already" if workload.method == "full" else \
+            "the QLoRA base is 4-bit; merge the adapter into the full-precision base with peft after training"
+        raise InvalidRequest(f"--merge-lora applies to LoRA runs only ({what}); drop --merge-lora")
+    if config.cp > 1 and options.document_mask:
+        raise InvalidRequest("--document-mask with cp > 1 is not implemented (the ring attention runs full causal "
+                             "attention); drop --document-mask or plan with --cp 1")
+    if options.eval_every and config.pp > 1:
+        raise InvalidRequest("--eval-every with pp > 1 is not implemented; drop --eval-every")
+    if options.eval_every and not options.eval_data:
+        raise InvalidRequest("--eval-every needs --eval-data (a held-out file in the same format)")

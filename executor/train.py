@@ -22,12 +22,11 @@ from executor.loss import items_per_rank
 from executor.measure import CpuMemoryProbe, Recorder, cuda_peaks
 from executor.mesh import Topology
 from executor.model import compute_dtype
-from executor.options import RunOptions
+from executor.options import RunOptions, check_options
 from executor.report import StepReport
 from executor.schedule import build_schedulers
 from executor.setup import Prepared
 from executor.tokenizer import load_tokenizer
-from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
 from planner.specs import ModelSpec, Workload
 
@@ -37,10 +36,7 @@ class Trainer:
                  device: torch.device, options: RunOptions, prepared: Prepared, recorder: Recorder) -> None:
         self.spec, self.workload, self.config, self.topo = spec, workload, config, topo
         self.device, self.options, self.p, self.recorder = device, options, prepared, recorder
-        _check_options(options, workload, config)
-        if config.cp > 1 and options.document_mask:
-            raise InvalidRequest("--document-mask with cp > 1 is not implemented (the ring attention runs full causal "
-                                 "attention); drop --document-mask or plan with --cp 1")
+        check_options(options, workload, config)
         self.data_ranks = config.dp * config.cp  # the ranks over which gradients are averaged
         if workload.optimizer_in_backward and options.max_grad_norm > 0 and topo.rank == 0:
             print("note: no gradient clipping: the optimizer steps inside backward, before the global norm is known")
@@ -58,10 +54,6 @@ class Trainer:
     def _eval_data(self, tokenizer) -> PackedData | None:
         if not self.options.eval_every:
             return None
-        if self.config.pp > 1:
-            raise InvalidRequest("--eval-every with pp > 1 is not implemented; drop --eval-every")
-        if not self.options.eval_data:
-            raise InvalidRequest("--eval-every needs --eval-data (a held-out file in the same format)")
         examples, _ = load_examples(self.options.eval_data, tokenizer, self.options.max_bad_fraction,
                                     self.options.chat_template)
         return PackedData(examples, self.workload.seq_len, self.workload.global_batch, self.options.seed,
@@ -249,19 +241,6 @@ class Trainer:
         tensor = torch.tensor(value, dtype=torch.int64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
-
-
-def _check_options(options: RunOptions, workload: Workload, config: ParallelConfig) -> None:
-    """What the options cannot do with this Plan, refused before training."""
-    if (options.checkpoint_every or options.resume) and config.tp > 1 and config.dp > 1 and config.zero <= 1:
-        # torch's TP + DDP recipe localizes the TP weights, and the optimizer's state of those cannot
-        # be mapped back to DTensors for a sharded checkpoint (the final model is saved whole)
-        raise InvalidRequest("checkpoints of dp x tp under ZeRO 0/1 are not implemented; plan with --zero 2 or 3 "
-                             "(FSDP2), or drop --checkpoint-every / --resume")
-    if options.merge_lora and workload.method != "lora":
-        what = "a full fine-tune saves the whole model already" if workload.method == "full" else \
-            "the QLoRA base is 4-bit; merge the adapter into the full-precision base with peft after training"
-        raise InvalidRequest(f"--merge-lora applies to LoRA runs only ({what}); drop --merge-lora")
 
 
 def _inject_oom(config: ParallelConfig) -> bool:
