@@ -61,7 +61,7 @@ def sidebar() -> tuple[str, dict[str, Any], str | None]:
     else:
         upload = st.sidebar.file_uploader("Hugging Face config.json", type="json")
         if upload is None:
-            st.info("Upload a Hugging Face config.json (llama, mistral, mixtral, qwen2, baichuan, gpt2, gpt_neox, mpt).")
+            st.info(views.upload_hint())
             st.stop()
         config_text, fields["upload_name"] = upload.getvalue().decode("utf-8", "replace"), upload.name
     if st.sidebar.radio("Hardware", ["preset", "MoAI flavor"], horizontal=True) == "preset":
@@ -81,6 +81,9 @@ def sidebar() -> tuple[str, dict[str, Any], str | None]:
     if views.has_target():  # shown once planner.api.Request takes a target engine
         fields["target"] = st.sidebar.selectbox("Target engine", views.TARGET_ENGINES,
                                                 help="the training stack the plan is written for")
+    fields["framework"] = st.sidebar.selectbox("Framework", list(views.FRAMEWORK_WORDS),
+                                               format_func=views.FRAMEWORK_WORDS.get,
+                                               help="the software stack that will train: its calibrated speed")
     return page, fields, config_text
 
 
@@ -96,6 +99,8 @@ def show_what_fits(fields: dict[str, Any], config_text: str | None) -> None:
         st.caption(f"Fewest devices that hold it with {fields['method']}: {limits['fewest_devices'] or 'more than 16384'}")
         st.stop()
     st.success(page["verdict"])
+    if page["uncalibrated"]:
+        st.warning(page["uncalibrated"])
     st.caption(page["summary"])
     cols = st.columns(3)
     cols[0].metric("Largest micro-batch that fits", limits["largest_micro_batch"] or "none")
@@ -209,6 +214,8 @@ def show_capacity(fields: dict[str, Any], config_text: str | None) -> None:
     else:
         st.success(best)
         st.caption(result["recommendation"]["summary"])
+    if views.uncalibrated_warning(result.get("uncalibrated")):
+        st.warning(views.uncalibrated_warning(result.get("uncalibrated")))
     st.altair_chart(capacity_chart(views.capacity_chart_rows(result)), width="stretch")
     st.dataframe(frame(views.capacity_rows(result)), hide_index=True, width="stretch",
                  column_config=right_aligned("time", "GPU-hours", "cost USD", "tokens/s", "MFU", "GiB per device"))

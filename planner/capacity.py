@@ -198,6 +198,7 @@ def plan_capacity(request: Request, tokens: float, price_per_gpu_hour: float | N
         "fastest": min(fitting, key=lambda o: (o["hours"], o["gpu_hours"])),
         "cheapest": min(fitting, key=lambda o: (o["gpu_hours"], o["hours"])),
         "options": options,
+        "uncalibrated": head.context.uncalibrated,
     }
 
 

@@ -19,7 +19,7 @@ from planner.export import export_plan
 from planner.plan import Plan
 from planner.format import duration
 from planner.hardware import FLAVOR_DEVICE, flavor_devices
-from planner.models import spec_from_hf_config
+from planner.models import SUPPORTED_TYPES, spec_from_hf_config
 from planner.profile import load_profile
 from planner.whatfits import what_fits
 
@@ -28,14 +28,30 @@ CATEGORY_WORDS = {"params": "parameters", "grads": "gradients", "optimizer": "op
                   "activations": "activations", "logits": "logits / loss", "buffers": "gathered params & buffers",
                   "overhead": "allocator & framework"}
 REQUEST_FIELDS = ("model", "gpu", "gpus", "flavor", "seq_len", "global_batch", "method", "lora_rank",
-                  "lora_targets", "precision", "target")
+                  "lora_targets", "precision", "target", "framework")
 TARGET_ENGINES = ("executor", "deepspeed", "accelerate", "torchtitan", "megatron")
+FRAMEWORK_WORDS = {"executor": "this project's executor", "torchtitan": "torchtitan",
+                   "megatron": "Megatron-Core / NeMo (Transformer Engine)", "deepspeed": "DeepSpeed",
+                   "hf": "HF Trainer / TRL / Accelerate", "llm-foundry": "llm-foundry", "torchtune": "torchtune"}
 METHOD_WORDS = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 
 
 def has_target() -> bool:
     """Whether planner.api.Request takes a target engine (the page shows the select only then)."""
     return any(f.name == "target" for f in dataclasses.fields(Request))
+
+
+def upload_hint() -> str:
+    """What the upload box takes: every model_type the planner reads."""
+    return f"Upload a Hugging Face config.json (model_type one of: {', '.join(SUPPORTED_TYPES)})."
+
+
+def uncalibrated_warning(missing: list[str] | None) -> str | None:
+    """The page's flag for a chip or framework that no measured run calibrated."""
+    if not missing:
+        return None
+    return (f"Uncalibrated: no measured runs of {' or '.join(missing)} in the calibration profile, so the "
+            "intervals are widened to the spread across chips and frameworks.")
 
 
 def plural(n: int, word: str) -> str:
@@ -231,7 +247,8 @@ def what_fits_page(fields: dict[str, Any], config_text: str | None = None) -> di
     request = request_from(fields, config_text)
     resolved = resolve(request)
     page: dict[str, Any] = {"model": resolved.spec.name, "hardware": resolved.hardware.name,
-                            "gpus": resolved.cluster.num_devices, "capacity_bytes": resolved.hardware.memory_bytes}
+                            "gpus": resolved.cluster.num_devices, "capacity_bytes": resolved.hardware.memory_bytes,
+                            "uncalibrated": uncalibrated_warning(resolved.context.uncalibrated)}
     limits = what_fits(request, methods=(request.workload.method,))["methods"][0]
     page["limits"] = {"largest_micro_batch": limits["largest_micro_batch"], "longest_seq_len": limits["longest_seq_len"],
                       "fewest_devices": limits["fewest_devices"]}

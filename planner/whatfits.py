@@ -98,4 +98,5 @@ def what_fits(request: Request, pins: Pins | None = None, methods: tuple[str, ..
         })
     return {"model": r.spec.name, "hardware": r.hardware.name, "gpus": r.cluster.num_devices,
             "seq_len": request.workload.seq_len, "global_batch": r.workload.global_batch,
-            "memory_margin": r.context.memory_margin, "methods": rows}
+            "memory_margin": r.context.memory_margin, "methods": rows,
+            "uncalibrated": r.context.uncalibrated}

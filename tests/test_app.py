@@ -186,3 +186,26 @@ def test_streamlit_config_keeps_the_watcher_off_the_checkout():
 
     server = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["server"]
     assert server["fileWatcherType"] in ("poll", "none")  # watchdog recursively watches .venv too
+
+
+def test_framework_select_changes_the_prediction_and_flags_an_uncalibrated_one(app):
+    """The software stack is an input (issue 17): the sidebar's framework reaches the planner, and a
+    framework no measured run calibrated is flagged on the page, as in the CLI's tables."""
+    from planner.profile import load_profile
+
+    calibrated = set(load_profile().data["fitted_on"]["frameworks"])
+    missing = next(f for f in views.FRAMEWORK_WORDS if f not in calibrated)
+    before = app.dataframe[0].value.to_dict()
+    assert not app.warning  # llama3-8b on H100 under the executor: both calibrated
+    widget(app.sidebar.selectbox, "Framework").set_value(missing)
+    app.run()
+    assert not app.exception
+    assert app.dataframe[0].value.to_dict() != before
+    assert any("Uncalibrated" in w.value and f"framework {missing}" in w.value for w in app.warning)
+
+
+def test_upload_hint_lists_every_family_the_planner_reads():
+    from planner.models import SUPPORTED_TYPES
+
+    hint = views.upload_hint()
+    assert all(t in hint for t in SUPPORTED_TYPES) and "qwen3_moe" in hint

@@ -106,6 +106,13 @@ def test_uncalibrated_chips_and_frameworks_are_flagged_and_their_intervals_widen
     quiet = cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm-80gb", "--gpus", "8", "--framework",
                 "torchtitan", "--calibration", path)
     assert quiet.returncode == 0 and "uncalibrated" not in quiet.stdout
+    for command in (("fits", "--gpus", "1"), ("capacity", "--tokens", "1e9", "--max-gpus", "8")):
+        flagged = cli(command[0], "--model", "llama3-8b", "--gpu", "a100-80gb", *command[1:], "--calibration", path)
+        assert flagged.returncode == 0 and "uncalibrated: intervals widened" in flagged.stdout, command
+        assert "chip GA100 or framework executor" in flagged.stdout
+        as_json = cli(command[0], "--model", "llama3-8b", "--gpu", "a100-80gb", *command[1:], "--calibration", path,
+                      "--json")
+        assert json.loads(as_json.stdout)["uncalibrated"] == ["chip GA100", "framework executor"], command
 
 
 def _items(pairs):

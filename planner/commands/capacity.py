@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(result: dict) -> str:
+    from planner.commands.suggest import uncalibrated_note
     from planner.format import count, duration, gib, table
 
     price = result["price_per_gpu_hour"]
@@ -55,6 +56,9 @@ def render(result: dict) -> str:
             f"global batch {result['global_batch']} ({result['tokens_per_step']:,} tokens/step), {result['method']}")
     headers = ["", *(["flavor"] if flavors else []), "devices", "tokens/s", "MFU", "GiB/dev", "time", "GPU-h", "cost USD", "note"]
     lines = [head, table(headers, rows, align="l" * (1 + flavors) + "r" * 7 + "l")]
+    flag = uncalibrated_note(result.get("uncalibrated"))
+    if flag:
+        lines.append(flag)
     lines.append(f"price: {price:g} USD per device-hour: {result['price_source']}" if price is not None
                  else "price: none known for this hardware; pass --price-per-gpu-hour for costs")
     best = result["recommendation"]
