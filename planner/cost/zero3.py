@@ -16,7 +16,8 @@ Gradients (deepspeed/runtime/zero/stage3.py): each is copied, as it is made, int
 reduce bucket of `reduce_bucket_size` elements in the compute dtype, allocated once for the whole
 run (stage3.py 731-735), and reduce-scattered when full into fp32 partitions (gradient_accumulation_dtype);
 a tensor larger than the bucket is reduced from its own gradient. No layer's unsharded gradients
-wait for the layer's backward to end, as FSDP2's do.
+wait for the layer's backward to end, as FSDP2's do, and routed experts are modules like any other
+(not FSDP units of their own, as torchtitan makes them).
 """
 
 from __future__ import annotations
@@ -69,4 +70,4 @@ def zero3_by_module(ctx: Context, regime: Regime, c: Candidates, parts: StepPart
                    root_grads=zero(parts.root_grads), root_grads_all=zero(parts.root_grads_all),
                    layer_grads_unsharded=zero(parts.layer_grads_unsharded), unsharded_at=unsharded_at,
                    steps=steps, kind_steps=kind_steps,
-                   experts_gathered=capped(parts.experts_gathered), experts_scatter=zero(parts.experts_scatter))
+                   experts_gathered=zero(parts.experts_gathered), experts_scatter=zero(parts.experts_scatter))
