@@ -166,7 +166,7 @@ class _BlockBuilder:
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
-        self.add(norm_op(self.spec, self.n, name, input_key))
+        self.add(norm_op(self.spec, self.n, name, input_key, fused=self.workload.fused_norm))
 
     def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False,
                      offset: bool | None = None) -> None:
@@ -371,7 +371,8 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
         graph.add_edge(last, "position_embedding")
         last = "position_embedding"
     if spec.final_norm:
-        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in"), trainable=trainable))
+        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=workload.fused_norm),
+                                                     trainable=trainable))
         graph.add_edge(last, "final_norm")
         last = "final_norm"
     head = linear_op(n, "lm_head", h, v, False, "final_norm.out", split="sp")
