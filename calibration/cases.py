@@ -262,6 +262,9 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         extras["fused_loss"] = True
         notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
     extras["loss_parallel"] = _loss_parallel(row)
+    extras["fused_norm"] = _fused_norm(row)
+    if extras["fused_norm"]:
+        notes.append("fused RMSNorm (torchtitan's fused_rmsnorm: norm_type of the train config at that commit)")
     extras["attention"] = _attention(row)
     if extras["attention"] != "sdpa":
         notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")
@@ -349,6 +352,20 @@ def _loss_parallel(row: dict[str, Any]) -> bool:
     loss_parallel keeps the output projection's result sharded); other frameworks gather logits."""
     framework = str(row.get("framework") or "").lower()
     return "megatron" in framework or "torchtitan" in framework
+
+
+# torchtitan's train configs at commit 0413364 (the 2024 docs/performance.md runs): llama2_7b.toml,
+# llama2_13b.toml and llama3_8b.toml set norm_type = "fused_rmsnorm", the 70B configs "rmsnorm";
+# from 9dec370 (the 2024-12 benchmarks) on, every config says "rmsnorm"
+FUSED_RMSNORM_CONFIGS = {"0413364": ("Llama-2-7B", "Llama-2-13B", "Llama-3-8B")}
+
+
+def _fused_norm(row: dict[str, Any]) -> bool:
+    """Whether the run's norms were torchtitan's fused RMSNorm kernel (its train config's norm_type)."""
+    if "torchtitan" not in str(row.get("framework")):
+        return False
+    return any(f"commit {commit}" in str(row.get("source")) and row.get("model") in models
+               for commit, models in FUSED_RMSNORM_CONFIGS.items())
 
 
 def _attention(row: dict[str, Any]) -> str:

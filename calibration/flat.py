@@ -71,7 +71,7 @@ WHOLE = {"seq_len": 1, "global_batch": 1, "lora_rank": 1, "loss_chunks": 1, "dp"
          "micro_batch_size": 1, "num_micro_batches": 1, "vpp": 1, "zero": 0, "gpus": 1, "gpus_per_node": 1,
          "cp": 1, "ep": 1}
 FLAGS = ("activation_offload", "optimizer_in_backward", "compile", "loss_parallel", "fp32_logits", "sequence_parallel",
-         "shard_ends", "fused_loss")
+         "shard_ends", "fused_loss", "fused_norm")
 
 
 def run_from_flat(row: dict[str, Any], where: str, base_dir: Path | None = None) -> Run:

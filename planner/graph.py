@@ -20,6 +20,7 @@ import networkx as nx
 
 from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
                          chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
+from planner.framework_memory import framework_memory
 from planner.linear_attention import gated_deltanet, mamba2
 from planner.mla import mla_attention
 from planner.specs import LayerKind, ModelSpec, Workload
@@ -84,6 +85,10 @@ def _dtypes_for(workload: Workload, params_sharded: bool) -> Numerics:
         return Numerics(compute_bytes=4, residual_bytes=4, autocast=False)
     if workload.master_dtype == "bf16" or (params_sharded and workload.method == "full"):
         return Numerics(compute_bytes=2, residual_bytes=2, autocast=False)
+    if workload.method == "qlora" and framework_memory(workload.framework).qlora_fp32_norms:
+        # peft's prepare_model_for_kbit_training keeps the norms fp32: an fp32 residual stream under
+        # autocast (planner/framework_memory.py)
+        return Numerics(compute_bytes=2, residual_bytes=4, autocast=True)
     if workload.method != "full":
         return Numerics(compute_bytes=2, residual_bytes=2, autocast=True)
     return Numerics(compute_bytes=2, residual_bytes=4, autocast=True)
@@ -161,7 +166,7 @@ class _BlockBuilder:
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
-        self.add(norm_op(self.spec, self.n, name, input_key))
+        self.add(norm_op(self.spec, self.n, name, input_key, fused=self.workload.fused_norm))
 
     def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False,
                      offset: bool | None = None) -> None:
@@ -366,7 +371,8 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
         graph.add_edge(last, "position_embedding")
         last = "position_embedding"
     if spec.final_norm:
-        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in"), trainable=trainable))
+        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=workload.fused_norm),
+                                                     trainable=trainable))
         graph.add_edge(last, "final_norm")
         last = "final_norm"
     head = linear_op(n, "lm_head", h, v, False, "final_norm.out", split="sp")

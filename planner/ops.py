@@ -70,13 +70,22 @@ class Op:
 
 
 def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1,
-            offset: bool | None = None) -> Op:
+            offset: bool | None = None, fused: bool = False) -> Op:
     """LlamaRMSNorm upcasts to fp32: saves the fp32 input (pow, mul), rsqrt (1 float per token) and,
     for the weight's gradient, the normalised tensor cast back to the input dtype. F.layer_norm saves
     its input (an fp32 copy under autocast's fp32 policy when the input is not fp32) plus mean/rstd.
     `width`: the normalised size when not the hidden size (q/k norms, MLA's low-rank norms), with
     `rows` rows of it per token (a per-head q norm: one per head, one weight of head_dim).
-    `offset` (default: the spec's norm_offset): Gemma's (1 + weight) in fp32 keeps the fp32 normalised tensor."""
+    `offset` (default: the spec's norm_offset): Gemma's (1 + weight) in fp32 keeps the fp32 normalised tensor.
+    `fused`: torchtitan's TritonFusedRMSNorm (torchtitan/models/norms.py at 0413364: `ctx.save_for_backward(x,
+    weight, rstd)`; its backward writes dx in x's dtype and recomputes the rest): it reads x, writes y."""
+    if fused and spec.norm == "rmsnorm" and not n.compiled:
+        h, r = (width or spec.hidden_size) * rows, n.residual_bytes
+        params = (h // rows) * (2 if spec.norm_bias else 1)
+        return Op(name, "norm", params=params, tp_split=False, io_bytes_per_token=2 * r * h,
+                  out_bytes_per_token=r * h,
+                  saved=(Saved(input_key, r * h, "sp"), Saved(f"{name}.rstd", FP32_BYTES * rows, "sp")),
+                  grads=(Saved(f"{name}.grad", 2 * r * h, "sp"),), param_dims=((h // rows, params),))
     h, r = (width or spec.hidden_size) * rows, n.residual_bytes
     offset = spec.norm_offset if offset is None else offset
     params = (h // rows) * (2 if spec.norm_bias else 1)

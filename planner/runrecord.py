@@ -166,6 +166,8 @@ class Run:
                  **_parts(self), "measured": self.measured.to_dict()}
         if facts["workload"] and facts["workload"].get("framework") == "executor":
             del facts["workload"]["framework"]  # the default: ids of runs stored before it existed stay
+        if facts["workload"] and not facts["workload"].get("fused_norm", True):
+            del facts["workload"]["fused_norm"]  # likewise
         return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
 
 

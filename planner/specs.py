@@ -266,6 +266,12 @@ class Workload:
         "the training software whose calibration to use: executor (default, this project's), torchtitan, "
         "megatron (Megatron-LM/Core, NeMo; Transformer Engine), deepspeed, hf (Trainer, TRL, Accelerate, "
         "axolotl), llm-foundry, torchtune", FRAMEWORKS))
+    # a fused RMSNorm kernel that saves its input and rstd only (torchtitan's fused_rmsnorm, the norm_type
+    # of its 2024 llama2_7b / llama2_13b / llama3_8b configs; TritonFusedRMSNorm in torchtitan/models/norms.py);
+    # otherwise transformers' LlamaRMSNorm, which keeps an fp32 copy of its input and the normalised tensor
+    fused_norm: bool = field(default=False, metadata=option(
+        "a fused RMSNorm kernel that keeps only its input and rstd (torchtitan's fused_rmsnorm); the executor "
+        "runs transformers' norms"))
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)

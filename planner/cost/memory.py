@@ -36,6 +36,7 @@ from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
 from planner.cost.stages import POSITIONS, role_layer, role_layer_sizes
+from planner.cost.zero3 import zero3_by_module
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -163,7 +164,7 @@ def _at(p: dict[str, np.ndarray], key: str, divisor) -> np.ndarray:
 def stage_memory(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
     """The stage role's memory at every moment (planner/cost/moments.py); the largest is the peak."""
     store = _storage(ctx, regime, c, stage_params(ctx, regime, c, layout, role))
-    parts = _step_parts(ctx, regime, c, layout, role, store)
+    parts = zero3_by_module(ctx, regime, c, _step_parts(ctx, regime, c, layout, role, store))
     if ctx.workload.activation_offload:  # saved activations wait in host memory; the device keeps two layers'
         store["host"] = store["host"] + parts.others + parts.layers * parts.kept_layer
         parts.layers_resident = np.minimum(parts.layers, 2)
