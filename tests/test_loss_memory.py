@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from planner.cost.memory import loss_bytes_per_token  # noqa: E402
+from planner.cost.loss import loss_bytes_per_token  # noqa: E402
 
 TOKENS, LOCAL_VOCAB, BF16 = 256, 1000, 2
 

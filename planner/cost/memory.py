@@ -37,6 +37,7 @@ from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
 from planner.cost.stages import POSITIONS, role_layer, role_layer_sizes
 from planner.cost.zero3 import zero3_by_module
+from planner.cost.loss import loss_bytes_per_token
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -46,34 +47,6 @@ OPTIMIZER_STATE_BYTES = {("adamw", "fp32"): 8.0, ("adamw", "bf16"): 4.0, ("adamw
                          ("adamw8bit", "bf16"): 2.0, ("sgd", "fp32"): 0.0, ("sgd", "bf16"): 0.0}
 OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS = 0, 1, 2
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "buffers")
-
-
-def loss_bytes_per_token(compute_bytes: int, vocab: int, chunks: int = 1, compiled: bool = False,
-                         phase: str = "backward", vocab_parallel: bool = False, fp32_logits: bool = False) -> float:
-    """transformers ForCausalLMLoss upcasts logits to fp32 and runs cross_entropy (log_softmax +
-    nll). Forward: the logits (C bytes), the fp32 copy of the chunk being processed and the saved
-    fp32 log_softmax outputs (4): C + 4 + 4/k bytes per vocabulary entry per token for k chunks
-    (torchtune's CEWithChunkedOutputLoss). The executor drops the model output before backward
-    (`loss = model(...).loss`), so backward starts with the saved log_softmax outputs and, for the
-    chunk in flight, the gradient flowing into it and the one it produces: 4 + 8/k. Under
-    torch.compile the cross-entropy fuses: it keeps the logits and a log-sum-exp per token and
-    writes the gradient in the logits' dtype, C·(1 + 1/k).
-
-    On vocabulary shards (torch.distributed.tensor.parallel.loss_parallel, loss.py) the log-softmax
-    is decomposed: the fp32 copy, `shifted = x - max` and `exp(shifted)` or the result are alive
-    together, C + 4 + 8/k; its fused nll + log-softmax backward holds zeros_like(x),
-    exp(x) + that and the product beside the saved output, 4 + 12/k (traced per op).
-
-    A model that returns fp32 logits (`fp32_logits`) needs no copy of them: its logits are 4 bytes
-    and the loss's upcast is a no-op (4 + 4 eager, 4·(1 + 1/k) compiled)."""
-    logits = FP32 if fp32_logits else compute_bytes
-    if compiled:
-        return logits * (1 + 1 / chunks) * vocab
-    upcast_copy = 0 if fp32_logits else FP32
-    decomposed = FP32 if vocab_parallel else 0  # loss_parallel's shifted logits
-    if phase == "forward":
-        return (logits + FP32 + (upcast_copy + decomposed) / chunks) * vocab
-    return (FP32 + (2 * FP32 + decomposed) / chunks) * vocab
 
 
 def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout, role: str) -> dict[str, np.ndarray]:
