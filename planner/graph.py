@@ -339,7 +339,11 @@ class _BlockBuilder:
         # TE moe_permute, torchtitan's index gather) and back (k rows and their fp32 routing weights read, one
         # row written: unpermute's weighted sum)
         permute_io = 2 * k * c * h + (k + 1) * c * h + FP32_BYTES * k
-        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
+        # under fp8, Megatron-Core runs the grouped experts in float8 too (TEGroupedLinear inside te.fp8_autocast);
+        # torchao's Float8Linear swap (torchtitan, the executor) converts nn.Linear only, not grouped experts
+        float8 = (self.workload.precision == "fp8" and self.workload.framework == "megatron"
+                  and h % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
+        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k, float8=float8,
                     flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i + permute_io,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
                     # backward, alive at once: the gate_up (or up) and product gradients, then the input's

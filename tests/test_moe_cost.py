@@ -148,3 +148,22 @@ def test_megatron_expert_tp_below_tp_folds_into_the_planners_ep():
     assert _planner_ep({"tp": 2, "ep": 8, "etp": 1}, case) == 4
     assert case.assumptions and "ep 4" in case.assumptions[0]
     assert _planner_ep({"tp": 2, "ep": 8}, Case(id="y", source="s", model="m")) == 8
+
+
+@pytest.mark.parametrize("framework, float8", [("megatron", True), ("torchtitan", False)])
+def test_fp8_runs_the_grouped_experts_in_float8_only_under_transformer_engine(framework, float8):
+    """Megatron-Core's fp8 covers TEGroupedLinear; torchao's Float8Linear swap converts nn.Linear only."""
+    ctx = resolve(Request(model="qwen3-30b-a3b", gpu=H100, gpus=8, seq_len=4096, global_batch=256,
+                          precision="fp8", framework=framework)).context
+    assert experts_matmul(ctx).float8 is float8
+
+
+def test_float8_experts_cast_every_local_expert():
+    """A grouped GEMM casts all its local experts' weights: 16 local experts cast 16 times one's bytes."""
+    from planner.cost.compute import float8_cast_bytes
+
+    ctx = resolve(qwen3_moe()).context
+    matmul = experts_matmul(ctx)
+    one = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 1)
+    sixteen = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 16)
+    assert sixteen[0][0] == pytest.approx(16 * one[0][0]) and sixteen[1][0] == pytest.approx(16 * one[1][0])

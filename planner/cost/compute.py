@@ -84,7 +84,8 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
         if matmul.float8:
-            cast_bytes = float8_cast_bytes(matmul, gemm_tokens, shard, w.compile)
+            local = spec.num_experts / c.ep if experts else 1  # a grouped GEMM casts every local expert's rows and weights
+            cast_bytes = float8_cast_bytes(matmul, gemm_tokens * local, shard, w.compile, local)
             forward_bytes, backward_bytes = (matmul.share * b for b in cast_bytes)  # a mixed stack's share
             cast_fwd += forward_bytes
             cast_bwd += backward_bytes
@@ -132,20 +133,21 @@ def moe_share(part: PartSummary) -> np.ndarray | float:
     return sum((m.share for m in part.matmuls if m.name == "experts"), 0.0)
 
 
-def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray,
-                      compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray, compiled: bool,
+                      copies: np.ndarray | float = 1) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) memory traffic of casting a float8 linear's operands with tensorwise
     scaling, as torchao's roofline counts it (torchao/testing/training/roofline_utils.py,
     get_float8_mem_sympy): the input and the output's gradient each take an amax pass over their
     bf16 values (fused into the op that produced them under torch.compile) and one cast that reads
     bf16 and writes both float8 layouts (row- and column-major, for the two GEMMs that use them);
     the weight takes an amax pass and one cast per GEMM that uses it (forward, then backward's
-    grad-input). The TP-split side of the GEMM is the local shard."""
+    grad-input). The TP-split side of the GEMM is the local shard; `copies` weights of that shape
+    (a rank's local experts, cast together by a grouped GEMM)."""
     in_shard = np.where(matmul.row_parallel, shard, 1)
     out_shard = np.where(matmul.row_parallel, 1, shard)
     inputs = tokens * matmul.in_features / in_shard
     grad_outputs = tokens * matmul.out_features / out_shard
-    weights = matmul.in_features * matmul.out_features / shard
+    weights = copies * matmul.in_features * matmul.out_features / shard
     activation_cast = (0 if compiled else BF16_BYTES) + BF16_BYTES + 2 * FLOAT8_BYTES
     weight_cast = BF16_BYTES + FLOAT8_BYTES
     forward = inputs * activation_cast + weights * (BF16_BYTES + weight_cast)  # the weight's amax pass, then its cast
