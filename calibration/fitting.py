@@ -254,7 +254,7 @@ def _jacobian_sparsity(prepared, params) -> np.ndarray:
     least_squares then perturbs several of them at once when estimating the Jacobian."""
     data_rows = np.ones((len(prepared), len(params)), dtype=bool)
     for j, param in enumerate(params):
-        if param.path[0] == "compute" and param.path[1] != "default" or param.path[0] == "frameworks":
+        if param.path[0] == "compute" and param.path[1] != "default" or param.path[0] in ("frameworks", "moe"):
             moved = {id(p) for p in runs_of_parameter(param.path, prepared)}
             data_rows[:, j] = [id(p) in moved for p in prepared]
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])

@@ -167,3 +167,14 @@ def test_float8_experts_cast_every_local_expert():
     one = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 1)
     sixteen = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 16)
     assert sixteen[0][0] == pytest.approx(16 * one[0][0]) and sixteen[1][0] == pytest.approx(16 * one[1][0])
+
+
+def test_moe_parameters_move_only_the_runs_of_moe_models():
+    from calibration.cases import load_cases
+    from calibration.fitting import prepare
+    from calibration.scope import runs_of_parameter
+    from planner.profile import load_profile
+
+    prepared = prepare([c for c in load_cases() if c.id in ("c001", "c306")], load_profile())
+    assert [p.case.id for p in runs_of_parameter(("moe", "overhead_factor"), prepared)] == ["c306"]
+    assert len(runs_of_parameter(("overlap", "tp"), prepared)) == 2
