@@ -278,7 +278,7 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
 def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     par = row["parallelism"]
     dp, tp, pp = par.get("dp") or 1, par.get("tp") or 1, par.get("pp") or 1
-    cp, ep = par.get("cp") or 1, par.get("ep") or 1
+    cp, ep = par.get("cp") or 1, _planner_ep(par, case)
     if dp * cp * tp * pp != case.devices:
         dp = case.devices // (cp * tp * pp)
         case.assumptions.append(f"dp set to {dp} so that dp x cp x tp x pp equals the {case.devices} devices")
@@ -314,6 +314,21 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
                           recompute=recompute, zero=zero, offload=offload,
                           sequence_parallel=_sequence_parallel(row, tp), vpp=par.get("vpp") or 1, shard_ends=shard_ends,
                           cp=cp, ep=ep)
+
+
+def _planner_ep(par: dict[str, Any], case: Case) -> int:
+    """The planner's ep for a row's expert layout. The planner splits each expert over the TP ranks
+    (expert-tensor parallelism = tp, Megatron-Core's default), so tp x ep ranks hold disjoint shares
+    of the experts and the ep group spans them. A Megatron run with a smaller expert-TP size (MoE
+    parallel folding, --expert-tensor-parallel-size) spreads the experts over etp x ep ranks
+    instead: the same share per rank, the same span, is the planner's ep = etp x ep / tp."""
+    ep, tp, etp = par.get("ep") or 1, par.get("tp") or 1, par.get("etp")
+    if etp is None or etp == tp or (etp * ep) % tp:
+        return ep
+    folded = etp * ep // tp
+    case.assumptions.append(f"expert-TP {etp} x EP {ep} with TP {tp}: the planner's ep {folded} (experts split over "
+                            f"tp; the same experts per rank and the same {etp * ep}-rank all-to-all group)")
+    return folded
 
 
 def _torchtune_checkpointing(case: Case) -> str:

@@ -116,7 +116,17 @@ def _shared_parameters() -> list[Parameter]:
         Parameter(("overlap", "zero"), 0.8, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "pp"), 0.5, 0.0, 1.0, 0.3, log=False),
         Parameter(("overlap", "hidden_cost"), 0.2, 0.0, 1.0, 0.3, log=False),
-    ]
+    ] + MOE_PARAMETERS
+
+
+# Mixture-of-experts: moving only the runs of MoE models (planner/cost/compute.py, cpep.py).
+# expert_imbalance: routed tokens on the busiest expert-parallel rank over the mean, >= 1; load-balanced
+# routers keep it near 1.1 (GShard's capacity factors 1.0-1.25), forced balancing at 1.
+# overhead_factor: an MoE block's host-side time (router, permutation, dispatcher bookkeeping; the
+# dropless dispatcher's device-to-host sync of the per-expert counts leaves the GPU idle while the
+# host launches) in units of a layer's launch overhead: it launches several times a dense MLP's kernels.
+MOE_PARAMETERS = [Parameter(("moe", "expert_imbalance"), 1.1, 1.0, 2.0, 0.1),
+                  Parameter(("moe", "overhead_factor"), 2.0, 0.01, 50.0, 1.0)]
 
 
 # Typical relative error of one measured run against a good model (timing noise, framework details):
@@ -244,7 +254,7 @@ def _jacobian_sparsity(prepared, params) -> np.ndarray:
     least_squares then perturbs several of them at once when estimating the Jacobian."""
     data_rows = np.ones((len(prepared), len(params)), dtype=bool)
     for j, param in enumerate(params):
-        if param.path[0] == "compute" and param.path[1] != "default" or param.path[0] == "frameworks":
+        if param.path[0] == "compute" and param.path[1] != "default" or param.path[0] in ("frameworks", "moe"):
             moved = {id(p) for p in runs_of_parameter(param.path, prepared)}
             data_rows[:, j] = [id(p) in moved for p in prepared]
     return np.vstack([data_rows, np.eye(len(params), dtype=bool)])

@@ -70,12 +70,15 @@ def _identified(framework: str, on: set[str], seen: dict[str, set[str]]) -> bool
 
 
 def runs_of_parameter(path: tuple[str, ...], items: list[Any]) -> list[Any]:
-    """The runs whose residuals a parameter moves: a chip's or part's runs, a framework's runs, or all."""
+    """The runs whose residuals a parameter moves: a chip's or part's runs, a framework's runs, the MoE
+    models' runs, or all."""
     if path[0] == "frameworks":
         return [p for p in items if p.context.workload.framework == path[1]
                 and (path[-1] != "fp8_factor" or p.context.workload.precision == "fp8")]
     if path[0] == "compute" and path[1] != "default":
         return [p for p in items if path[1] in (p.context.hardware.name, chip_of(p.context.hardware))]
+    if path[0] == "moe":  # the MoE costs move only the runs of MoE models
+        return [p for p in items if p.context.spec.is_moe]
     return list(items)
 
 

@@ -322,7 +322,11 @@ class _BlockBuilder:
         # renormalised in place (a fp32 copy and their sum are kept)
         routing = (Saved("router.probs", FP32_BYTES * e, "sp"), Saved("router.topk", (INDEX_BYTES + FP32_BYTES) * k, "sp"),
                    Saved("router.sum", FP32_BYTES, "sp"))
-        self.add(replace(router, tp_split=False, saved=router.saved + routing))
+        # memory-bound passes over the logits: softmax (read them, write fp32 probabilities), top-k and the
+        # load-balancing loss each read the probabilities (Megatron-Core moe/router.py TopKRouter: topk_softmax_
+        # with_capacity, switch_load_balancing_loss_func; torchtitan moe.py TokenChoiceTopKRouter)
+        router_io = (c + 3 * FP32_BYTES) * e
+        self.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=router_io))
         # experts: sort by expert (int64 permutation, its token index and inverse), gather the hidden states
         # (kept by the first grouped_mm for the weights' gradient), gate_up output (kept by the activation's
         # chunk views), act(gate) (kept with up by their product), the product (kept by the second grouped_mm
@@ -336,8 +340,16 @@ class _BlockBuilder:
         biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
         bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
         m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
-        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k,
-                    flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i,
+        # permutation into expert order (a row read and written per routed copy: Megatron-Core moe_utils.permute /
+        # TE moe_permute, torchtitan's index gather) and back (k rows and their fp32 routing weights read, one
+        # row written: unpermute's weighted sum)
+        permute_io = 2 * k * c * h + (k + 1) * c * h + FP32_BYTES * k
+        # under fp8, Megatron-Core runs the grouped experts in float8 too (TEGroupedLinear inside te.fp8_autocast);
+        # torchao's Float8Linear swap (torchtitan, the executor) converts nn.Linear only, not grouped experts
+        float8 = (self.workload.precision == "fp8" and self.workload.framework == "megatron"
+                  and h % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
+        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k, float8=float8,
+                    flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i + permute_io,
                     out_bytes_per_token=c * h, saved=saved, quantizable=True,
                     # backward, alive at once: the gate_up (or up) and product gradients, then the input's
                     grads=(Saved("experts.grad", k * c * (h + m * i)),),

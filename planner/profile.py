@@ -12,7 +12,10 @@
   links.<tier>: efficiency (fraction of nominal bandwidth), latency_s — tiers intra, inter, pcie
   overlap: fraction of a communication's time that hides behind compute (tp, dp, zero, pp, offload;
       cp: the ring's K/V exchange behind the blockwise attention, ep: the MoE all-to-alls)
-  moe: expert_imbalance (the busiest expert-parallel rank's routed tokens over the mean), source
+  moe: expert_imbalance (the busiest expert-parallel rank's routed tokens over the mean),
+      overhead_factor (host time of an MoE block's router, permutation and dispatch, exposed by the
+      dispatcher's device-to-host sync of the per-expert token counts, in units of the part's
+      layer_overhead_s), source
   memory.<vendor or hardware>: fixed_bytes (framework + allocator), fragmentation (reserved /
       allocated - 1), largest_block_factor (reserved beyond that, in units of the step's largest
       single allocation), cpu memory for the executor's runs
@@ -130,6 +133,12 @@ class Profile:
             raise InvalidRequest(f"calibration profile {self.path}: moe.expert_imbalance is missing; "
                                  "add it (calibration/profiles/initial.json has the starting value)")
         return float(moe["expert_imbalance"])
+
+    def moe_overhead_factor(self) -> float:
+        """An MoE block's extra host-side time per micro-batch in units of the layer's launch overhead;
+        0 in profiles from before it existed."""
+        moe = self.data.get("moe")
+        return float(moe.get("overhead_factor", 0.0)) if isinstance(moe, dict) else 0.0
 
     def hidden_comm_cost(self) -> float:
         """Seconds a collective hidden behind compute still adds per second it runs (its kernels take

@@ -13,8 +13,13 @@ scores (eager, Megatron's fused softmax) 2× (4 batched GEMMs vs 2).
 Context parallelism: a rank computes seq_len / cp tokens of every sequence; with torch's head-tail
 load balancing (each rank holds chunks i and 2·cp - 1 - i, _HeadTailLoadBalancer) every rank does
 1/cp of the causal attention. Expert parallelism: each of a rank's num_experts / ep experts runs
-its grouped GEMM on the tokens routed to it from all ep ranks (tokens·k·ep / num_experts), and the
-busiest rank sets the pace: its expert work is the mean times the profile's imbalance factor.
+its grouped GEMMs (gate_up, then down, each at the efficiency of its own per-expert size:
+expert_gemm_efficiency) on the tokens routed to it from all ep ranks (tokens·k·ep / num_experts),
+and the busiest rank sets the pace: its expert work is the mean times the profile's imbalance
+factor. An MoE block also costs host time beyond a dense layer's launches (router, permutation,
+the dispatcher's bookkeeping and its device-to-host sync of the per-expert counts: Megatron-Core
+token_dispatcher.py, torchtitan's all_to_all_single split sizes): the profile's moe overhead_factor
+times the layer's launch overhead, per MoE layer.
 """
 
 from __future__ import annotations
@@ -68,16 +73,19 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
         # a routed expert sees tokens·k/E tokens (from each of the ep ranks); its GEMM is that much smaller
         experts = matmul.name == "experts"
         gemm_tokens = tokens * matmul.tokens_factor / (spec.num_experts if experts else 1) * (c.ep if experts else 1)
-        size = 2 * gemm_tokens * matmul.in_features * matmul.out_features / shard
         peak, params = (ctx.float8_peak_flops, ctx.float8_params) if matmul.float8 else (ctx.compute_peak_flops, mm)
-        seconds = flops / (peak * gemm_efficiency(size, params.matmul_efficiency_max, params.matmul_half_flops))
         if experts:
-            seconds = seconds * imbalance
+            seconds = flops / (peak * expert_gemm_efficiency(matmul, spec.gated_mlp, gemm_tokens * imbalance / shard,
+                                                             params)) * imbalance
+        else:
+            size = 2 * gemm_tokens * matmul.in_features * matmul.out_features / shard
+            seconds = flops / (peak * gemm_efficiency(size, params.matmul_efficiency_max, params.matmul_half_flops))
         fwd_mm += seconds
         selective_mm += seconds * matmul.recomputed_selective
         bwd_mm += seconds * (2.0 if matmul.trainable else 1.0)
         if matmul.float8:
-            cast_bytes = float8_cast_bytes(matmul, gemm_tokens, shard, w.compile)
+            local = spec.num_experts / c.ep if experts else 1  # a grouped GEMM casts every local expert's rows and weights
+            cast_bytes = float8_cast_bytes(matmul, gemm_tokens * local, shard, w.compile, local)
             forward_bytes, backward_bytes = (matmul.share * b for b in cast_bytes)  # a mixed stack's share
             cast_fwd += forward_bytes
             cast_bwd += backward_bytes
@@ -95,26 +103,51 @@ def part_times(ctx: Context, part: PartSummary, c: Candidates, loss_vocab: int =
     fwd_mem = io / ctx.memory_bytes_per_s
     # host-side cost of launching the part's kernels: about twice as many in backward; fused under compile
     overhead = mm.layer_overhead_s * (mm.compiled_io_factor if w.compile else 1.0) * (1.0 if part.matmuls else 0.0)
+    overhead = overhead * (1.0 + ctx.profile.moe_overhead_factor() * moe_share(part))
     forward = fwd_mm + fwd_attn + fwd_mem + cast_fwd / ctx.memory_bytes_per_s + overhead
     backward = bwd_mm + bwd_attn + 2 * fwd_mem + cast_bwd / ctx.memory_bytes_per_s + 2 * overhead
     recompute = np.select([c.recompute == 2, c.recompute == 1], [forward, selective_mm + fwd_mem + overhead], 0.0)
     return PartTimes(forward, backward, recompute)
 
 
-def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray,
-                      compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+def expert_gemm_efficiency(matmul: Matmul, gated: bool, tokens_per_expert: np.ndarray, params) -> np.ndarray:
+    """Efficiency of the routed experts' grouped GEMMs (Megatron-Core TEGroupedLinear / grouped_gemm,
+    torchtitan torch._grouped_mm): every local expert multiplies its own `tokens_per_expert` rows
+    (the rank's tokens x top-k x ep / experts, x the busiest rank's imbalance; the expert-TP split
+    of the width is folded into them) by its weights, in two GEMMs, gate_up (hidden -> (m-1)·i) and down
+    (i -> hidden), each at the size-dependent efficiency of its own per-expert size: fine-grained
+    experts (small i) and few tokens per expert make small, slow GEMMs. The FLOP-weighted harmonic
+    mean of the two, so that FLOPs / (peak · this) is the sum of their times."""
+    parts = 3 if gated else 2
+    width = matmul.out_features / parts  # i, the expert's intermediate size
+    up_flops = 2 * tokens_per_expert * matmul.in_features * (parts - 1) * width
+    down_flops = 2 * tokens_per_expert * width * matmul.in_features
+    eff = (gemm_efficiency(up_flops, params.matmul_efficiency_max, params.matmul_half_flops),
+           gemm_efficiency(down_flops, params.matmul_efficiency_max, params.matmul_half_flops))
+    return (up_flops + down_flops) / (up_flops / eff[0] + down_flops / eff[1])
+
+
+def moe_share(part: PartSummary) -> np.ndarray | float:
+    """The share of a part's layers that are MoE layers (1 for a uniform MoE stack, 0 for dense; per
+    candidate for a pipeline stage's mean layer)."""
+    return sum((m.share for m in part.matmuls if m.name == "experts"), 0.0)
+
+
+def float8_cast_bytes(matmul: Matmul, tokens: np.ndarray, shard: np.ndarray, compiled: bool,
+                      copies: np.ndarray | float = 1) -> tuple[np.ndarray, np.ndarray]:
     """(forward, backward) memory traffic of casting a float8 linear's operands with tensorwise
     scaling, as torchao's roofline counts it (torchao/testing/training/roofline_utils.py,
     get_float8_mem_sympy): the input and the output's gradient each take an amax pass over their
     bf16 values (fused into the op that produced them under torch.compile) and one cast that reads
     bf16 and writes both float8 layouts (row- and column-major, for the two GEMMs that use them);
     the weight takes an amax pass and one cast per GEMM that uses it (forward, then backward's
-    grad-input). The TP-split side of the GEMM is the local shard."""
+    grad-input). The TP-split side of the GEMM is the local shard; `copies` weights of that shape
+    (a rank's local experts, cast together by a grouped GEMM)."""
     in_shard = np.where(matmul.row_parallel, shard, 1)
     out_shard = np.where(matmul.row_parallel, 1, shard)
     inputs = tokens * matmul.in_features / in_shard
     grad_outputs = tokens * matmul.out_features / out_shard
-    weights = matmul.in_features * matmul.out_features / shard
+    weights = copies * matmul.in_features * matmul.out_features / shard
     activation_cast = (0 if compiled else BF16_BYTES) + BF16_BYTES + 2 * FLOAT8_BYTES
     weight_cast = BF16_BYTES + FLOAT8_BYTES
     forward = inputs * activation_cast + weights * (BF16_BYTES + weight_cast)  # the weight's amax pass, then its cast

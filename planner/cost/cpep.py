@@ -20,8 +20,10 @@ block's compute the exchange can hide behind is the profile's overlap `cp` (hand
 Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
 tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a
 dispatch and a combine all-to-all in the forward and two in the backward, of tokens x top-k x
-hidden elements in the compute dtype, each rank sending (ep-1)/ep of them, on the slowest link of
-the ep group; not overlapped by default (profile overlap `ep`).
+hidden elements in the compute dtype (x the profile's expert imbalance: the busiest rank receives
+that much more), each rank sending 1/ep of them to each other rank, the in-node share over NVLink
+and the rest over the network at the same time; each followed (preceded) by the sort of the
+received chunks by expert; not overlapped by default (profile overlap `ep`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from planner.cost import comm
 from planner.cost.candidates import Candidates
-from planner.cost.compute import _attention_seconds
+from planner.cost.compute import _attention_seconds, moe_share
 from planner.cost.context import Context, Regime
 
 FP32 = 4
@@ -69,13 +71,37 @@ def cp_seconds(ctx: Context, regime: Regime, c: Candidates) -> dict[str, np.ndar
 
 
 def ep_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
-    """One all-to-all of a layer's routed tokens (dispatch or combine), exposed; zero where ep = 1.
+    """One all-to-all of a layer's routed tokens (dispatch or combine) and the chunk sort beside it,
+    exposed, averaged over the stack's layers (dense layers exchange nothing); zero where ep = 1.
     Each TP rank exchanges its sequence-parallel share of the tokens (all of them without SP)."""
     spec, w = ctx.spec, ctx.workload
     if not spec.is_moe:
         return np.zeros(len(c))
     tokens = c.micro_batch_size * w.seq_len / c.cp / np.where(c.sequence_parallel, c.tp, 1)
-    nbytes = tokens * spec.experts_per_token * spec.hidden_size * regime.numerics.compute_bytes
-    bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, c.tp * c.ep, c.ep)
-    one = comm.collective_seconds("all_to_all", nbytes, c.ep, bandwidth, latency)
-    return np.where(c.ep > 1, one * (1 - ctx.profile.parallel_overlap("ep")), 0.0)
+    # the busiest rank receives (and sorts) `imbalance` times the mean of the routed copies
+    routed_bytes = (tokens * spec.experts_per_token * spec.hidden_size * regime.numerics.compute_bytes
+                    * ctx.profile.expert_imbalance())
+    one = all_to_all_seconds(ctx, routed_bytes, c.ep, c.tp)
+    # Megatron-Core's alltoall dispatcher sorts the received chunks by local expert after the dispatch
+    # and back before the combine (moe_utils.sort_chunks_by_idxs); torchtitan permutes them
+    # (expert_parallel.py, _permute / generate_permute_indices): a row read and written per copy
+    sort_s = 2 * routed_bytes / ctx.memory_bytes_per_s
+    share = moe_share(regime.layer)
+    return np.where(c.ep > 1, share * (one * (1 - ctx.profile.parallel_overlap("ep")) + sort_s), 0.0)
+
+
+def all_to_all_seconds(ctx: Context, nbytes: np.ndarray, ep: np.ndarray, tp: np.ndarray) -> np.ndarray:
+    """An all-to-all of `nbytes` per rank over ep ranks at a stride of tp (ep x tp consecutive ranks):
+    each rank sends 1/ep of its buffer to every other rank (NCCL's grouped send/recv), those in its
+    node over NVLink and the rest over its network link at the same time (NCCL routes remote sends
+    through the node's NICs, PXN), so the slower of the two shares sets the time. An ep group inside
+    a node uses only the intra-node link; one spread over nodes sends (ep - local)/ep of its buffer
+    over the network, not all of it."""
+    cluster = ctx.cluster
+    intra, inter = ctx.profile.link("intra"), ctx.profile.link("inter")
+    hw = cluster.hardware
+    local = np.clip(cluster.devices_per_node // np.maximum(tp, 1), 1, ep)  # ep ranks in one node
+    inside = nbytes * (local - 1) / ep / (hw.intra_node_bandwidth_bytes_per_s * intra.efficiency)
+    outside = nbytes * (ep - local) / ep / (hw.inter_node_bandwidth_bytes_per_s * inter.efficiency)
+    latency = (local - 1) * intra.latency_s + (ep - local) * inter.latency_s
+    return np.where(ep > 1, np.maximum(inside, outside) + latency, 0.0)

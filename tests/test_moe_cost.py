@@ -1,0 +1,180 @@
+"""The mixture-of-experts costs: grouped-GEMM efficiency at the per-expert token count, the
+all-to-all's links, the MoE block's host overhead and memory passes, and their fitted parameters."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from calibration.cases import Case, _planner_ep
+from calibration.fitting import MOE_PARAMETERS, time_parameters
+from calibration.scope import Scope
+from planner.api import Request, resolve
+from planner.cost.candidates import Candidates
+from planner.cost.compute import expert_gemm_efficiency, gemm_efficiency, moe_share, part_times
+from planner.cost.cpep import all_to_all_seconds, ep_seconds
+from planner.graph import build_graph
+from planner.layout import ParallelConfig
+from planner.profile import Profile
+
+H100 = "h100-sxm-80gb"
+
+
+def qwen3_moe(gpus=8, **kw) -> Request:
+    return Request(model="qwen3-30b-a3b", gpu=H100, gpus=gpus, seq_len=4096, global_batch=256, target="megatron", **kw)
+
+
+def config(dp, ep=1, tp=1, micro=1, global_batch=256) -> ParallelConfig:
+    return ParallelConfig(dp=dp, tp=tp, pp=1, micro_batch_size=micro, num_micro_batches=global_batch // (dp * micro),
+                          ep=ep, zero=1)
+
+
+def experts_matmul(ctx):
+    return next(m for m in ctx.regime(False).layer.matmuls if m.name == "experts")
+
+
+def test_fewer_tokens_per_expert_make_slower_grouped_gemms():
+    """Per-expert GEMMs at a few tokens are far from the peak; at many tokens they approach it."""
+    ctx = resolve(qwen3_moe()).context
+    params = ctx.compute_params
+    matmul = experts_matmul(ctx)
+    tokens = np.array([16.0, 128.0, 1024.0, 8192.0])
+    eff = expert_gemm_efficiency(matmul, ctx.spec.gated_mlp, tokens, params)
+    assert np.all(np.diff(eff) > 0)
+    assert eff[0] < 0.5 * params.matmul_efficiency_max < eff[-1]
+
+
+def test_expert_gemms_are_costed_at_their_own_shapes_not_as_one_fused_gemm():
+    """gate_up (h -> 2i) and down (i -> h) are two GEMMs, each smaller than their sum: less efficient
+    than one GEMM of the summed size would be."""
+    ctx = resolve(qwen3_moe()).context
+    params, matmul = ctx.compute_params, experts_matmul(ctx)
+    tokens = np.array([256.0])
+    fused = gemm_efficiency(2 * tokens * matmul.in_features * matmul.out_features, params.matmul_efficiency_max,
+                            params.matmul_half_flops)
+    assert expert_gemm_efficiency(matmul, True, tokens, params)[0] < fused[0]
+
+
+def test_a_smaller_micro_batch_lowers_the_expert_throughput():
+    """Halving the tokens of a micro-batch halves each expert's rows: the experts' seconds per token rise."""
+    r = resolve(qwen3_moe())
+    ctx, layer = r.context, r.context.regime(False).layer
+    c = Candidates.from_configs([config(dp=8, ep=8, micro=1), config(dp=8, ep=8, micro=4)])
+    no_overhead = Profile("t", "(test)", copy.deepcopy(ctx.profile.data))
+    for key in ("layer_overhead_s",):
+        for entry in no_overhead.data["compute"].values():
+            for dtype in entry.values():
+                dtype.pop(key, None)
+        no_overhead.data["compute"]["default"]["*"][key] = 0.0
+    times = part_times(ctx.with_profile(no_overhead), layer, c)
+    per_token = times.forward / c.micro_batch_size
+    assert per_token[0] > per_token[1]
+
+
+def test_all_to_all_inside_a_node_uses_nvlink_only():
+    ctx = resolve(qwen3_moe(gpus=16)).context
+    hw, intra = ctx.cluster.hardware, ctx.profile.link("intra")
+    nbytes = np.array([1e9])
+    seconds = all_to_all_seconds(ctx, nbytes, np.array([8]), np.array([1]))
+    expected = nbytes * 7 / 8 / (hw.intra_node_bandwidth_bytes_per_s * intra.efficiency)
+    assert seconds[0] == pytest.approx(expected[0], rel=0.01)
+
+
+def test_all_to_all_crossing_nodes_pays_the_network_for_the_remote_share():
+    """ep 16 over two nodes of 8: half of each rank's buffer goes to the other node over the network
+    (at its bandwidth), the in-node share over NVLink beside it; ep 8 with tp 2 spans two nodes too."""
+    ctx = resolve(qwen3_moe(gpus=16)).context
+    hw, inter = ctx.cluster.hardware, ctx.profile.link("inter")
+    network_bytes_per_s = hw.inter_node_bandwidth_bytes_per_s * inter.efficiency
+    nbytes = np.array([1e9, 1e9, 1e9])
+    seconds = all_to_all_seconds(ctx, nbytes, np.array([8, 16, 8]), np.array([1, 1, 2]))
+    remote = nbytes[1] * 8 / 16 / network_bytes_per_s
+    assert seconds[1] >= remote and seconds[1] < 1.05 * remote + 1e-3
+    assert seconds[1] > 1.5 * seconds[0]  # the network is the slower link
+    assert seconds[2] >= nbytes[2] * 4 / 8 / network_bytes_per_s  # 4 of the 8 ep ranks in the other node
+
+
+def test_ep_traffic_grows_with_the_imbalance_and_only_moe_layers_pay_it():
+    r = resolve(qwen3_moe())
+    ctx, regime = r.context, r.context.regime(False)
+    c = Candidates.from_configs([config(dp=8, ep=8)])
+    data = copy.deepcopy(ctx.profile.data)
+    data["moe"]["expert_imbalance"] = 1.0
+    balanced = ep_seconds(ctx.with_profile(Profile("t", "(test)", data)), regime, c)
+    data["moe"]["expert_imbalance"] = 1.5
+    skewed = ep_seconds(ctx.with_profile(Profile("t", "(test)", data)), regime, c)
+    assert skewed[0] == pytest.approx(1.5 * balanced[0], rel=0.02)
+    deepseek = resolve(Request(model="deepseek-v3", gpu=H100, gpus=64, seq_len=4096, global_batch=512)).context
+    assert moe_share(deepseek.regime(False).layer) == pytest.approx(58 / 61)  # its first 3 layers are dense
+
+
+def test_moe_overhead_factor_adds_host_time_to_moe_layers_only():
+    r = resolve(qwen3_moe())
+    ctx, layer = r.context, r.context.regime(False).layer
+    c = Candidates.from_configs([config(dp=8, ep=8)])
+    data = copy.deepcopy(ctx.profile.data)
+    data["moe"]["overhead_factor"] = 0.0
+    without = part_times(ctx.with_profile(Profile("t", "(test)", data)), layer, c)
+    data["moe"]["overhead_factor"] = 4.0
+    with_it = part_times(ctx.with_profile(Profile("t", "(test)", data)), layer, c)
+    expected = 4.0 * ctx.compute_params.layer_overhead_s
+    assert with_it.forward[0] - without.forward[0] == pytest.approx(expected, rel=1e-6)
+    assert with_it.backward[0] - without.backward[0] == pytest.approx(2 * expected, rel=1e-6)
+    dense = resolve(Request(model="llama3-8b", gpu=H100, gpus=8, seq_len=4096, global_batch=64)).context
+    assert moe_share(dense.regime(False).layer) == 0
+
+
+def test_the_moe_block_moves_its_permutation_and_routing_through_memory():
+    r = resolve(qwen3_moe())
+    spec = r.context.spec
+    graph = build_graph(spec, r.context.workload, r.context.regime(False).numerics)
+    ops = {op.name: op for ops, _ in graph.kind_ops() for op in ops}
+    c, h, k, e = 2, spec.hidden_size, spec.experts_per_token, spec.num_experts
+    assert ops["experts"].io_bytes_per_token >= (3 * k + 1) * c * h  # permute (k copies), unpermute
+    assert ops["router"].io_bytes_per_token >= 4 * e  # softmax's fp32 probabilities
+
+
+def test_moe_parameters_are_fitted_with_priors():
+    paths = {p.path for p in time_parameters(Scope({}, (), (), True))}
+    assert {("moe", "expert_imbalance"), ("moe", "overhead_factor")} <= paths
+    imbalance = next(p for p in MOE_PARAMETERS if p.path[-1] == "expert_imbalance")
+    assert imbalance.lower == 1.0 and imbalance.prior_sigma > 0
+
+
+def test_megatron_expert_tp_below_tp_folds_into_the_planners_ep():
+    case = Case(id="x", source="s", model="m")
+    assert _planner_ep({"tp": 2, "ep": 8, "etp": 1}, case) == 4
+    assert case.assumptions and "ep 4" in case.assumptions[0]
+    assert _planner_ep({"tp": 2, "ep": 8}, Case(id="y", source="s", model="m")) == 8
+
+
+@pytest.mark.parametrize("framework, float8", [("megatron", True), ("torchtitan", False)])
+def test_fp8_runs_the_grouped_experts_in_float8_only_under_transformer_engine(framework, float8):
+    """Megatron-Core's fp8 covers TEGroupedLinear; torchao's Float8Linear swap converts nn.Linear only."""
+    ctx = resolve(Request(model="qwen3-30b-a3b", gpu=H100, gpus=8, seq_len=4096, global_batch=256,
+                          precision="fp8", framework=framework)).context
+    assert experts_matmul(ctx).float8 is float8
+
+
+def test_float8_experts_cast_every_local_expert():
+    """A grouped GEMM casts all its local experts' weights: 16 local experts cast 16 times one's bytes."""
+    from planner.cost.compute import float8_cast_bytes
+
+    ctx = resolve(qwen3_moe()).context
+    matmul = experts_matmul(ctx)
+    one = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 1)
+    sixteen = float8_cast_bytes(matmul, np.array([0.0]), np.array([1]), False, 16)
+    assert sixteen[0][0] == pytest.approx(16 * one[0][0]) and sixteen[1][0] == pytest.approx(16 * one[1][0])
+
+
+def test_moe_parameters_move_only_the_runs_of_moe_models():
+    from calibration.cases import load_cases
+    from calibration.fitting import prepare
+    from calibration.scope import runs_of_parameter
+    from planner.profile import load_profile
+
+    prepared = prepare([c for c in load_cases() if c.id in ("c001", "c306")], load_profile())
+    assert [p.case.id for p in runs_of_parameter(("moe", "overhead_factor"), prepared)] == ["c306"]
+    assert len(runs_of_parameter(("overlap", "tp"), prepared)) == 2
