@@ -112,6 +112,7 @@ def _with(**changes):
 @pytest.mark.parametrize("config, message", [
     (_with(num_kv_shared_layers=4), "num_kv_shared_layers (4) leaves no earlier layer of each attention type"),
     (_with(use_bidirectional_attention="all"), "use_bidirectional_attention 'all'"),
+    (_with(global_head_dim=2**20), "global_head_dim 1048576 is beyond any real value"),
     (_with(per_layer_config={"1": {"head_dim": 64}}), "per_layer_config must give the full_attention layers"),
     (_with(per_layer_config={"2": {"intermediate_size": 64}}), "may override only head_dim and num_key_value_heads"),
     (_with(enable_moe_block=True, num_experts=1, top_k_experts=1, moe_intermediate_size=8),
