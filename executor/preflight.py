@@ -89,7 +89,9 @@ def _config_reason(config: Any, workload: Workload) -> str | None:
     from transformers.activations import ACT2FN
 
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
-    explicit_head_dim = getattr(config, "head_dim", None) is not None  # glm4_moe, qwen3, gemma: heads x head_dim
+    # glm4_moe, qwen3, gemma: heads x head_dim; a heterogeneous config (Gemma 4) sets it per layer and
+    # refuses the global read (transformers' AmbiguousGlobalPerLayerAttributeError)
+    explicit_head_dim = getattr(config, "is_heterogeneous", False) or getattr(config, "head_dim", None) is not None
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads and not explicit_head_dim:
         return f"hidden size {hidden} is not divisible by {heads} attention heads; {FIX}"
     for key in ("hidden_act", "activation_function"):

@@ -23,8 +23,6 @@ NOT_YET = {
     "kimi_linear": "Kimi Delta Attention (linear-attention) layers (transformers 5.23 ships its configuration, no modeling file)",
     "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
     "deepseek_v4": "compressed sparse attention (compressed_sparse_attention / heavily_compressed_attention)",
-    "gemma4": "Gemma 4's per-layer embeddings and shared KV layers",
-    "gemma4_text": "Gemma 4's per-layer embeddings and shared KV layers",
 }
 
 
@@ -370,4 +368,4 @@ FAMILY_READERS: dict[str, Callable[[Config], dict[str, Any]]] = {
 }
 # multimodal configs whose text part we read: model_type -> the text config's model_type
 TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text", "qwen3_5": "qwen3_5_text",
-              "qwen3_5_moe": "qwen3_5_moe_text"}
+              "qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text"}

@@ -21,6 +21,7 @@ import networkx as nx
 from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
                          chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
 from planner.framework_memory import framework_memory
+from planner.gemma4 import gemma4_attention, gemma4_moe, mlp_width, per_layer_ends, per_layer_input
 from planner.linear_attention import gated_deltanet, mamba2
 from planner.mla import mla_attention
 from planner.specs import LayerKind, ModelSpec, Workload
@@ -143,6 +144,8 @@ class _BlockBuilder:
             if post:
                 self.compute_norm("mlp_post_norm", "down_proj.out", s.hidden_size)
             self.residual("mlp_residual", dropout=s.dropout > 0)
+        if s.per_layer_input_size:  # Gemma 4's per-layer inputs (planner/gemma4.py)
+            per_layer_input(self)
         return self.graph
 
     def mixer(self) -> None:
@@ -152,17 +155,21 @@ class _BlockBuilder:
             gated_deltanet(self)
         elif self.kind.attention == "mamba":
             mamba2(self)
+        elif self.spec.value_norm:
+            gemma4_attention(self)
         else:
             self.attention()
 
     def mlp(self) -> None:
         s = self.spec
-        if self.kind.mlp == "sparse":
+        if self.kind.mlp == "sparse" and s.moe_beside_mlp:
+            gemma4_moe(self)
+        elif self.kind.mlp == "sparse":
             self.moe()
         elif s.gated_mlp:
-            self.gated_mlp(s.dense_intermediate_size or s.intermediate_size)
+            self.gated_mlp(mlp_width(s, self.kind))
         else:
-            self.plain_mlp(s.dense_intermediate_size or s.intermediate_size)
+            self.plain_mlp(mlp_width(s, self.kind))
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
@@ -382,6 +389,11 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
                                                    trainable=trainable, param_dims=((positions, positions * h),)))
         graph.add_edge(last, "position_embedding")
         last = "position_embedding"
+    if spec.per_layer_input_size:  # Gemma 4's per-layer inputs (planner/gemma4.py)
+        for op in per_layer_ends(spec, n, trainable):
+            graph.add_node(op.name, op=op)
+            graph.add_edge(last, op.name)
+            last = op.name
     if spec.final_norm:
         graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=workload.fused_norm),
                                                      trainable=trainable))

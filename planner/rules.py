@@ -95,7 +95,7 @@ def structural_reason(spec: ModelSpec, workload: Workload, num_devices: int, tp:
     dp = num_devices // (tp * pp * cp)
     if tp > spec.num_heads or spec.num_heads % tp:
         return "tp does not divide heads"
-    if spec.num_kv_heads % tp:
+    if spec.num_kv_heads % tp or spec.global_kv_heads % tp:  # Gemma 4's full layers have their own KV heads
         return "tp does not divide kv heads"
     if spec.intermediate_size % tp:
         return "tp does not divide the ffn size"
@@ -157,7 +157,8 @@ def check_config(spec: ModelSpec, workload: Workload, cluster: Cluster, config: 
 def _explain(reason: str, spec: ModelSpec, workload: Workload, config: ParallelConfig) -> str:
     detail = {
         "tp does not divide heads": f"--tp {config.tp} does not divide the {spec.num_heads} attention heads",
-        "tp does not divide kv heads": f"--tp {config.tp} does not divide the {spec.num_kv_heads} key/value heads",
+        "tp does not divide kv heads": f"--tp {config.tp} does not divide the {spec.num_kv_heads} key/value heads"
+                                       + (f" (full-attention layers: {spec.global_kv_heads})" if spec.global_kv_heads else ""),
         "tp does not divide the ffn size": f"--tp {config.tp} does not divide the ffn size {spec.intermediate_size}",
         "more pipeline stages than layers": f"--pp {config.pp} exceeds the {spec.num_layers} layers",
         "sequence not divisible into 2 x cp chunks":

@@ -41,6 +41,7 @@ class LayerKind:
     attention: str = "full_attention"  # one of ATTENTION_TYPES (linear_attention: a Gated DeltaNet mixer)
     rope: bool = True  # rotary embedding applied to q and k
     mlp: str = "dense"  # dense (gated or plain MLP) | sparse (routed experts)
+    kv_shared: bool = False  # reuses an earlier layer's keys and values (Gemma 4 num_kv_shared_layers)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,20 @@ class ModelSpec:
     embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma): no parameter
     attn_logit_softcapping: float = 0.0  # tanh soft-cap of attention logits (Gemma 2)
     final_logit_softcapping: float = 0.0  # tanh soft-cap of the LM head's logits (Gemma 2)
+    # Gemma 4 (planner/gemma4.py): full_attention layers' own head dim and KV heads (0: head_dim,
+    # num_kv_heads), their values being their keys (attention_k_eq_v: no v_proj), a weightless
+    # RMSNorm on values, the last kv_shared_layers layers reusing an earlier layer's K/V, the
+    # kv-shared layers' MLP twice as wide, per-layer input embeddings of per_layer_input_size
+    # (0: none) from a table of per_layer_input_vocab rows, and the experts beside the dense MLP
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    attention_k_eq_v: bool = False
+    value_norm: bool = False
+    kv_shared_layers: int = 0
+    double_wide_shared_mlp: bool = False
+    per_layer_input_size: int = 0
+    per_layer_input_vocab: int = 0
+    moe_beside_mlp: bool = False
     source: str = ""
     # the config.json it was read from (what the executor instantiates); not part of equality
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -145,7 +160,8 @@ class ModelSpec:
     def layer_kind(self, index: int) -> LayerKind:
         attention = self.layer_types[index] if self.layer_types else "full_attention"
         mlp = self.mlp_layer_types[index] if self.mlp_layer_types else ("sparse" if self.is_moe else "dense")
-        return LayerKind(attention=attention, rope=index not in self.no_rope_layers, mlp=mlp)
+        shared = index >= self.num_layers - self.kv_shared_layers if self.kv_shared_layers else False
+        return LayerKind(attention=attention, rope=index not in self.no_rope_layers, mlp=mlp, kv_shared=shared)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

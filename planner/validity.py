@@ -34,6 +34,9 @@ MAX_GLOBAL_BATCH = 2**24
 MODEL_INT_BOUNDS = {"hidden_size": 2**18, "intermediate_size": 2**21, "vocab_size": 2**24,
                     "num_layers": 2**14, "num_heads": 2**14, "num_kv_heads": 2**14, "head_dim": 2**14,
                     "num_experts": 2**14, "experts_per_token": 2**14, "max_position_embeddings": 2**40}
+# Gemma 4's per-layer shapes (0: not used), bounded as the dims above
+ZERO_OR_INT_BOUNDS = {"global_head_dim": 2**14, "global_kv_heads": 2**14, "kv_shared_layers": 2**14,
+                      "per_layer_input_size": 2**18, "per_layer_input_vocab": 2**24}
 MAX_LORA_RANK = 2**16
 # hardware: memory 2**50 B (1 PiB; devices hold ~2e11), FLOP/s 1e21 (devices reach ~1e16),
 # bandwidths 1e16 B/s (HBM ~1e13), host memory 2**56 B per node (nodes hold ~2**41)
@@ -169,6 +172,8 @@ def check_model(spec: Any) -> None:
     check_name(spec.name, f"{where}: model name")
     for key, upper in MODEL_INT_BOUNDS.items():
         check_number(getattr(spec, key), f"{where}: {key}", upper, integer=True)
+    for key, upper in ZERO_OR_INT_BOUNDS.items():
+        check_number(getattr(spec, key), f"{where}: {key}", upper, integer=True, allow_zero=True)
     if spec.activation not in ACTIVATIONS:
         raise InvalidRequest(f"{where}: activation {spec.activation!r} is not one transformers knows "
                              f"(e.g. silu, gelu, gelu_new, relu)")

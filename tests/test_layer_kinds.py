@@ -45,7 +45,8 @@ def test_uniform_model_keeps_its_one_layer():
     assert len(graph.blocks) == 1 and graph.blocks[0][1] == tuple(range(spec.num_layers))
 
 
-@pytest.mark.parametrize("name", ["deepseek-v3", "tiny-moe-shared", "tiny-sliding", "llama-4-scout", "gpt-oss-20b"])
+@pytest.mark.parametrize("name", ["deepseek-v3", "tiny-moe-shared", "tiny-sliding", "llama-4-scout", "gpt-oss-20b",
+                                  "tiny-gemma4"])
 def test_mean_layer_times_depth_is_the_sum_over_layers(name):
     """Every additive quantity of the summarised layer, times the depth, equals the sum over each
     layer's own summary."""

@@ -94,6 +94,14 @@ HAND_WRITTEN = {
                                     "linear_key_head_dim": 8, "linear_value_head_dim": 12, "num_experts": 4,
                                     "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                                     "shared_expert_intermediate_size": 32}},
+    "gemma4_text": {"head_dim": 16, "global_head_dim": 32, "attention_k_eq_v": True, "num_global_key_value_heads": 1,
+                    "num_kv_shared_layers": 2, "use_double_wide_mlp": True, "hidden_size_per_layer_input": 8,
+                    "vocab_size_per_layer_input": 100, "sliding_window": 16,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                    "full_attention"]},
+    "gemma4": {"text_config": {"head_dim": 16, "global_head_dim": 32, "hidden_size_per_layer_input": 0,
+                               "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                               "moe_intermediate_size": 24}},
 }
 
 
