@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.case import Case, fraction_of_peak, memory_floor_bytes
+from calibration.case_stack import attention_of, framework_of, fused_norm_of, loss_parallel_of
 from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
@@ -261,11 +262,11 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         # (llm-foundry llm_foundry/models/mpt/modeling_mpt.py ComposerMPTCausalLM)
         extras["fused_loss"] = True
         notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
-    extras["loss_parallel"] = _loss_parallel(row)
-    extras["fused_norm"] = _fused_norm(row)
+    extras["loss_parallel"] = loss_parallel_of(row)
+    extras["fused_norm"] = fused_norm_of(row)
     if extras["fused_norm"]:
         notes.append("fused RMSNorm (torchtitan's fused_rmsnorm: norm_type of the train config at that commit)")
-    extras["attention"] = _attention(row)
+    extras["attention"] = attention_of(row)
     if extras["attention"] != "sdpa":
         notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
@@ -342,53 +343,6 @@ def _torchtune_checkpointing(case: Case) -> str:
         return "none"
     case.assumptions.append("activation checkpointing on (the recipe config's default; the row does not say)")
     return "full"
-
-
-def framework_of(row: dict[str, Any]) -> str:
-    """The planner's --framework for a row's stack, as its `framework` text names it (for rows
-    without a `planner_framework` tag, e.g. ../shared/validation/cases.json): Narayanan et al.'s
-    table compares Megatron's PTD-P with DeepSpeed's ZeRO-3; FMEngine is DeepSpeed's pipeline
-    engine; MoAI (transformers models and AdamW on Moreh's runtime) and LLaMA2-Accessory (its own
-    PyTorch loop on bitsandbytes) are none of the planner's frameworks and read as hf, the nearest."""
-    text = str(row.get("framework") or "")
-    for needle, name in (("torchtitan", "torchtitan"), ("llm-foundry", "llm-foundry"), ("torchtune", "torchtune"),
-                         ("FMEngine", "deepspeed"), ("HF", "hf"), ("Moreh", "hf"), ("Accessory", "hf")):
-        if needle in text:
-            return name
-    if "Megatron" in text:
-        zero3 = (row.get("parallelism") or {}).get("zero_stage") == 3
-        return "deepspeed" if zero3 and "DeepSpeed" in text else "megatron"  # Megatron-Core's own FSDP stays megatron
-    return "executor"
-
-
-def _loss_parallel(row: dict[str, Any]) -> bool:
-    """Megatron-LM's cross-entropy runs on the vocabulary shards (tensor_parallel/cross_entropy.py,
-    vocab_parallel_cross_entropy) and so does torchtitan's (parallelize_llama.py apply_tp:
-    loss_parallel keeps the output projection's result sharded); other frameworks gather logits."""
-    framework = str(row.get("framework") or "").lower()
-    return "megatron" in framework or "torchtitan" in framework
-
-
-# torchtitan's train configs at commit 0413364 (the 2024 docs/performance.md runs): llama2_7b.toml,
-# llama2_13b.toml and llama3_8b.toml set norm_type = "fused_rmsnorm", the 70B configs "rmsnorm";
-# from 9dec370 (the 2024-12 benchmarks) on, every config says "rmsnorm"
-FUSED_RMSNORM_CONFIGS = {"0413364": ("Llama-2-7B", "Llama-2-13B", "Llama-3-8B")}
-
-
-def _fused_norm(row: dict[str, Any]) -> bool:
-    """Whether the run's norms were torchtitan's fused RMSNorm kernel (its train config's norm_type)."""
-    if "torchtitan" not in str(row.get("framework")):
-        return False
-    return any(f"commit {commit}" in str(row.get("source")) and row.get("model") in models
-               for commit, models in FUSED_RMSNORM_CONFIGS.items())
-
-
-def _attention(row: dict[str, Any]) -> str:
-    """Megatron-LM of 2021 (Narayanan et al. 2021, and DeepSpeed's ZeRO-3 runs of the same GPT
-    models) materialised the attention scores: baddbmm, FusedScaleMaskSoftmax, dropout, bmm
-    (megatron/model/transformer.py ParallelAttention); FlashAttention came to Megatron-LM in 2023.
-    The other frameworks ran flash kernels (flash-attn, SDPA)."""
-    return "fused-softmax" if "Megatron-LM" in str(row.get("framework")) and "2021" in str(row.get("source")) else "sdpa"
 
 
 def _sequence_parallel(row: dict[str, Any], tp: int) -> bool:

@@ -18,18 +18,16 @@ from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
-from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
-                         chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
+from planner.ops import (FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, AttentionShape, Numerics, Op, Saved,
+                         attention_op, attention_shape, chunk_keys_fraction, linear_op, lora_op, masked_by_window,
+                         norm_op, window_keys_fraction)
 from planner.framework_memory import framework_memory
 from planner.gemma4 import gemma4_attention, gemma4_moe, mlp_width, per_layer_ends, per_layer_input
 from planner.linear_attention import gated_deltanet, mamba2
 from planner.mla import mla_attention
+from planner.moe_graph import moe_block
 from planner.specs import LayerKind, ModelSpec, Workload
 
-INDEX_BYTES = 8  # int64 token ids
-# float8 GEMMs (cuBLASLt _scaled_mm) take only dimensions that are multiples of 16; torchao leaves
-# other linears in high precision (float8_linear_utils.module_filter_fn)
-FLOAT8_DIM_MULTIPLE = 16
 
 # How many I-sized tensors each activation function's backward keeps (its input included), from
 # transformers/activations.py: nn.functional.silu/gelu keep their input only; NewGELUActivation
@@ -316,59 +314,7 @@ class _BlockBuilder:
         self.linear(f"{p}down_proj", i, h, s.mlp_bias, f"{p}mlp.act_out", column=False, input_bytes=out_bytes)
 
     def moe(self) -> None:
-        """transformers' MoE block with the grouped_mm experts (integrations/moe.py,
-        grouped_mm_experts_forward), per token with k routed copies; then the shared experts
-        (Qwen2-MoE shared_expert with its sigmoid gate, DeepSeek shared_experts, Llama 4
-        shared_expert), a dense gated MLP every token passes through."""
-        s, n = self.spec, self.n
-        c = n.compute_bytes
-        h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
-        start = self.last
-        router = linear_op(n, "router", h, e, s.router_bias, self.mlp_in, split="sp", input_bytes=n.residual_bytes)
-        # softmax(router_logits.float()) keeps its fp32 output; topk its int64 indices; the top values are
-        # renormalised in place (a fp32 copy and their sum are kept)
-        routing = (Saved("router.probs", FP32_BYTES * e, "sp"), Saved("router.topk", (INDEX_BYTES + FP32_BYTES) * k, "sp"),
-                   Saved("router.sum", FP32_BYTES, "sp"))
-        # memory-bound passes over the logits: softmax (read them, write fp32 probabilities), top-k and the
-        # load-balancing loss each read the probabilities (Megatron-Core moe/router.py TopKRouter: topk_softmax_
-        # with_capacity, switch_load_balancing_loss_func; torchtitan moe.py TokenChoiceTopKRouter)
-        router_io = (c + 3 * FP32_BYTES) * e
-        self.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=router_io))
-        # experts: sort by expert (int64 permutation, its token index and inverse), gather the hidden states
-        # (kept by the first grouped_mm for the weights' gradient), gate_up output (kept by the activation's
-        # chunk views), act(gate) (kept with up by their product), the product (kept by the second grouped_mm
-        # for the weights' gradient), the down output and the routing weights (kept by their product)
-        saved = (Saved("experts.index", 3 * INDEX_BYTES * k + FP32_BYTES * k, "sp"),
-                 Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
-                 Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
-                 Saved("experts.down_out", c * h * k))
-        if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
-            saved += (Saved("experts.clamped", 3 * c * i * k),)
-        biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
-        bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
-        m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
-        # permutation into expert order (a row read and written per routed copy: Megatron-Core moe_utils.permute /
-        # TE moe_permute, torchtitan's index gather) and back (k rows and their fp32 routing weights read, one
-        # row written: unpermute's weighted sum)
-        permute_io = 2 * k * c * h + (k + 1) * c * h + FP32_BYTES * k
-        # under fp8, Megatron-Core runs the grouped experts in float8 too (TEGroupedLinear inside te.fp8_autocast);
-        # torchao's Float8Linear swap (torchtitan, the executor) converts nn.Linear only, not grouped experts
-        float8 = (self.workload.precision == "fp8" and self.workload.framework == "megatron"
-                  and h % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
-        self.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k, float8=float8,
-                    flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i + permute_io,
-                    out_bytes_per_token=c * h, saved=saved, quantizable=True,
-                    # backward, alive at once: the gate_up (or up) and product gradients, then the input's
-                    grads=(Saved("experts.grad", k * c * (h + m * i)),),
-                    param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
-        if s.shared_expert_intermediate_size:
-            routed = self.last
-            self.last = start
-            shared = self.gated_mlp if s.gated_mlp else self.plain_mlp
-            shared(s.shared_expert_intermediate_size, prefix="shared_")
-            if s.shared_expert_gate:
-                self.linear("shared_expert_gate", h, 1, False, self.mlp_in, column=True, after=start, tp_split=False)
-            self.last = [routed, self.last]
+        moe_block(self)
 
 
 def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:

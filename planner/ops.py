@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from planner.specs import ModelSpec, Workload
 
 FP32_BYTES = 4
+INDEX_BYTES = 8  # int64 token ids
+# float8 GEMMs (cuBLASLt _scaled_mm) take only dimensions that are multiples of 16; torchao leaves
+# other linears in high precision (float8_linear_utils.module_filter_fn)
+FLOAT8_DIM_MULTIPLE = 16
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ def test_plans_written_before_the_framework_read_as_the_executor(tmp_path):
 
 
 def test_every_public_case_is_tagged_with_a_framework_its_stack_names():
-    from calibration.cases import framework_of, load_cases
+    from calibration.case_stack import framework_of
+    from calibration.cases import load_cases
 
     rows = json.loads(open("calibration/data/public_cases.json").read())["cases"]
     assert all(row.get("planner_framework") in FRAMEWORKS for row in rows)
