@@ -20,7 +20,7 @@ import networkx as nx
 
 from planner.ops import (FP32_BYTES, AttentionShape, Numerics, Op, Saved, attention_op, attention_shape,
                          chunk_keys_fraction, linear_op, lora_op, masked_by_window, norm_op, window_keys_fraction)
-from planner.linear_attention import gated_deltanet, mamba2
+from planner.linear_attention import gated_deltanet, kimi_delta_attention, mamba2
 from planner.mla import mla_attention
 from planner.specs import LayerKind, ModelSpec, Workload
 
@@ -141,12 +141,13 @@ class _BlockBuilder:
         return self.graph
 
     def mixer(self) -> None:
-        if self.spec.is_mla:
-            mla_attention(self)
-        elif self.kind.attention == "linear_attention":
-            gated_deltanet(self)
-        elif self.kind.attention == "mamba":
+        attention = self.kind.attention  # a hybrid's linear layers first: Kimi Linear's others are MLA
+        if attention == "linear_attention":
+            (kimi_delta_attention if self.spec.linear_mixer == "kimi_delta" else gated_deltanet)(self)
+        elif attention == "mamba":
             mamba2(self)
+        elif self.spec.is_mla:
+            mla_attention(self)
         else:
             self.attention()
 

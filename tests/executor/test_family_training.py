@@ -1,5 +1,6 @@
 """The tiny model of each new layer mechanism (catalog entries tiny-*: MoE with a shared expert,
-MLA with dense-first MoE, sliding-window attention, Gated DeltaNet, Mamba-2) trains 20 steps in the
+MLA with dense-first MoE, sliding-window attention, Gated DeltaNet, Mamba-2, Kimi Delta Attention
+between MLA layers, MLA with DeepSeek Sparse Attention) trains 20 steps in the
 executor on CPU with a falling loss, and under DDP and FSDP2 on 2 processes (gloo) ends where the
 single process ends, within test_parallel_modes.py's tolerance (1e-2 at step 20)."""
 
@@ -13,7 +14,8 @@ from tests.executor.conftest import losses, train
 from tests.executor.test_family_tp import family_plan
 
 STEPS = 20
-MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid"]
+MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid", "tiny-kimi-linear",
+          "tiny-dsa"]
 MODES = {"ddp": {"dp": 2, "zero": 0, "micro_batch_size": 2}, "fsdp2": {"dp": 2, "zero": 3, "micro_batch_size": 2}}
 
 
