@@ -80,17 +80,19 @@ def lightning_indexer(b: BlockBuilder, x: str, start: Any) -> None:
     end = b.last
     b.linear("indexer.wq_b", s.q_lora_rank, heads * dim, False, "q_a_norm.out", column=True, after=start,
              input_bytes=c, tp_split=False)
-    b.linear("indexer.wk", s.hidden_size, dim, False, x, column=True, after=start, tp_split=False)
+    # wk and weights_proj both read x: one GEMM here (two matmul-kind ops in all, so that the every-other
+    # matmul that selective recomputation keeps is the same for the layer's other matmuls)
+    b.linear("indexer.wk", s.hidden_size, dim + heads, False, x, column=True, after=start, tp_split=False)
+    wk = b.graph.nodes["indexer.wk"]
+    wk["op"] = replace(wk["op"], param_dims=((dim, s.hidden_size * dim), (heads, s.hidden_size * heads)))
     b.add(Op("indexer.k_norm", "norm", params=2 * dim, tp_split=False, io_bytes_per_token=3 * c * dim,
              param_dims=((dim, 2 * dim),)))
-    b.linear("indexer.weights_proj", s.hidden_size, heads, False, x, column=True, after=start, tp_split=False)
     b.add(Op("indexer.scores", "elementwise", tp_split=False, flops_per_token_seq=2 * heads * (dim + 1),
-             io_bytes_per_token=c * (heads * dim + dim + heads), io_bytes_per_token_seq=4 * FP32_BYTES * heads + 16,
-             out_bytes_per_token=INDEX_BYTES * s.index_topk), after=["indexer.wq_b", "indexer.k_norm",
-                                                                    "indexer.weights_proj"])
-    for name in ("indexer.wq_b", "indexer.wk", "indexer.k_norm", "indexer.weights_proj", "indexer.scores"):
+             io_bytes_per_token=c * (heads * dim + dim + heads), io_bytes_per_token_seq=4 * FP32_BYTES * heads + 16),
+          after=["indexer.wq_b", "indexer.k_norm"])
+    for name in ("indexer.wq_b", "indexer.wk", "indexer.k_norm", "indexer.scores"):
         node = b.graph.nodes[name]
-        node["op"] = replace(node["op"], saved=(), grads=(), trainable=False)
+        node["op"] = replace(node["op"], saved=(), grads=(), trainable=False, out_bytes_per_token=0)
     b.last = [end, "indexer.scores"]
 
 
@@ -98,5 +100,5 @@ def _selected(op: Op, selected: int, fraction: float) -> Op:
     """The main attention over the selected keys: the int32 indices kept for backward; materialised
     scores only for the selected keys (per query, not per key of the sequence)."""
     saved = tuple(Saved(t.key, t.bytes_per_token * selected, t.split) if t.times_seq else t for t in op.saved)
-    return replace(op, saved=saved + (Saved("indexer.topk", INDEX_BYTES * selected),),
+    return replace(op, saved=saved + (Saved("indexer.topk", INDEX_BYTES * selected, "sp"),),
                    io_bytes_per_token_seq=op.io_bytes_per_token_seq * fraction)

@@ -91,3 +91,18 @@ def test_deepseek_v32_adds_the_indexer_to_deepseek_v3():
     weights_proj (hidden -> 64)."""
     per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
     assert count_params(load_model("deepseek-v3.2")) == count_params(load_model("deepseek-v3")) + 61 * per_layer
+
+
+def test_executor_refuses_ddp_for_the_gradient_less_indexer():
+    """transformers' indexer gets no gradient: DDP stops on it, FSDP2 trains it (tests/executor/
+    test_family_training.py); Kimi Linear has no such weight."""
+    from planner.capabilities import runnable_reason
+    from planner.layout import ParallelConfig
+
+    workload = Workload(seq_len=64, global_batch=8)
+    ddp = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=1, num_micro_batches=4, zero=0)
+    fsdp = ParallelConfig(dp=2, tp=1, pp=1, micro_batch_size=1, num_micro_batches=4, zero=3)
+    reason = runnable_reason("executor", ddp, load_model("tiny-dsa"), workload, gpu=False)
+    assert reason and "indexer gets none" in reason and "--zero 2 or 3" in reason
+    assert runnable_reason("executor", fsdp, load_model("tiny-dsa"), workload, gpu=False) is None
+    assert runnable_reason("executor", ddp, load_model("tiny-kimi-linear"), workload, gpu=False) is None

@@ -49,6 +49,8 @@ def test_tiny_model_trains_with_falling_loss(model, single_process):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("model", MODELS)
 def test_data_parallel_matches_single_process(model, mode, single_process, tmp_path):
+    if model == "tiny-dsa" and mode == "ddp":
+        pytest.skip("DeepSeek-V3.2's indexer gets no gradient (no_grad in transformers): the planner refuses DDP")
     reference = single_process(model)
     got = _run(tmp_path / mode, model, 2, **MODES[mode])
     assert got[STEPS] < got[1] - 0.5, f"{model} {mode}: the loss did not fall"
