@@ -103,6 +103,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("the executor's context parallelism (torch's context_parallel) runs llama-like models with full causal "
          "attention, without pp", lambda c, s, w: (c.cp > 1) & ((s.family not in EXECUTOR_TP_PP_FAMILIES)
                                                               | _windowed(s, w) | (c.pp > 1)), fix="--cp 1"),
+    # transformers runs DeepSeek-V3.2's indexer under no_grad: its weights get no gradient, which DDP refuses
+    # ("parameters that were not used in producing loss", tried with tiny-dsa on 2 processes); FSDP2 trains it
+    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; DeepSeek-V3.2's indexer gets none",
+         lambda c, s, w: (s.index_topk > 0) & (c.dp > 1) & (c.zero <= 1) & (w.method == "full"), fix="--zero 2 or 3"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
     Rule("the executor's expert parallelism runs with full training, ZeRO 0, 2 or 3 and no tp, pp or cp",

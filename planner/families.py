@@ -20,8 +20,6 @@ from planner.specs import ATTENTION_TYPES
 
 # families transformers ships whose layers are not softmax attention + MLP: what they lack here
 NOT_YET = {
-    "kimi_linear": "Kimi Delta Attention (linear-attention) layers (transformers 5.23 ships its configuration, no modeling file)",
-    "deepseek_v32": "the sparse-attention indexer (DeepSeek Sparse Attention)",
     "deepseek_v4": "compressed sparse attention (compressed_sparse_attention / heavily_compressed_attention)",
 }
 
@@ -369,3 +367,8 @@ FAMILY_READERS: dict[str, Callable[[Config], dict[str, Any]]] = {
 # multimodal configs whose text part we read: model_type -> the text config's model_type
 TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text", "qwen3_5": "qwen3_5_text",
               "qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text"}
+
+# Kimi Linear and DeepSeek-V3.2 (planner/families_hybrid.py) build on the readers above
+from planner.families_hybrid import HYBRID_READERS  # noqa: E402
+
+FAMILY_READERS.update(HYBRID_READERS)

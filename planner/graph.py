@@ -23,7 +23,7 @@ from planner.ops import (FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, Attention
                          norm_op, window_keys_fraction)
 from planner.framework_memory import framework_memory
 from planner.gemma4 import gemma4_attention, gemma4_moe, mlp_width, per_layer_ends, per_layer_input
-from planner.linear_attention import gated_deltanet, mamba2
+from planner.linear_attention import gated_deltanet, kimi_delta_attention, mamba2
 from planner.mla import mla_attention
 from planner.moe_graph import moe_block
 from planner.specs import LayerKind, ModelSpec, Workload
@@ -147,14 +147,15 @@ class _BlockBuilder:
         return self.graph
 
     def mixer(self) -> None:
-        if self.spec.is_mla:
-            mla_attention(self)
-        elif self.kind.attention == "linear_attention":
-            gated_deltanet(self)
-        elif self.kind.attention == "mamba":
+        attention = self.kind.attention  # a hybrid's linear layers first: Kimi Linear's others are MLA
+        if attention == "linear_attention":
+            (kimi_delta_attention if self.spec.linear_mixer == "kimi_delta" else gated_deltanet)(self)
+        elif attention == "mamba":
             mamba2(self)
         elif self.spec.value_norm:
             gemma4_attention(self)
+        elif self.spec.is_mla:
+            mla_attention(self)
         else:
             self.attention()
 

@@ -112,3 +112,56 @@ def mamba2(b: BlockBuilder) -> None:
     for name in ("mamba_norm", "out_proj"):  # inside the fused function: recomputed in backward
         node = b.graph.nodes[name]
         node["op"] = replace(node["op"], saved=(), grads=())
+
+
+def kimi_delta_attention(b: BlockBuilder) -> None:
+    """Kimi Delta Attention (Kimi Linear report, arXiv 2510.26692, §3), the linear-attention mixer of
+    kimi_linear, as transformers builds it (modeling_kimi_linear.py, KimiLinearDeltaAttention):
+    q_proj, k_proj, v_proj (hidden -> heads x head dim each), one depthwise causal conv1d (no bias)
+    over their concatenation, then silu; a per-channel forget gate f_b_proj(f_a_proj(x)) + dt_bias
+    through softplus times -exp(A_log) (KimiLinearForgetGate, in fp32: torch.where keeps its mask,
+    exp its output, log its input, the product the softplus); beta = sigmoid(b_proj(x)); the chunked
+    delta rule with per-channel decay (fla chunk_kda, chunks of 64); an output gate
+    g_b_proj(g_a_proj(x)) through RMSNormGated(head dim) with a sigmoid, in fp32; o_proj.
+    FLOPs as Gated DeltaNet's chunkwise form (the report's §3.2 keeps its cost, with the decay per
+    channel); the kernel keeps q, k, v, the fp32 cumulative decay per channel, beta, the two
+    intra-chunk matrices (Aqk, Akk: C each per token and head) and the l2 norms' rstd."""
+    s, c = b.spec, b.n.compute_bytes
+    heads, dim = s.linear_value_heads, s.linear_value_head_dim
+    width = heads * dim
+    x, start = b.attn_in, b.last
+    for name in ("q_proj", "k_proj", "v_proj"):
+        b.linear(name, s.hidden_size, width, False, x, column=True, after=start)
+    b.last = ["q_proj", "k_proj", "v_proj"]
+    kernel = s.linear_conv_kernel
+    b.add(Op("conv1d", "elementwise", params=3 * width * kernel, flops_per_token=2 * kernel * 3 * width,
+             io_bytes_per_token=4 * c * 3 * width, out_bytes_per_token=c * 3 * width,
+             saved=(Saved("conv1d.in", c * 3 * width),), grads=(Saved("conv1d.grad", 3 * c * 3 * width),),
+             param_dims=((3 * width, 3 * width * kernel),)))
+    conv = b.last
+    b.linear("f_a_proj", s.hidden_size, dim, False, x, column=True, after=start, tp_split=False)
+    b.linear("f_b_proj", dim, width, False, "f_a_proj.out", column=True, input_bytes=c)
+    b.add(Op("forget_gate", "elementwise", params=width + heads, io_bytes_per_token=6 * FP32_BYTES * width,
+             out_bytes_per_token=FP32_BYTES * width,
+             saved=(Saved("forget_gate.softplus", 3 * FP32_BYTES * width), Saved("forget_gate.mask", width)),
+             grads=(Saved("forget_gate.grad", 3 * FP32_BYTES * width),), param_dims=((width, width), (1, heads))))
+    gate = b.last
+    b.linear("b_proj", s.hidden_size, heads, False, x, column=True, after=start)
+    b.last = [conv, gate, "b_proj"]
+    saved = (Saved("kda.q", c * width), Saved("kda.k", c * width), Saved("kda.v", c * width),
+             Saved("kda.g", FP32_BYTES * width), Saved("kda.beta", 2 * c * heads), Saved("kda.A", 2 * c * CHUNK * heads),
+             Saved("kda.rstd", 2 * FP32_BYTES * heads))
+    b.add(Op("delta_rule", "matmul", gemm=(CHUNK, 2 * width), flops_per_token=heads * (8 * CHUNK * dim + 6 * dim * dim),
+             io_bytes_per_token=c * 4 * width + FP32_BYTES * width, out_bytes_per_token=c * width, saved=saved,
+             grads=(Saved("delta_rule.grad", c * 4 * width + FP32_BYTES * width),)))
+    rule = b.last
+    b.linear("g_a_proj", s.hidden_size, dim, False, x, column=True, after=start, tp_split=False)
+    b.linear("g_b_proj", dim, width, False, "g_a_proj.out", column=True, input_bytes=c)
+    b.last = [rule, "g_b_proj"]
+    b.compute_norm("o_norm", "delta_rule.out", dim, rows=heads, tp=True, offset=True)  # weight applied in fp32
+    # RMSNormGated(activation sigmoid): (weight * normed) * sigmoid(gate.float()), keeping both fp32 factors
+    b.add(Op("kda_gate", "elementwise", io_bytes_per_token=(3 * FP32_BYTES + 2 * c) * width,
+             out_bytes_per_token=c * width,
+             saved=(Saved("kda_gate.weighted", FP32_BYTES * width), Saved("kda_gate.sigmoid", FP32_BYTES * width)),
+             grads=(Saved("kda_gate.grad", 3 * FP32_BYTES * width),)))
+    b.linear("o_proj", width, s.hidden_size, False, "kda_gate.out", column=False)

@@ -9,13 +9,26 @@ transformers' DeepseekV2Attention / DeepseekV3Attention build it (modeling_deeps
 
 The low-rank down-projections (q_a_proj, kv_a_proj_with_mqa) and their norms are replicated over
 tensor parallelism (Megatron-LM's MLA keeps linear_q_down_proj / linear_kv_down_proj unsplit).
+
+DeepSeek Sparse Attention (DeepSeek-V3.2-Exp report, §2.1; transformers DeepseekV32Indexer): a
+lightning indexer with its own projections (wq_b from the q latent, wk and a LayerNorm over one
+shared key head, weights_proj: one weight per indexer head) scores every causal (query, key) pair,
+relu(q·k) summed over its heads with those weights, and the main MLA attends only the index_topk
+best keys of each query. The indexer runs without gradients (transformers wraps it in no_grad;
+DeepSeek trains it on its own KL loss from a detached input): its weights get none and it saves
+nothing. The main attention costs the FLOPs of the keys it selects (a causal query at position i
+sees min(i + 1, k) keys, the count of a k-wide sliding window) and keeps what a sparse kernel keeps
+(FlashMLA's sparse kernel: q, k, v, the output, the log-sum-exp and the int32 indices of the
+selected keys), or with materialised scores only the selected ones. transformers' own eager / sdpa
+path instead folds the selection into a dense (s x s) additive mask over the whole sequence.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from planner.ops import AttentionShape, attention_op
+from planner.ops import FP32_BYTES, AttentionShape, Op, Saved, attention_op, window_keys_fraction
 
 # `b` below is planner/graph.py's _BlockBuilder (graph imports this module, so it is not named here)
 BlockBuilder = Any
@@ -44,6 +57,48 @@ def mla_attention(b: BlockBuilder) -> None:
     b.last = [q_end, b.last]
     b.rotary(heads * rope + rope)
     # k = [k_nope, k_rope expanded to every head]: as wide as q; v is a slice of kv_b_proj's output
-    shape = AttentionShape(q_width, q_width, v_width, v_width, heads, v_key="kv_b_proj.out")
-    b.add(attention_op(s, b.workload, b.n, b.attention_shape(shape)))
+    shape = b.attention_shape(AttentionShape(q_width, q_width, v_width, v_width, heads, v_key="kv_b_proj.out"))
+    if s.index_topk:
+        lightning_indexer(b, x, start)
+        selected = min(s.index_topk, b.workload.seq_len)
+        shape = replace(shape, keys_fraction=window_keys_fraction(selected, b.workload.seq_len), masked=False)
+        b.add(_selected(attention_op(s, b.workload, b.n, shape), selected, shape.keys_fraction))
+    else:
+        b.add(attention_op(s, b.workload, b.n, shape))
     b.attention_out(v_width)
+
+
+INDEX_BYTES = 4  # int32 indices of the selected keys
+
+
+def lightning_indexer(b: BlockBuilder, x: str, start: Any) -> None:
+    """The DSA indexer's ops: forward only (no_grad), frozen for the optimizer, nothing saved. Its
+    scores cost 2·heads·(head_dim + 1) FLOPs per (query, key) pair over the whole sequence (counted
+    as attention, non-causal as in PaLM) and move fp32 scores per pair and head through memory."""
+    s, c = b.spec, b.n.compute_bytes
+    heads, dim = s.index_heads, s.index_head_dim
+    end = b.last
+    b.linear("indexer.wq_b", s.q_lora_rank, heads * dim, False, "q_a_norm.out", column=True, after=start,
+             input_bytes=c, tp_split=False)
+    # wk and weights_proj both read x: one GEMM here (two matmul-kind ops in all, so that the every-other
+    # matmul that selective recomputation keeps is the same for the layer's other matmuls)
+    b.linear("indexer.wk", s.hidden_size, dim + heads, False, x, column=True, after=start, tp_split=False)
+    wk = b.graph.nodes["indexer.wk"]
+    wk["op"] = replace(wk["op"], param_dims=((dim, s.hidden_size * dim), (heads, s.hidden_size * heads)))
+    b.add(Op("indexer.k_norm", "norm", params=2 * dim, tp_split=False, io_bytes_per_token=3 * c * dim,
+             param_dims=((dim, 2 * dim),)))
+    b.add(Op("indexer.scores", "elementwise", tp_split=False, flops_per_token_seq=2 * heads * (dim + 1),
+             io_bytes_per_token=c * (heads * dim + dim + heads), io_bytes_per_token_seq=4 * FP32_BYTES * heads + 16),
+          after=["indexer.wq_b", "indexer.k_norm"])
+    for name in ("indexer.wq_b", "indexer.wk", "indexer.k_norm", "indexer.scores"):
+        node = b.graph.nodes[name]
+        node["op"] = replace(node["op"], saved=(), grads=(), trainable=False, out_bytes_per_token=0)
+    b.last = [end, "indexer.scores"]
+
+
+def _selected(op: Op, selected: int, fraction: float) -> Op:
+    """The main attention over the selected keys: the int32 indices kept for backward; materialised
+    scores only for the selected keys (per query, not per key of the sequence)."""
+    saved = tuple(Saved(t.key, t.bytes_per_token * selected, t.split) if t.times_seq else t for t in op.saved)
+    return replace(op, saved=saved + (Saved("indexer.topk", INDEX_BYTES * selected, "sp"),),
+                   io_bytes_per_token_seq=op.io_bytes_per_token_seq * fraction)

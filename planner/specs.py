@@ -104,6 +104,13 @@ class ModelSpec:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 0
+    # which linear-attention mixer: gated_deltanet (Qwen3-Next) | kimi_delta (Kimi Delta Attention, kimi_linear)
+    linear_mixer: str = "gated_deltanet"
+    # DeepSeek Sparse Attention (deepseek_v32): the lightning indexer's heads and head dim, and the keys
+    # each query's MLA attends (index_topk); 0 = dense attention
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # Mamba-2 mixers (Nemotron-H: attention kind "mamba"); linear_conv_kernel is their conv kernel too
     mamba_heads: int = 0
     mamba_head_dim: int = 0

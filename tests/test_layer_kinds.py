@@ -46,7 +46,7 @@ def test_uniform_model_keeps_its_one_layer():
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "tiny-moe-shared", "tiny-sliding", "llama-4-scout", "gpt-oss-20b",
-                                  "tiny-gemma4"])
+                                  "tiny-gemma4", "tiny-kimi-linear", "tiny-dsa"])
 def test_mean_layer_times_depth_is_the_sum_over_layers(name):
     """Every additive quantity of the summarised layer, times the depth, equals the sum over each
     layer's own summary."""
@@ -134,10 +134,13 @@ def _config(**changes):
     (_config(model_type="qwen3_moe", num_experts=4, mlp_only_layers=[9]), "mlp_only_layers names layer 9"),
     (_config(model_type="deepseek_v3", first_k_dense_replace=7), "first_k_dense_replace (7) exceeds"),
     (_config(model_type="qwen3moe"), "nearest: qwen3_moe"),
-    (_config(model_type="kimi_linear"), "not supported yet: the planner does not model Kimi Delta Attention"),
+    (_config(model_type="kimi_linear", linear_attn_config={"full_attn_layers": [3], "kda_layers": [1, 2]}),
+     "full_attn_layers and kda_layers must name each layer 1..6 once"),
     (_config(layer_types=["linear_attention"] * 6), "linear_attention layers but model_type gemma3_text has no"),
-    (_config(model_type="deepseek_v32"), "sparse-attention indexer"),
+    (_config(model_type="deepseek_v32", index_head_dim=8, n_group=1, topk_group=1), "index_head_dim (8) is smaller"),
     (_config(model_type="nemotron_h", hybrid_override_pattern="M-X"), "hybrid_override_pattern may hold only"),
+    ({**catalog()["tiny-dsa"]["config"], "q_lora_rank": None}, "deepseek_v32 needs q_lora_rank"),
+    ({**catalog()["tiny-dsa"]["config"], "mlp_layer_types": ["dense"]}, "mlp_layer_types lists 1 layers but"),
 ])
 def test_unreadable_configs_get_one_line(config, message):
     with pytest.raises(InvalidRequest) as error:

@@ -1,5 +1,6 @@
 """The tiny model of each new layer mechanism (catalog entries tiny-*: MoE with a shared expert,
-MLA with dense-first MoE, sliding-window attention, Gated DeltaNet, Mamba-2, Gemma 4) trains 20 steps in the
+MLA with dense-first MoE, sliding-window attention, Gated DeltaNet, Mamba-2, Gemma 4, Kimi Delta Attention
+between MLA layers, MLA with DeepSeek Sparse Attention) trains 20 steps in the
 executor on CPU with a falling loss, and under DDP and FSDP2 on 2 processes (gloo) ends where the
 single process ends, within test_parallel_modes.py's tolerance (1e-2 at step 20)."""
 
@@ -13,7 +14,8 @@ from tests.executor.conftest import losses, train
 from tests.executor.test_family_tp import family_plan
 
 STEPS = 20
-MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid", "tiny-gemma4"]
+MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid", "tiny-gemma4",
+          "tiny-kimi-linear", "tiny-dsa"]
 # the step whose loss must match the single process's, where not the last: tiny-gemma4 under FSDP2
 # matches it at step 1 (loss equal, gradient norm 45.4352 vs 45.4353) but its gradient norms (35 to 54
 # over the first steps) amplify fp32 reduction-order differences to 1.7e-2 by step 20 (2e-4 at step 5)
@@ -51,6 +53,8 @@ def test_tiny_model_trains_with_falling_loss(model, single_process):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("model", MODELS)
 def test_data_parallel_matches_single_process(model, mode, single_process, tmp_path):
+    if model == "tiny-dsa" and mode == "ddp":
+        pytest.skip("DeepSeek-V3.2's indexer gets no gradient (no_grad in transformers): the planner refuses DDP")
     reference = single_process(model)
     got = _run(tmp_path / mode, model, 2, **MODES[mode])
     assert got[STEPS] < got[1] - 0.5, f"{model} {mode}: the loss did not fall"
