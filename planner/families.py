@@ -367,8 +367,3 @@ FAMILY_READERS: dict[str, Callable[[Config], dict[str, Any]]] = {
 # multimodal configs whose text part we read: model_type -> the text config's model_type
 TEXT_PARTS = {"gemma3": "gemma3_text", "llama4": "llama4_text", "qwen3_5": "qwen3_5_text",
               "qwen3_5_moe": "qwen3_5_moe_text", "gemma4": "gemma4_text"}
-
-# Kimi Linear and DeepSeek-V3.2 (planner/families_hybrid.py) build on the readers above
-from planner.families_hybrid import HYBRID_READERS  # noqa: E402
-
-FAMILY_READERS.update(HYBRID_READERS)

@@ -15,6 +15,7 @@ from typing import Any
 from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
 from planner.families import FAMILY_READERS, NOT_YET, TEXT_PARTS, text_config
 from planner.families_gemma4 import read_gemma4
+from planner.families_hybrid import HYBRID_READERS
 from planner.hfconfig import Config, llama_like
 from planner.specs import ModelSpec
 from planner.validity import check_model
@@ -23,7 +24,7 @@ PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
 # Model types whose config.json we read (planner/families.py holds today's families' readers).
 SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "gpt_neox", "mpt",
-                   *FAMILY_READERS, "gemma4_text", *TEXT_PARTS)
+                   *FAMILY_READERS, *HYBRID_READERS, "gemma4_text", *TEXT_PARTS)
 
 
 @cache
@@ -166,7 +167,7 @@ def _mpt(c: Config) -> dict[str, Any]:
 
 _READERS = {"llama": llama_like, "mistral": llama_like, "qwen2": _qwen2, "mixtral": _mixtral,
             "baichuan": _baichuan, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "mpt": _mpt, **FAMILY_READERS,
-            "gemma4_text": read_gemma4}
+            **HYBRID_READERS, "gemma4_text": read_gemma4}
 
 
 def _check_shape(spec: ModelSpec) -> None:

@@ -23,6 +23,9 @@ import pytest
 from tests.conftest import ROOT
 
 TIMEOUT_S = 20  # tolerates a loaded machine; the cases answer in about a second
+# `train` cases that reach the launcher's preflight import torch and transformers (10 s of CPU alone):
+# on two cores shared with the suite's training runs they take up to 20 s
+TRAIN_PREFLIGHT_TIMEOUT_S = 90
 BIG = str(2**62)
 HUGE = str(2**63)
 
@@ -184,7 +187,8 @@ def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subpro
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("PLANNER_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=full_env, timeout=TIMEOUT_S)
+                          cwd=cwd or ROOT, env=full_env,
+                          timeout=TRAIN_PREFLIGHT_TIMEOUT_S if args[0] == "train" else TIMEOUT_S)
 
 
 def _json_ok(check: Callable[[object], bool]) -> Callable[[str], bool]:
