@@ -12,7 +12,6 @@ size, whose rank 0 is traced.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import wraps
 
 import torch
@@ -77,23 +76,6 @@ def build_model(spec: ModelSpec, workload: Workload, num_layers: int, fake_mode:
     unwrap(model).tie_weights()  # to_empty gives each holder of a tied parameter its own tensor
     model.train()
     return model
-
-
-@contextmanager
-def unpacked_sequences():
-    """transformers checks position_ids for several sequences packed in one row
-    (masking_utils.find_packed_sequence_indices). With real tensors the executor's positions
-    0..s-1 show none, so SDPA runs with is_causal and native GQA; fake tensors have no values to
-    check, and transformers would materialise an s x s mask and repeat k and v for every head.
-    During a trace the check answers what it answers on the real run: no packing."""
-    import transformers.masking_utils as masking
-
-    original = masking.find_packed_sequence_indices
-    masking.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking.find_packed_sequence_indices = original
 
 
 def fake_world(world_size: int) -> None:
