@@ -9,19 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.executor.conftest import losses, train
-from tests.executor.test_family_tp import family_plan
+from tests.executor.conftest import losses, plan_and_train
 
 STEPS = 20
 MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid"]
-MODES = {"ddp": {"dp": 2, "zero": 0, "micro_batch_size": 2}, "fsdp2": {"dp": 2, "zero": 3, "micro_batch_size": 2}}
+MODES = {"ddp": ("--dp", "2", "--zero", "0", "--micro-batch-size", "2"),
+         "fsdp2": ("--dp", "2", "--zero", "3", "--micro-batch-size", "2")}
 
 
-def _run(folder: Path, model: str, gpus: int, **config) -> dict[int, float]:
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = family_plan(folder / "plan.json", model, gpus, "sdpa", **config)
-    train(plan, folder / "run", STEPS, "--no-save")
-    return losses(folder / "run")
+def _run(folder: Path, model: str, gpus: int, *options: str) -> dict[int, float]:
+    return losses(plan_and_train(folder, model, gpus, STEPS, "--attention", "sdpa", *options))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +27,7 @@ def single_process(tmp_path_factory) -> dict[str, dict[int, float]]:
 
     def run(model: str) -> dict[int, float]:
         if model not in cache:
-            cache[model] = _run(tmp_path_factory.mktemp(model), model, 1, micro_batch_size=4)
+            cache[model] = _run(tmp_path_factory.mktemp(model), model, 1, "--micro-batch-size", "4")
         return cache[model]
     return run
 
@@ -48,6 +45,6 @@ def test_tiny_model_trains_with_falling_loss(model, single_process):
 @pytest.mark.parametrize("model", MODELS)
 def test_data_parallel_matches_single_process(model, mode, single_process, tmp_path):
     reference = single_process(model)
-    got = _run(tmp_path / mode, model, 2, **MODES[mode])
+    got = _run(tmp_path / mode, model, 2, *MODES[mode])
     assert got[STEPS] < got[1] - 0.5, f"{model} {mode}: the loss did not fall"
     assert abs(got[STEPS] - reference[STEPS]) < 1e-2, (model, mode, got[STEPS], reference[STEPS])
