@@ -17,7 +17,7 @@ from functools import wraps
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from planner.plan import ParallelConfig
@@ -89,10 +89,10 @@ def fake_world(world_size: int) -> None:
 
 def device_mesh(config: ParallelConfig) -> DeviceMesh:
     """The executor's mesh (executor/mesh.py): dims (pp, dp, cp, tp), TP innermost."""
-    from executor.mesh import MESH_DIMS
+    from executor.mesh import build_mesh, plan_dims
 
     fake_world(config.devices)
-    return init_device_mesh("cpu", (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
+    return build_mesh("cpu", plan_dims(config))
 
 
 def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: ModelSpec, workload: Workload,
@@ -123,12 +123,13 @@ def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: Mod
 def _shard_experts(layers: list[torch.nn.Module], config: ParallelConfig, workload: Workload) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from executor.parallelize import mixed_precision_policy
-
     from torch.distributed.tensor import Shard
 
-    shape = (config.pp, config.dp * config.cp // config.ep, config.ep, config.tp)
-    edp = init_device_mesh("cpu", shape, mesh_dim_names=("pp", "edp", "ep", "tp"))["edp"]
+    from executor.expert_parallel import expert_dims
+    from executor.mesh import build_mesh
+    from executor.parallelize import mixed_precision_policy
+
+    edp = build_mesh("cpu", expert_dims(config, config.dp * config.cp))["edp"]
     for layer in layers:
         for name, module in layer.named_modules():
             if not name.endswith("experts"):
