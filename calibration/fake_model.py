@@ -12,13 +12,12 @@ size, whose rank 0 is traced.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import wraps
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from planner.plan import ParallelConfig
@@ -79,23 +78,6 @@ def build_model(spec: ModelSpec, workload: Workload, num_layers: int, fake_mode:
     return model
 
 
-@contextmanager
-def unpacked_sequences():
-    """transformers checks position_ids for several sequences packed in one row
-    (masking_utils.find_packed_sequence_indices). With real tensors the executor's positions
-    0..s-1 show none, so SDPA runs with is_causal and native GQA; fake tensors have no values to
-    check, and transformers would materialise an s x s mask and repeat k and v for every head.
-    During a trace the check answers what it answers on the real run: no packing."""
-    import transformers.masking_utils as masking
-
-    original = masking.find_packed_sequence_indices
-    masking.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking.find_packed_sequence_indices = original
-
-
 def fake_world(world_size: int) -> None:
     """A fake process group of `world_size` ranks in this process (rank 0 is traced)."""
     if dist.is_initialized():
@@ -107,10 +89,10 @@ def fake_world(world_size: int) -> None:
 
 def device_mesh(config: ParallelConfig) -> DeviceMesh:
     """The executor's mesh (executor/mesh.py): dims (pp, dp, cp, tp), TP innermost."""
-    from executor.mesh import MESH_DIMS
+    from executor.mesh import build_mesh, plan_dims
 
     fake_world(config.devices)
-    return init_device_mesh("cpu", (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
+    return build_mesh("cpu", plan_dims(config))
 
 
 def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: ModelSpec, workload: Workload,
@@ -141,12 +123,13 @@ def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: Mod
 def _shard_experts(layers: list[torch.nn.Module], config: ParallelConfig, workload: Workload) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from executor.parallelize import mixed_precision_policy
-
     from torch.distributed.tensor import Shard
 
-    shape = (config.pp, config.dp * config.cp // config.ep, config.ep, config.tp)
-    edp = init_device_mesh("cpu", shape, mesh_dim_names=("pp", "edp", "ep", "tp"))["edp"]
+    from executor.expert_parallel import expert_dims
+    from executor.mesh import build_mesh
+    from executor.parallelize import mixed_precision_policy
+
+    edp = build_mesh("cpu", expert_dims(config, config.dp * config.cp))["edp"]
     for layer in layers:
         for name, module in layer.named_modules():
             if not name.endswith("experts"):

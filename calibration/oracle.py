@@ -125,6 +125,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
     from calibration import fake_model
     from calibration.gpu_kernels import gpu_kernels
     from calibration.memtrace import fsdp_unshard_tagged, untracked_dtensor_metadata
+    from executor.context_parallel import unpacked_sequences
     from executor.model import decoder_layers
 
     check_traceable(spec, workload, config)
@@ -144,7 +145,7 @@ def trace_layers(spec: ModelSpec, workload: Workload, config: ParallelConfig, nu
         tracker = _tracker(model, optimizer, ids, config)
         tracker.watch_layers(layers)
         with tracker, untracked_dtensor_metadata(tracker), fsdp_unshard_tagged(tracker), \
-                fake_model.unpacked_sequences(), gpu_kernels():
+                unpacked_sequences(), gpu_kernels():
             tracker.phase("forward")
             loss = _forward(model, ids, items, workload, autocast)
             tracker.phase("backward")

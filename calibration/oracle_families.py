@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from calibration.oracle_grid import GRID_FORMAT, _point, _trace_all, versions
+from calibration.oracle_grid import _point, _trace_all, _write
 from planner.progress import add_flag, bars, progress
 
 FAMILIES_FILE = Path(__file__).parent / "data" / "oracle_families.json"
@@ -102,13 +102,6 @@ def load_families(path: str | Path | None = None) -> dict[str, Any]:
     from calibration.oracle_grid import load_grid
 
     return load_grid(path or FAMILIES_FILE)
-
-
-def _write(target: Path, points: list[dict[str, Any] | None]) -> None:
-    document = {"format": GRID_FORMAT, **versions(), "points": [p for p in points if p is not None]}
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1) + "\n")
-    tmp.replace(target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,14 @@ def shard_inputs(inputs: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _unpacked_sequences() -> Iterator[None]:
-    """The sharded position ids are not increasing (head-tail chunks), which transformers would read
-    as packed documents (masking_utils.find_packed_sequence_indices) and build a mask the hooks then
-    drop: the executor refuses --document-mask with cp, so there is nothing to detect."""
+def unpacked_sequences() -> Iterator[None]:
+    """transformers reads position ids that do not increase as several documents packed in one row
+    (masking_utils.find_packed_sequence_indices) and builds an s x s mask for them. Inside, it sees
+    no packing. The executor's sharded position ids are not increasing (head-tail chunks) and the
+    hooks drop that mask anyway: it refuses --document-mask with cp, so there is nothing to detect.
+    The oracle (calibration/oracle.py) traces on fake tensors, which have no values to check: there
+    the check answers what it answers on the real run (positions 0..s-1, no packing), so SDPA runs
+    with is_causal and native GQA instead of a materialised mask and k, v repeated for every head."""
     import transformers.masking_utils as masking
 
     original = masking.find_packed_sequence_indices
@@ -73,5 +77,5 @@ def sequence_split(cp_mesh: DeviceMesh, inputs: dict) -> Iterator[dict]:
 
     buffers = [inputs["input_ids"], inputs["labels"], inputs["position_ids"]]
     with context_parallel(cp_mesh, buffers=buffers, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(buffers)), \
-            _unpacked_sequences():
+            unpacked_sequences():
         yield inputs

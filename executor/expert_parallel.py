@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
+from executor.mesh import build_mesh
 from planner.errors import InvalidRequest
 from planner.plan import ParallelConfig
 from planner.specs import Workload
@@ -87,13 +88,18 @@ def _fsdp_managed(param: nn.Parameter) -> bool:
     return isinstance(param, DTensor) and param.device_mesh.ndim > 1
 
 
+def expert_dims(config: ParallelConfig, data_ranks: int) -> dict[str, int]:
+    """EP_MESH_DIMS with their sizes: the `data_ranks` data-parallel ranks (the Plan's dp; dp x cp
+    in the oracle, calibration/fake_model.py) split as edp x ep, ep innermost."""
+    return dict(zip(EP_MESH_DIMS, (config.pp, data_ranks // config.ep, config.ep, config.tp)))
+
+
 def build_ep_mesh(config: ParallelConfig, device: torch.device) -> DeviceMesh:
     """(pp, edp, ep, tp) over the same ranks as executor/mesh.py's (pp, dp, tp): rank =
     ((pp * edp_size + edp) * ep_size + ep) * tp_size + tp, so dp_rank = edp * ep_size + ep."""
     if config.dp % config.ep:
         raise InvalidRequest(f"--ep {config.ep} does not divide dp {config.dp}; plan with an ep that divides dp")
-    return init_device_mesh(device.type, (config.pp, config.dp // config.ep, config.ep, config.tp),
-                            mesh_dim_names=EP_MESH_DIMS)
+    return build_mesh(device.type, expert_dims(config, config.dp))
 
 
 def expert_plan(model: nn.Module) -> dict[str, str]:

@@ -68,8 +68,19 @@ def coordinates(rank: int, config: ParallelConfig) -> tuple[int, int, int, int]:
     return pp_rank, dp_rank, cp_rank, tp_rank
 
 
+def build_mesh(device_type: str, dims: dict[str, int]) -> DeviceMesh:
+    """The DeviceMesh over all ranks with dims `dims` (name: size, outermost first): consecutive
+    ranks differ in the last dim first (init_device_mesh lays the ranks out row-major)."""
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+
+def plan_dims(config: ParallelConfig) -> dict[str, int]:
+    """The Plan's mesh dims: MESH_DIMS (pp, dp, cp, tp) with their degrees."""
+    return {dim: getattr(config, dim) for dim in MESH_DIMS}
+
+
 def build_topology(config: ParallelConfig, device: torch.device) -> Topology:
-    mesh = init_device_mesh(device.type, (config.pp, config.dp, config.cp, config.tp), mesh_dim_names=MESH_DIMS)
+    mesh = build_mesh(device.type, plan_dims(config))
     rank = dist.get_rank()
     pp_rank, dp_rank, cp_rank, tp_rank = coordinates(rank, config)
     assert list(mesh.get_coordinate()) == [pp_rank, dp_rank, cp_rank, tp_rank], (mesh.get_coordinate(), rank)

@@ -38,6 +38,15 @@ class Regime:
     # the routed experts' share of one layer's parameters (zero for a dense model): what expert
     # parallelism divides over its ranks
     experts: ParamGroups = ParamGroups()
+    # a stack of several kinds: whether each kind's layers hold routed experts (in the order of `kinds`)
+    expert_kinds: tuple[bool, ...] = ()
+
+
+def _expert_kinds(graph) -> tuple[bool, ...]:
+    """Whether each kind of layer of a stack of several kinds holds routed experts (a dense-first
+    MoE's first layers do not); empty for a uniform stack, as `Regime.kinds` is."""
+    kinds = tuple(any(op.kind == "experts" for op in ops) for ops, _ in graph.kind_ops())
+    return kinds if len(kinds) > 1 else ()
 
 
 def _experts(graph, workload: Workload) -> ParamGroups:
@@ -66,7 +75,7 @@ class Context:
             graph = build_graph(spec, workload, numerics)
             layer, embedding, head, kinds = summarize_parts(graph)
             self.regimes[params_sharded] = Regime(numerics, layer, embedding, head, experts=_experts(graph, workload),
-                                                  kinds=kinds)
+                                                  kinds=kinds, expert_kinds=_expert_kinds(graph))
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]

@@ -79,8 +79,9 @@ class StepParts:
     # below_last, last) and of its largest kind (max): a stack of several kinds gathers each its own size
     gathered_at: dict[str, np.ndarray] | None = None
     scatter_at: dict[str, np.ndarray] | None = None
-    # a stack of several kinds: each kind's backward steps, the kind at each position and which kinds
-    # the stage holds (kind_at["held"]), so a layer's own backward is that of its kind
+    # a stack of several kinds: each kind's backward steps, the kind at each position, which kinds
+    # the stage holds (kind_at["held"]), so a layer's own backward is that of its kind, and which
+    # kinds hold routed experts (kind_at["experts"])
     unsharded_at: dict[str, np.ndarray] | None = None  # FSDP2: the layer's unsharded gradients (compute dtype)
     kind_steps: list | None = None
     kind_at: dict[str, np.ndarray] | None = None
@@ -249,14 +250,22 @@ def _scatter(x: StepParts, where: str) -> np.ndarray:
     return x.scatter_layer if x.scatter_at is None else x.scatter_at[where]
 
 
+def _holds_experts(x: StepParts, where: str) -> np.ndarray | bool:
+    """Whether the layer at `where` (first, second, below_last, last, or max: the stage's largest kind)
+    holds routed experts: in a stack of several kinds, its kind's (a dense-first MoE's dense layers
+    hold none, and keep their whole layer gathered); every layer of a uniform stack."""
+    if x.kind_at is None:
+        return True
+    experts, kind = x.kind_at["experts"], x.kind_at[where]
+    return np.take_along_axis(experts, np.broadcast_to(kind, experts.shape[1:])[None], 0)[0]
+
+
 def _layer_copies(x: StepParts, index: np.ndarray, above: np.ndarray, where: str) -> np.ndarray:
     own, below, upper = NEIGHBOURS[where]
     casts = np.where(x.checkpointed, 1, index + 1) * x.cast_layer  # a checkpointed layer recasts its own
-    # experts that are FSDP2 units of their own are neither prefetched nor still reducing; a stack of
-    # several kinds (dense and MoE layers) keeps the neighbours' whole layers (conservative)
-    own_experts = x.kind_at is None
-    prefetch = np.where(index > 0, _gathered(x, below) - np.where(own_experts, x.experts_gathered, 0.0), 0.0)
-    scatter = np.where(above > 0, _scatter(x, upper) - np.where(own_experts, x.experts_scatter, 0.0), 0.0)
+    # experts that are FSDP2 units of their own are neither prefetched nor still reducing
+    prefetch = np.where(index > 0, _gathered(x, below) - _holds_experts(x, below) * x.experts_gathered, 0.0)
+    scatter = np.where(above > 0, _scatter(x, upper) - _holds_experts(x, upper) * x.experts_scatter, 0.0)
     zero3 = x.gathered_root + _gathered(x, own) + prefetch + scatter
     zero2 = x.gathered_root + (index + 1) * x.gathered_layer + scatter
     return np.where(x.zero2, zero2, np.where(x.fsdp, zero3, casts))

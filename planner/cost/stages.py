@@ -63,7 +63,8 @@ def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers:
                      tp: np.ndarray) -> dict | None:
     """(parameters, trained parameters) on one TP rank of the layer at each of POSITIONS of the
     stage, and of its largest kind ("max"), per candidate, with the kind at each position
-    ("kind_first", ...) and which kinds the stage holds ("kind_held"): what FSDP2 gathers and reduce-scatters
+    ("kind_first", ..., "kind_max"), which kinds the stage holds ("kind_held") and which kinds hold
+    routed experts ("kind_experts", by kind): what FSDP2 gathers and reduce-scatters
     for the layer it runs is that layer's own size, not the stage's mean (a dense first layer is
     small, the MoE layers after it large). None for a uniform stack."""
     if not regime.kinds:
@@ -86,7 +87,11 @@ def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers:
     held = np.stack([np.broadcast_to(kind_count(ix, num_layers, layout.stage_index[role], layout.pp, layout.vpp) > 0,
                                      sizes.shape[1:]) for _, ix in regime.kinds])
     result["max"] = (np.where(held, sizes, 0).max(axis=0), np.where(held, trained, 0).max(axis=0))
+    result["kind_max"] = np.where(held, sizes, -1).argmax(axis=0)
     result["kind_held"] = held
+    # which kinds hold routed experts (under ep x ZeRO 3 FSDP2 units of their own: planner/cost/moments.py)
+    experts = np.asarray(regime.expert_kinds, dtype=bool).reshape(-1, *[1] * (sizes.ndim - 1))
+    result["kind_experts"] = np.broadcast_to(experts, sizes.shape)
     return result
 
 

@@ -45,6 +45,37 @@ def train(plan: Path, output: Path, steps: int = 20, *extra: str, data: Path = A
     return proc
 
 
+def model_argument(models: dict[str, str | dict], family: str, folder: Path) -> str:
+    """What --model takes for `family`: its catalog name, or its tiny transformers config written to
+    FOLDER/FAMILY.json."""
+    model = models[family]
+    if isinstance(model, str):
+        return model
+    path = folder / f"{family}.json"
+    path.write_text(json.dumps(model))
+    return str(path)
+
+
+def predict_plan(folder: Path, model: str, gpus: int, *options: str) -> Path:
+    """`planner predict ... --save-plan FOLDER/plan.json` as a user runs it, fp32 on `gpus` CPU
+    processes (SEQ_LEN, GLOBAL_BATCH); the plan's path."""
+    plan = folder / "plan.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "planner.cli", "predict", "--model", model, "--gpu", "cpu", "--gpus", str(gpus),
+               "--gpus-per-node", str(gpus), "--seq-len", str(SEQ_LEN), "--global-batch", str(GLOBAL_BATCH),
+               "--precision", "fp32", "--save-plan", str(plan), *options]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return plan
+
+
+def plan_and_train(folder: Path, model: str, gpus: int, steps: int, *options: str) -> Path:
+    """predict_plan(folder, model, gpus, *options) trained `steps` steps without checkpoints; the run folder."""
+    train(predict_plan(folder, model, gpus, *options), folder / "run", steps, "--no-save")
+    return folder / "run"
+
+
 def pytest_collection_modifyitems(config, items):
     """Multi-minute torchrun matrices are marked slow: they run with `-m slow` (or any -m), not by default."""
     if config.getoption("markexpr"):

@@ -6,14 +6,11 @@ capability table lets the executor run with ep > 1 (planner/capabilities.py EXEC
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.executor.conftest import GLOBAL_BATCH, ROOT, SEQ_LEN, metrics, train
+from tests.executor.conftest import SEQ_LEN, metrics, model_argument, plan_and_train
 
 STEPS = 20
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -39,30 +36,11 @@ ATTENTION = {"gpt_oss": "eager"}  # transformers has no sdpa path for gpt_oss (p
 
 
 def _model(family: str, folder: Path) -> str:
-    model = MODELS[family]
-    if isinstance(model, str):
-        return model
-    path = folder / f"{family}.json"
-    path.write_text(json.dumps(model))
-    return str(path)
-
-
-def predict(folder: Path, model: str, gpus: int, *options: str) -> Path:
-    """`planner predict ... --save-plan` as a user runs it; the plan's path."""
-    plan = folder / "plan.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "planner.cli", "predict", "--model", model, "--gpu", "cpu", "--gpus", str(gpus),
-               "--gpus-per-node", str(gpus), "--seq-len", str(SEQ_LEN), "--global-batch", str(GLOBAL_BATCH),
-               "--precision", "fp32", "--save-plan", str(plan), *options]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return plan
+    return model_argument(MODELS, family, folder)
 
 
 def _run(folder: Path, model: str, gpus: int, *options: str) -> Path:
-    train(predict(folder, model, gpus, *options), folder / "run", STEPS, "--no-save")
-    return folder / "run"
+    return plan_and_train(folder, model, gpus, STEPS, *options)
 
 
 def _assert_same_run(got: Path, reference: Path) -> None:

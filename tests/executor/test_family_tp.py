@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.executor.conftest import GLOBAL_BATCH, SEQ_LEN, losses, metrics, train
+from tests.executor.conftest import SEQ_LEN, losses, metrics, model_argument, plan_and_train
 
 STEPS = 20
 # transformers' Gemma 2 has no sdpa path (attention logit soft-capping)
@@ -29,36 +29,12 @@ MODELS = {
 
 
 def _model(family: str, folder: Path) -> str:
-    """A catalog name, or a config.json written into `folder`."""
-    model = MODELS[family]
-    if isinstance(model, str):
-        return model
-    path = folder / f"{family}.json"
-    path.write_text(json.dumps(model))
-    return str(path)
+    return model_argument(MODELS, family, folder)
 
 
-def family_plan(path: Path, model: str, gpus: int, attention: str = "sdpa", **config) -> Path:
-    """A Plan for `model` on `gpus` CPU processes (tests/executor/conftest.py make_plan, any model)."""
-    from planner import api
-    from planner.plan import ParallelConfig, save_plan
-
-    request = api.Request(model=model, gpu="cpu", gpus=gpus, gpus_per_node=gpus, seq_len=SEQ_LEN,
-                          global_batch=GLOBAL_BATCH, precision="fp32", attention=attention)
-    tp, pp = config.pop("tp", 1), config.pop("pp", 1)
-    dp = config.pop("dp", gpus // (tp * pp))
-    mbs = config.pop("micro_batch_size", 1)
-    parallel = ParallelConfig(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs,
-                              num_micro_batches=GLOBAL_BATCH // (dp * mbs), **config)
-    save_plan(str(path), api.make_plan(request, api.predict(request, parallel)))
-    return path
-
-
-def _run(folder: Path, model: str, gpus: int, attention: str, **config) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = family_plan(folder / "plan.json", model, gpus, attention, **config)
-    train(plan, folder / "run", STEPS, "--no-save")
-    return folder / "run"
+def _run(folder: Path, model: str, gpus: int, attention: str, *options: str) -> Path:
+    """`planner predict --attention ATTENTION OPTIONS --save-plan`, trained STEPS steps; the run folder."""
+    return plan_and_train(folder, model, gpus, STEPS, "--attention", attention, *options)
 
 
 def _assert_same_run(got: Path, reference: Path) -> None:
@@ -80,21 +56,22 @@ def _assert_same_run(got: Path, reference: Path) -> None:
 @pytest.mark.parametrize("family", list(MODELS))
 def test_tp_by_transformers_plan_matches_single_process(family, tmp_path):
     model, attention = _model(family, tmp_path), ATTENTION.get(family, "sdpa")
-    reference = _run(tmp_path / "single", model, 1, attention, micro_batch_size=4)
-    tensor_parallel = _run(tmp_path / "tp", model, 2, attention, tp=2, micro_batch_size=4)
+    reference = _run(tmp_path / "single", model, 1, attention, "--micro-batch-size", "4")
+    tensor_parallel = _run(tmp_path / "tp", model, 2, attention, "--tp", "2", "--micro-batch-size", "4")
     _assert_same_run(tensor_parallel, reference)
     summary = json.loads((tensor_parallel / "summary.json").read_text())
     assert (summary["plan"]["config"]["tp"], summary["environment"]["world_size"]) == (2, 2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes, config", [(2, {"pp": 2, "micro_batch_size": 2}),
-                                               (4, {"pp": 2, "tp": 2, "micro_batch_size": 2})], ids=["pp", "pp-tp"])
-def test_qwen3_pipeline_matches_single_process(processes, config, tmp_path):
+@pytest.mark.parametrize("processes, options", [(2, ("--pp", "2", "--micro-batch-size", "2")),
+                                                (4, ("--pp", "2", "--tp", "2", "--micro-batch-size", "2"))],
+                         ids=["pp", "pp-tp"])
+def test_qwen3_pipeline_matches_single_process(processes, options, tmp_path):
     """executor/pipeline.py's hand split calls Qwen3's layers as Llama's (2 stages, 1F1B), with and
     without its own tp plan inside the stages."""
-    reference = _run(tmp_path / "single", "tiny-qwen3", 1, "sdpa", micro_batch_size=4)
-    _assert_same_run(_run(tmp_path / "pp", "tiny-qwen3", processes, "sdpa", **config), reference)
+    reference = _run(tmp_path / "single", "tiny-qwen3", 1, "sdpa", "--micro-batch-size", "4")
+    _assert_same_run(_run(tmp_path / "pp", "tiny-qwen3", processes, "sdpa", *options), reference)
 
 
 def test_llama_plan_translated_is_the_hand_written_one():

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.executor.conftest import losses, train
-from tests.executor.test_family_tp import family_plan
+from tests.executor.conftest import losses, plan_and_train
 
 STEPS = 20
 MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", "tiny-mamba2-hybrid", "tiny-gemma4",
@@ -20,14 +19,12 @@ MODELS = ["tiny-moe-shared", "tiny-mla", "tiny-sliding", "tiny-gated-deltanet", 
 # matches it at step 1 (loss equal, gradient norm 45.4352 vs 45.4353) but its gradient norms (35 to 54
 # over the first steps) amplify fp32 reduction-order differences to 1.7e-2 by step 20 (2e-4 at step 5)
 PARITY_STEP = {("tiny-gemma4", "fsdp2"): 5}
-MODES = {"ddp": {"dp": 2, "zero": 0, "micro_batch_size": 2}, "fsdp2": {"dp": 2, "zero": 3, "micro_batch_size": 2}}
+MODES = {"ddp": ("--dp", "2", "--zero", "0", "--micro-batch-size", "2"),
+         "fsdp2": ("--dp", "2", "--zero", "3", "--micro-batch-size", "2")}
 
 
-def _run(folder: Path, model: str, gpus: int, **config) -> dict[int, float]:
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = family_plan(folder / "plan.json", model, gpus, "sdpa", **config)
-    train(plan, folder / "run", STEPS, "--no-save")
-    return losses(folder / "run")
+def _run(folder: Path, model: str, gpus: int, *options: str) -> dict[int, float]:
+    return losses(plan_and_train(folder, model, gpus, STEPS, "--attention", "sdpa", *options))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def single_process(tmp_path_factory) -> dict[str, dict[int, float]]:
 
     def run(model: str) -> dict[int, float]:
         if model not in cache:
-            cache[model] = _run(tmp_path_factory.mktemp(model), model, 1, micro_batch_size=4)
+            cache[model] = _run(tmp_path_factory.mktemp(model), model, 1, "--micro-batch-size", "4")
         return cache[model]
     return run
 
@@ -56,7 +53,7 @@ def test_data_parallel_matches_single_process(model, mode, single_process, tmp_p
     if model == "tiny-dsa" and mode == "ddp":
         pytest.skip("DeepSeek-V3.2's indexer gets no gradient (no_grad in transformers): the planner refuses DDP")
     reference = single_process(model)
-    got = _run(tmp_path / mode, model, 2, **MODES[mode])
+    got = _run(tmp_path / mode, model, 2, *MODES[mode])
     assert got[STEPS] < got[1] - 0.5, f"{model} {mode}: the loss did not fall"
     step = PARITY_STEP.get((model, mode), STEPS)
     assert abs(got[step] - reference[step]) < 1e-2, (model, mode, step, got[step], reference[step])
