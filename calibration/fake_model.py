@@ -50,7 +50,7 @@ def hf_config(spec: ModelSpec, workload: Workload, num_layers: int, ep: int = 1)
     for key in ("attn_pdrop", "attention_dropout"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
-    if getattr(config, "num_local_experts", 0):
+    if getattr(config, "num_local_experts", 0) and spec.expert_dispatch == "routed":  # Llama 4's bmm takes none
         config._experts_implementation = "grouped_mm"
     keys = [key for key in EXPERT_KEYS if getattr(config, key, 0)][:1]  # one: some configs alias the others
     for key in keys if ep > 1 else ():

@@ -38,6 +38,8 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
     "qwen3-next-80b-a3b-4l": ("qwen3-next-80b-a3b", 4, {},
                               "three Gated DeltaNet layers and one gated full-attention layer, 512 experts"),
     "gpt-oss-20b-4l": ("gpt-oss-20b", 4, {}, "attention sinks, sliding (128) and full layers, clamped SwiGLU experts"),
+    "llama-4-scout-4l": ("llama-4-scout", 4, {}, "three chunked (8192) rotary layers and a global one without rotary, "
+                         "16 experts (top 1) beside a shared expert, which transformers runs on every token"),
 }
 
 
@@ -71,6 +73,8 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("nemotron-h-shape-6l bf16 2x4096", model_ref("nemotron-h-shape-6l"), 4096, 2, master_dtype="bf16"),
     _point("nemotron-h-shape-6l fsdp8 4x4096 full", model_ref("nemotron-h-shape-6l"), 4096, 4, "full", dp=8, zero=3),
     _point("gpt-oss-20b-4l fsdp8 1x2048 eager", model_ref("gpt-oss-20b-4l"), 2048, 1, dp=8, zero=3, attention="eager"),
+    _point("llama-4-scout-4l fsdp16 1x4096", model_ref("llama-4-scout-4l"), 4096, 1, dp=16, zero=3),
+    _point("llama-4-scout-4l fsdp16 1x16384 full", model_ref("llama-4-scout-4l"), 16384, 1, "full", dp=16, zero=3),
 ]
 
 

@@ -179,6 +179,7 @@ def _llama4(c: Config) -> dict[str, Any]:
              experts_per_token=c.int("num_experts_per_tok", default=1), intermediate_size=expert,
              dense_intermediate_size=c.int("intermediate_size_mlp", default=16384),
              shared_expert_intermediate_size=expert, mlp_layer_types=_sparse(layers, lambda i: i in moe),
+             expert_dispatch="dense",
              no_rope_layers=nope, attention_chunk_size=chunk, layer_types=_attention_types(
                  c, layers, lambda i: "chunked_attention" if i not in nope and chunk else "full_attention"))
     return f

@@ -51,16 +51,19 @@ class FrameworkMemory:
     qlora_fp32_norms: bool = False
     zero3: str = "layer"  # "layer" (FSDP2 units) | "module" (DeepSpeed's coordinator)
     deepspeed: DeepSpeedZero3 | None = None
+    # the model is transformers' own modeling code (not the framework's reimplementation): its
+    # per-family implementation choices hold, e.g. Llama 4's experts run on every token (moe_graph.py)
+    transformers_modeling: bool = False
 
 
 FRAMEWORK_MEMORY: dict[str, FrameworkMemory] = {
-    "executor": FrameworkMemory(),
+    "executor": FrameworkMemory(transformers_modeling=True),  # builds transformers' classes (executor/model.py)
     "torchtitan": FrameworkMemory(),  # FSDP2 fully_shard per TransformerBlock (parallelize_llama.py apply_fsdp)
     "torchtune": FrameworkMemory(),  # FSDP2; its QLoRA is torchao NF4 without peft's upcast
     "llm-foundry": FrameworkMemory(),  # Composer FSDP (FULL_SHARD per block): the layer units
     "megatron": FrameworkMemory(),  # distributed optimizer (ZeRO 1); no ZeRO 3 in the cases
     "deepspeed": FrameworkMemory(zero3="module", deepspeed=DeepSpeedZero3()),
-    "hf": FrameworkMemory(qlora_fp32_norms=True),
+    "hf": FrameworkMemory(qlora_fp32_norms=True, transformers_modeling=True),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from planner.framework_memory import framework_memory
 from planner.ops import FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, Op, Saved, linear_op
 
 
@@ -14,6 +15,9 @@ def moe_block(b: Any) -> None:
     (Qwen2-MoE shared_expert with its sigmoid gate, DeepSeek shared_experts, Llama 4
     shared_expert), a dense gated MLP every token passes through."""
     s, n = b.spec, b.n
+    if s.expert_dispatch == "dense" and framework_memory(b.workload.framework).transformers_modeling:
+        dense_moe_block(b)
+        return
     c = n.compute_bytes
     h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
     start = b.last
@@ -54,6 +58,11 @@ def moe_block(b: Any) -> None:
                 # backward, alive at once: the gate_up (or up) and product gradients, then the input's
                 grads=(Saved("experts.grad", k * c * (h + m * i)),),
                 param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
+    _shared_experts(b, start)
+
+
+def _shared_experts(b: Any, start: str) -> None:
+    s, h = b.spec, b.spec.hidden_size
     if s.shared_expert_intermediate_size:
         routed = b.last
         b.last = start
@@ -62,3 +71,30 @@ def moe_block(b: Any) -> None:
         if s.shared_expert_gate:
             b.linear("shared_expert_gate", h, 1, False, b.mlp_in, column=True, after=start, tp_split=False)
         b.last = [routed, b.last]
+
+
+def dense_moe_block(b: Any) -> None:
+    """transformers' Llama 4 MoE (modeling_llama4.py Llama4TextMoe / Llama4TextExperts / Llama4Router),
+    which the executor and HF Trainer run: every token goes through every expert, weighted by its
+    score (0 off the top k). The router keeps its top-k indices and the fp32 sigmoid of the scattered
+    scores; `hidden_states.repeat(E, 1) * scores` keeps the repeated input and a contiguous copy of the
+    scores; the bmm over (E, T, H) keeps its input, gate_up (whose chunks the activation and product
+    read), act(gate) and the product (the second bmm's input); the sum over experts keeps nothing."""
+    s, n = b.spec, b.n
+    c = n.compute_bytes
+    h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
+    start = b.last
+    router = linear_op(n, "router", h, e, s.router_bias, b.mlp_in, split="sp", input_bytes=n.residual_bytes)
+    routing = (Saved("router.sigmoid", FP32_BYTES * e, "sp"), Saved("router.topk", INDEX_BYTES * k, "sp"))
+    b.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=(c + 3 * FP32_BYTES) * e))
+    saved = (Saved("experts.repeated", c * h * e), Saved("experts.scores", c * e, "sp"),
+             Saved("experts.in", c * h * e, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * e),
+             Saved("experts.act", c * i * e), Saved("experts.prod", c * i * e, for_weight_grad=True))
+    # the repeat writes E rows, the weighting reads and writes them, the sum over experts reads them
+    spread_io = 4 * e * c * h
+    b.add(Op("experts", "experts", params=e * 3 * h * i, gemm=(h, 3 * i), tokens_factor=e,
+             flops_per_token=e * 2 * 3 * h * i, io_bytes_per_token=e * 8 * c * i + spread_io,
+             out_bytes_per_token=c * h, saved=saved, quantizable=True,
+             grads=(Saved("experts.grad", e * c * (h + 3 * i)),),
+             param_dims=((e, e * 2 * h * i), (e, e * h * i))))
+    _shared_experts(b, start)

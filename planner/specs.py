@@ -89,6 +89,9 @@ class ModelSpec:
     expert_bias: bool = False  # experts' gate_up / down projections have biases (gpt-oss)
     # the experts' gating: act(gate) * up, or gpt-oss's clamped (up + 1) * gate * sigmoid(alpha * gate)
     expert_gate: str = "act"  # act | clamped_swiglu
+    # how transformers' modeling code runs the routed experts: "routed" (the top-k copies of each token,
+    # grouped by expert) or "dense" (every token through every expert, weighted: Llama 4)
+    expert_dispatch: str = "routed"
     qk_norm: str = ""  # "" | "head": RMSNorm over head_dim (Qwen3, Gemma 3) | "full": over q/kv width (OLMo 2)
     attention_sinks: bool = False  # one learned sink logit per head (gpt-oss)
     layer_norms: str = "pre"  # pre | sandwich (Gemma 2/3: pre and post norms) | post (OLMo 2: post only)

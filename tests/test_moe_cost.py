@@ -178,3 +178,44 @@ def test_moe_parameters_move_only_the_runs_of_moe_models():
     prepared = prepare([c for c in load_cases() if c.id in ("c001", "c306")], load_profile())
     assert [p.case.id for p in runs_of_parameter(("moe", "overhead_factor"), prepared)] == ["c306"]
     assert len(runs_of_parameter(("overlap", "tp"), prepared)) == 2
+
+
+def _llama4_graph(framework: str):
+    from planner.graph import numerics_for
+    from planner.models import load_model
+    from planner.specs import Workload
+
+    spec = load_model("llama-4-scout")
+    workload = Workload(seq_len=4096, global_batch=16, framework=framework)
+    return spec, build_graph(spec, workload, numerics_for(workload, params_sharded=True))
+
+
+def _experts_op(graph):
+    return next(op for ops, _ in graph.kind_ops() for op in ops if op.name == "experts")
+
+
+def test_transformers_llama4_runs_every_expert_on_every_token_and_mfu_counts_the_top_k():
+    """modeling_llama4.py Llama4TextMoe: `hidden_states.repeat(num_experts, 1) * scores` then a bmm over
+    all experts. Under the frameworks that run transformers' modeling code (executor, hf) the experts
+    cost 16x the top-1 FLOPs and keep E copies of each token; torchtitan's own Llama 4 routes top-k.
+    MFU counts the model's FLOPs (top k) either way."""
+    spec, hf = _llama4_graph("executor")
+    _, titan = _llama4_graph("torchtitan")
+    dense, routed = _experts_op(hf), _experts_op(titan)
+    assert spec.expert_dispatch == "dense" and (spec.num_experts, spec.experts_per_token) == (16, 1)
+    assert dense.params == routed.params
+    assert dense.flops_per_token == routed.flops_per_token * spec.num_experts
+    saved = {s.key: s.bytes_per_token for s in dense.saved}
+    assert saved["experts.repeated"] == saved["experts.in"] == 2 * spec.hidden_size * spec.num_experts
+    from planner.api import Request, predict
+    from planner.layout import ParallelConfig as Config
+
+    layout = Config(dp=64, tp=1, pp=1, micro_batch_size=1, num_micro_batches=4, zero=3, recompute="full")
+    runs = {fw: predict(Request(model="llama-4-scout", gpu=H100, gpus=64, seq_len=4096, global_batch=256,
+                                framework=fw, target="deepspeed"), layout) for fw in ("hf", "torchtitan")}
+    assert runs["hf"]["memory"]["peak_bytes"] > runs["torchtitan"]["memory"]["peak_bytes"]
+    compute = {fw: r["time"]["breakdown"]["compute"] for fw, r in runs.items()}
+    assert compute["hf"] > 3 * compute["torchtitan"]
+    hf_mfu_per_token = runs["hf"]["time"]["mfu"] / runs["hf"]["time"]["tokens_per_s"]
+    titan_mfu_per_token = runs["torchtitan"]["time"]["mfu"] / runs["torchtitan"]["time"]["tokens_per_s"]
+    assert hf_mfu_per_token == pytest.approx(titan_mfu_per_token, rel=1e-6)  # same model FLOPs per token

@@ -190,10 +190,13 @@ def loss_io_bytes_per_token(ctx: Context, vocab: int) -> float:
 def model_flops_per_token(ctx: Context, regime: Regime) -> float:
     """FLOPs a training step needs per token, no recomputation: 2 per weight forward, 4 more backward
     for trained weights (2 for frozen), and attention non-causal as in PaLM (Chowdhery et al. 2022,
-    App. B: 6N + 12·L·H·Q·T)."""
+    App. B: 6N + 12·L·H·Q·T). Routed experts count their top k: an implementation that runs every
+    expert on every token (transformers' Llama 4) does work the model does not need."""
     total = 0.0
+    top_k = ctx.spec.experts_per_token
     for part, count in ((regime.layer, ctx.spec.num_layers), (regime.embedding, 1), (regime.head, 1)):
         for matmul in part.matmuls:
-            total += count * matmul.flops_per_token * (3.0 if matmul.trainable else 2.0)
+            useful = top_k / matmul.tokens_factor if matmul.name == "experts" and matmul.tokens_factor > top_k else 1.0
+            total += count * matmul.flops_per_token * useful * (3.0 if matmul.trainable else 2.0)
         total += count * 3 * part.attention_flops_per_token_seq * ctx.workload.seq_len
     return total
