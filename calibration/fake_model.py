@@ -132,7 +132,7 @@ def _shard_experts(layers: list[torch.nn.Module], config: ParallelConfig, worklo
     edp = build_mesh("cpu", expert_dims(config, config.dp * config.cp))["edp"]
     for layer in layers:
         for name, module in layer.named_modules():
-            if not name.endswith("experts"):
+            if name.rsplit(".", 1)[-1] != "experts":  # the routed experts (executor: the ep plan), not shared_experts
                 continue
             local_experts = next(module.parameters()).shape[0]
             # torchtitan: with fewer local experts than expert-data-parallel ranks, shard dim 1, not dim 0
