@@ -58,6 +58,9 @@ class Parameter:
 # what each chip has of its own: (lower, upper, prior sigma of log(chip / shared))
 PER_CHIP_KEYS = {"matmul_efficiency_max": (0.05, 1.0, 0.3), "attention_efficiency": (0.05, 1.0, 0.3),
                  "memory_efficiency": (0.05, 1.0, 0.3), "layer_overhead_s": (1e-6, 1e-2, 1.0)}
+# the prior sigma of log(chip / shared) for a CPU (the executor's CPU runs): the shared values are
+# the GPUs', from which a CPU core's efficiencies and launch overhead differ by several times
+CPU_CHIP_PRIOR_SIGMA = 1.0
 
 
 def time_parameters(scope: Scope) -> list[Parameter]:
@@ -75,7 +78,9 @@ def time_parameters(scope: Scope) -> list[Parameter]:
               Parameter(shared["memory_efficiency"], 0.6, 0.05, 1.0, 0.5),
               Parameter(shared["layer_overhead_s"], 5e-4, 1e-6, 1e-2, 1.0)] if scope.shared else []
     for chip in sorted(set(chips.values())):
-        params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, sigma, relative_to=shared[key])
+        # a CPU core against the GPUs' shared values differs by integer factors, not tens of percent
+        widen = CPU_CHIP_PRIOR_SIGMA if _is_cpu(chip, chips) else 0.0
+        params += [Parameter(("compute", chip, "*", key), 1.0, lower, upper, max(sigma, widen), relative_to=shared[key])
                    for key, (lower, upper, sigma) in PER_CHIP_KEYS.items()]
     # Parts of one chip (H100 80GB, H100 96GB at 500 W, H200) run the same kernels on the same
     # silicon; their peaks and bandwidths are in their hardware files, so they differ from their
@@ -91,6 +96,11 @@ def time_parameters(scope: Scope) -> list[Parameter]:
                        for key, (lower, upper, _) in PER_CHIP_KEYS.items()]
     params += _framework_parameters(scope)
     return params + (_shared_parameters() if scope.shared else [])
+
+
+def _is_cpu(chip: str, chips: dict[str, str]) -> bool:
+    parts = [presets().get(name) for name, of in chips.items() if of == chip]
+    return any(part is not None and part.vendor == "cpu" for part in parts)
 
 
 def _framework_parameters(scope: Scope) -> list[Parameter]:
