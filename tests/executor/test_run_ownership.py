@@ -147,6 +147,7 @@ def test_damaged_newest_checkpoint_then_full_disk(tmp_path):
     assert [r.status for r in iter_runs(tmp_path / "runs.sqlite")].count("failed") == 1
 
 
+@pytest.mark.slow  # ~30 s: a training run stopped by a signal (the kill/resume runs beside it are slow too)
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 def test_sigterm_stops_the_run_and_records_it(tmp_path):
     plan = make_plan(tmp_path / "plan.json", 1, micro_batch_size=4)

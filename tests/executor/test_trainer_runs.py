@@ -86,6 +86,7 @@ def test_merge_lora_is_refused_for_a_full_fine_tune(tmp_path):
     assert proc.returncode == 2 and "--merge-lora applies to LoRA runs only" in proc.stderr
 
 
+@pytest.mark.slow  # ~20 s: a training run; the schedule itself is checked by test_schedule_and_clipping_as_recorded
 def test_optimizer_in_backward_follows_the_schedule_without_clipping(tmp_path):
     plan = make_plan(tmp_path / "plan.json", 1, {"optimizer_in_backward": True}, micro_batch_size=8)
     proc = train(plan, tmp_path / "run", 4, "--no-save", "--lr-schedule", "linear", "--warmup-steps", "0",
