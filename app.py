@@ -214,8 +214,9 @@ def show_capacity(fields: dict[str, Any], config_text: str | None) -> None:
     else:
         st.success(best)
         st.caption(result["recommendation"]["summary"])
-    if views.uncalibrated_warning(result.get("uncalibrated")):
-        st.warning(views.uncalibrated_warning(result.get("uncalibrated")))
+    flag = views.uncalibrated_warning(result.get("uncalibrated"))
+    if flag:
+        st.warning(flag)
     st.altair_chart(capacity_chart(views.capacity_chart_rows(result)), width="stretch")
     st.dataframe(frame(views.capacity_rows(result)), hide_index=True, width="stretch",
                  column_config=right_aligned("time", "GPU-hours", "cost USD", "tokens/s", "MFU", "GiB per device"))

@@ -87,3 +87,11 @@ def _numeric(value: object) -> bool:
         return True
     except ValueError:
         return False
+
+
+def uncalibrated_note(missing: list[str] | None) -> str | None:
+    """The flag on tables whose chip or framework no measured run of the profile calibrated."""
+    if not missing:
+        return None
+    return (f"uncalibrated: intervals widened (no measured runs of {' or '.join(missing)} in the calibration "
+            "profile; they take the spread across chips and frameworks)")

@@ -17,7 +17,7 @@ from planner.capacity import default_price, plan_capacity
 from planner.errors import Infeasible, InvalidRequest, parse_json
 from planner.export import export_plan
 from planner.plan import Plan
-from planner.format import duration
+from planner.format import duration, uncalibrated_note
 from planner.hardware import FLAVOR_DEVICE, flavor_devices
 from planner.models import SUPPORTED_TYPES, spec_from_hf_config
 from planner.profile import load_profile
@@ -48,10 +48,8 @@ def upload_hint() -> str:
 
 def uncalibrated_warning(missing: list[str] | None) -> str | None:
     """The page's flag for a chip or framework that no measured run calibrated."""
-    if not missing:
-        return None
-    return (f"Uncalibrated: no measured runs of {' or '.join(missing)} in the calibration profile, so the "
-            "intervals are widened to the spread across chips and frameworks.")
+    note = uncalibrated_note(missing)
+    return note[0].upper() + note[1:] if note else None
 
 
 def plural(n: int, word: str) -> str:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(result: dict) -> str:
-    from planner.commands.suggest import uncalibrated_note
+    from planner.format import uncalibrated_note
     from planner.format import count, duration, gib, table
 
     price = result["price_per_gpu_hour"]

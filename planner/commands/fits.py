@@ -52,7 +52,7 @@ def render(result: dict) -> str:
     note = (f"fits = fits with {result['memory_margin']:.0%} memory headroom (--memory-margin); max micro-batch: at "
             "this sequence length on these devices; max seq: with micro-batch 1; fewest devices: for this sequence "
             "and global batch")
-    from planner.commands.suggest import uncalibrated_note
+    from planner.format import uncalibrated_note
 
     flag = uncalibrated_note(result.get("uncalibrated"))
     return f"{head}\n{body}\n{note}" + (f"\n{flag}" if flag else "")

@@ -69,7 +69,7 @@ def render(p: dict, resolved) -> str:
              f"step {duration(time['step_s'])}: {time['tokens_per_s']:,.0f}{spread(time['tokens_per_s_range'], 1)} tokens/s "
              f"({time['tokens_per_s_per_device']:,.0f} per device), MFU {time['mfu']:.1%}",
              "  " + ", ".join(f"{k} {duration(v)}" for k, v in time["breakdown"].items() if v > 0)]
-    from planner.commands.suggest import uncalibrated_note
+    from planner.format import uncalibrated_note
 
     note = uncalibrated_note(p.get("uncalibrated"))
     if note:

@@ -46,16 +46,8 @@ def spread(bounds: list | None, unit: float) -> str:
     return f" ({low:{digits}}-{high:{digits}})"
 
 
-def uncalibrated_note(missing: list[str] | None) -> str | None:
-    """The flag on tables whose chip or framework no measured run of the profile calibrated."""
-    if not missing:
-        return None
-    return (f"uncalibrated: intervals widened (no measured runs of {' or '.join(missing)} in the calibration "
-            "profile; they take the spread across chips and frameworks)")
-
-
 def render(result: dict, saved: str | None) -> str:
-    from planner.format import count, duration, gib
+    from planner.format import count, duration, gib, uncalibrated_note
 
     req = result["request"]
     w = req["workload"]
