@@ -95,3 +95,26 @@ def test_under_fp8_the_layers_linears_run_in_float8_but_not_the_lm_head_or_a_rou
     plain = Workload(seq_len=4096, global_batch=8)
     bf16 = build_graph(load_model("llama3-8b"), plain, numerics_for(plain, True))
     assert not any(op.float8 for op in bf16.block_ops())
+
+
+def pp_comm_seconds(tmp_path, vpp: int, overlap_pp: float) -> float:
+    profile = json.loads(DEFAULT_PROFILE.read_text())
+    profile["overlap"]["pp"] = overlap_pp
+    path = tmp_path / f"profile-{vpp}-{overlap_pp}.json"
+    path.write_text(json.dumps(profile))
+    request = Request(model="llama3-8b", gpu="h100-sxm-80gb", gpus=16, seq_len=4096, global_batch=64,
+                      calibration=str(path))
+    config = ParallelConfig(dp=4, tp=1, pp=4, vpp=vpp, micro_batch_size=2, num_micro_batches=8,
+                            recompute="full", zero=1)
+    return predict(request, config)["time"]["breakdown"]["pp_comm"]
+
+
+def test_interleaving_sends_once_per_model_chunk(tmp_path):
+    """Interleaved 1F1B sends each micro-batch's activations out of every one of a rank's vpp model
+    chunks (Megatron-Core schedules.py forward_backward_pipelining_with_interleaving): with nothing
+    hidden, the steady-state sends grow vpp-fold while the 2 (pp - 1) fill and drain sends do not."""
+    one, two, four = (pp_comm_seconds(tmp_path, vpp, overlap_pp=0.0) for vpp in (1, 2, 4))
+    pp, micro_batches = 4, 8
+    per_send = one / (2 * (pp - 1) + 2 * micro_batches)
+    assert two == pytest.approx(per_send * (2 * (pp - 1) + 2 * micro_batches * 2))
+    assert four == pytest.approx(per_send * (2 * (pp - 1) + 2 * micro_batches * 4))
