@@ -51,3 +51,10 @@ def attention_of(row: dict[str, Any]) -> str:
     (megatron/model/transformer.py ParallelAttention); FlashAttention came to Megatron-LM in 2023.
     The other frameworks ran flash kernels (flash-attn, SDPA)."""
     return "fused-softmax" if "Megatron-LM" in str(row.get("framework")) and "2021" in str(row.get("source")) else "sdpa"
+
+
+def expert_dispatcher_of(row: dict[str, Any]) -> str:
+    """DeepEP where the row's source names it (Megatron-Core's flex dispatcher with moe_enable_deepep,
+    e.g. the Megatron-MoE-ModelZoo rows' "DeepEP" column), else the all-to-all dispatcher."""
+    text = " ".join(str(row.get(key) or "") for key in ("source_detail", "notes"))
+    return "deepep" if "DeepEP" in text else "alltoall"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.case import Case, fraction_of_peak, memory_floor_bytes
-from calibration.case_stack import attention_of, framework_of, fused_norm_of, loss_parallel_of
+from calibration.case_stack import attention_of, expert_dispatcher_of, framework_of, fused_norm_of, loss_parallel_of
 from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
@@ -266,6 +266,9 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     extras["fused_norm"] = fused_norm_of(row)
     if extras["fused_norm"]:
         notes.append("fused RMSNorm (torchtitan's fused_rmsnorm: norm_type of the train config at that commit)")
+    extras["expert_dispatcher"] = expert_dispatcher_of(row)
+    if extras["expert_dispatcher"] == "deepep":
+        notes.append("DeepEP dispatch (a token sent once per destination rank)")
     extras["attention"] = attention_of(row)
     if extras["attention"] != "sdpa":
         notes.append("attention scores materialised (Megatron-LM 2021: fused scale-mask-softmax, no flash kernel)")

@@ -109,12 +109,20 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          lambda c, s, w: (s.index_topk > 0) & (c.dp > 1) & (c.zero <= 1) & (w.method == "full"), fix="--zero 2 or 3"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
+    Rule("the executor dispatches experts' tokens with all-to-all (transformers' ep plan), not DeepEP",
+         lambda c, s, w: w.expert_dispatcher == "deepep", fix="--expert-dispatcher alltoall"),
     Rule("the executor's expert parallelism runs with full training, ZeRO 0, 2 or 3 and no tp, pp or cp",
          lambda c, s, w: (c.ep > 1) & ((c.tp > 1) | (c.pp > 1) | (c.cp > 1) | (c.zero == 1) | (w.method != "full")),
          fix="--ep 1"),
 )
 
+def _no_deepep(engine: str) -> Rule:
+    return Rule(f"{engine} has no DeepEP expert dispatch", lambda c, s, w: w.expert_dispatcher == "deepep",
+                fix="--expert-dispatcher alltoall")
+
+
 DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
+    _no_deepep("DeepSpeed"),
     Rule("DeepSpeed's config has no fp8 mode", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),
     Rule("DeepSpeed's pipeline engine runs with ZeRO 0/1 and no AutoTP",
          lambda c, s, w: (c.pp > 1) & ((c.zero > 1) | (c.tp > 1)), fix="--zero 1 --tp 1, or --pp 1"),
@@ -130,6 +138,7 @@ DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
 )
 
 ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (
+    _no_deepep("Accelerate"),
     Rule("Accelerate's FSDP has no pipeline parallelism", lambda c, s, w: c.pp > 1, fix="--pp 1"),
     Rule("FSDP offloads parameters, gradients and optimizer together, not the optimizer alone",
          lambda c, s, w: c.offload == _OPT, fix="--offload params or none"),
@@ -154,6 +163,8 @@ TORCHTITAN_RULES: tuple[Rule, ...] = _common("torchtitan") + (
          fix="--offload params or none"),
     Rule("torchtitan runs torch's AdamW", lambda c, s, w: w.optimizer != "adamw", fix="--optimizer adamw"),
     Rule("torchtitan's attention is sdpa/flex", lambda c, s, w: w.attention != "sdpa", fix="--attention sdpa"),
+    Rule("the torchtitan export writes its all-to-all expert dispatch, not DeepEP",
+         lambda c, s, w: w.expert_dispatcher == "deepep", fix="--expert-dispatcher alltoall"),
 )
 
 MEGATRON_RULES: tuple[Rule, ...] = _common("Megatron-LM") + (

@@ -201,7 +201,10 @@ def megatron_arguments(plan: _Plan, options: LaunchOptions) -> list[str]:
     if s.is_moe:
         args += ["--num-experts", str(s.num_experts), "--moe-router-topk", str(s.experts_per_token)]
     if c.ep > 1:  # expert tensor parallelism stays Megatron-Core's default (= tp), as planned
-        args += ["--expert-model-parallel-size", str(c.ep), "--moe-token-dispatcher-type", "alltoall"]
+        args += ["--expert-model-parallel-size", str(c.ep)]
+        # DeepEP runs under Megatron-Core's flex dispatcher (docs: --moe-token-dispatcher-type=flex --moe-enable-deepep)
+        args += (["--moe-token-dispatcher-type", "flex", "--moe-enable-deepep"] if w.expert_dispatcher == "deepep"
+                 else ["--moe-token-dispatcher-type", "alltoall"])
     if c.cp > 1:  # TransformerEngine's ring attention; planned with torch's all-gather rotation (same volume)
         args += ["--context-parallel-size", str(c.cp), "--cp-comm-type", "p2p"]
     if c.vpp > 1:

@@ -168,6 +168,8 @@ class Run:
             del facts["workload"]["framework"]  # the default: ids of runs stored before it existed stay
         if facts["workload"] and not facts["workload"].get("fused_norm", True):
             del facts["workload"]["fused_norm"]  # likewise
+        if facts["workload"] and facts["workload"].get("expert_dispatcher") == "alltoall":
+            del facts["workload"]["expert_dispatcher"]  # likewise
         return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
 
 

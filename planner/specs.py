@@ -26,6 +26,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # with Transformer Engine; deepspeed: incl. Megatron-DeepSpeed; hf: transformers Trainer, TRL,
 # Accelerate, axolotl; executor: this project's own trainer
 FRAMEWORKS = ("executor", "torchtitan", "megatron", "deepspeed", "hf", "llm-foundry", "torchtune")
+# how routed tokens travel to their experts' ranks (planner/cost/cpep.py ep_seconds): a copy per routed
+# expert, or one per destination rank (DeepEP)
+EXPERT_DISPATCHERS = ("alltoall", "deepep")
 
 
 ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
@@ -298,6 +301,12 @@ class Workload:
     fused_norm: bool = field(default=False, metadata=option(
         "a fused RMSNorm kernel that keeps only its input and rstd (torchtitan's fused_rmsnorm); the executor "
         "runs transformers' norms"))
+    # the MoE token dispatcher: "alltoall" sends a copy of a token per routed expert (torchtitan's
+    # ExpertParallel, Megatron-Core's MoEAlltoAllTokenDispatcher, the executor); "deepep" one per
+    # destination rank (DeepEP's dispatch, Megatron-Core's flex dispatcher with moe_enable_deepep)
+    expert_dispatcher: str = field(default="alltoall", metadata=option(
+        "MoE token dispatch: alltoall (a copy per routed expert; default, the executor's) or deepep (a copy "
+        "per destination rank: DeepEP, Megatron's flex dispatcher)", EXPERT_DISPATCHERS))
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)
@@ -308,6 +317,7 @@ class Workload:
         _require_choice("--optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS)
         _require_choice("--attention", self.attention, ATTENTION_IMPLS)
+        _require_choice("--expert-dispatcher", self.expert_dispatcher, EXPERT_DISPATCHERS)
         _require_choice("--master-dtype", self.master_dtype, ("fp32", "bf16"))
         _require_choice("--framework", self.framework, FRAMEWORKS)
         _require_positive("--loss-chunks", self.loss_chunks)

@@ -235,3 +235,29 @@ def test_even_cp_with_an_even_micro_batch_is_never_better():
     kept = predict(request, config(dp=4, cp=2, micro=1, global_batch=16, zero=3, recompute="full"))
     assert kept["time"]["step_s"] <= skipped["time"]["step_s"]
     assert kept["memory"]["peak_bytes"] <= skipped["memory"]["peak_bytes"]
+
+
+def test_deepep_runs_under_megatron_only_and_its_export_names_the_flex_dispatcher():
+    """The executor, DeepSpeed, Accelerate and the torchtitan export have no DeepEP dispatch; Megatron-Core
+    runs it as its flex dispatcher (--moe-token-dispatcher-type flex --moe-enable-deepep)."""
+    from planner.export import LaunchOptions, _Plan
+    from planner.export_engines import megatron_arguments
+
+    r = resolve(mixtral(expert_dispatcher="deepep"))
+    cfg = config(dp=16, ep=8, global_batch=256, zero=1)
+    for target in ("executor", "deepspeed", "accelerate"):
+        reason = runnable_reason(target, cfg, r.spec, r.workload, r.hardware)
+        assert reason is not None and "DeepEP" in reason, target
+    llama = resolve(llama_long(expert_dispatcher="deepep", target="torchtitan"))  # torchtitan ships no Mixtral
+    reason = runnable_reason("torchtitan", config(dp=8, zero=3), llama.spec, llama.workload, llama.hardware)
+    assert reason is not None and "DeepEP" in reason
+    assert runnable_reason("megatron", cfg, r.spec, r.workload, r.hardware) is None
+    request = mixtral(expert_dispatcher="deepep")
+    best = suggest(request, Pins(ep=8), top=1)["candidates"][0]
+    args = megatron_arguments(_Plan(make_plan(request, best)), LaunchOptions())
+    assert args[args.index("--moe-token-dispatcher-type") + 1] == "flex" and "--moe-enable-deepep" in args
+
+
+def test_an_unknown_dispatcher_is_refused_with_the_choices():
+    with pytest.raises(InvalidRequest, match="alltoall"):
+        resolve(mixtral(expert_dispatcher="nccl"))

@@ -219,3 +219,41 @@ def test_transformers_llama4_runs_every_expert_on_every_token_and_mfu_counts_the
     hf_mfu_per_token = runs["hf"]["time"]["mfu"] / runs["hf"]["time"]["tokens_per_s"]
     titan_mfu_per_token = runs["torchtitan"]["time"]["mfu"] / runs["torchtitan"]["time"]["tokens_per_s"]
     assert hf_mfu_per_token == pytest.approx(titan_mfu_per_token, rel=1e-6)  # same model FLOPs per token
+
+
+def _brute_force_ranks_reached(num_experts: int, top_k: int, ep: int) -> float:
+    from itertools import combinations
+    choices = list(combinations(range(num_experts), top_k))
+    per_rank = num_experts // ep
+    return sum(len({e // per_rank for e in chosen}) for chosen in choices) / len(choices)
+
+
+@pytest.mark.parametrize("num_experts, top_k, ep", [(8, 2, 4), (16, 4, 4), (12, 3, 2), (8, 8, 8), (16, 2, 16)])
+def test_deepep_reaches_each_rank_once_per_token_on_average_as_enumerated(num_experts, top_k, ep):
+    """The mean number of distinct ep ranks a token's k experts live on, against every k-subset."""
+    from planner.cost.cpep import ranks_reached_per_token
+    expected = _brute_force_ranks_reached(num_experts, top_k, ep)
+    assert ranks_reached_per_token(num_experts, top_k, np.array([ep]))[0] == pytest.approx(expected)
+
+
+def test_deepep_sends_a_token_once_per_rank_not_once_per_expert():
+    """Qwen3-30B-A3B (128 experts, top 8) at ep 8: DeepEP's dispatch moves 5.34 copies of a token
+    (the ranks reached) where the all-to-all dispatcher moves 8; the sort of received copies does not
+    shrink (each local expert still gets its copy)."""
+    from planner.cost.cpep import ranks_reached_per_token
+    c = Candidates.from_configs([config(dp=8, ep=8, micro=4, global_batch=256)])
+
+    def comm_and_sort(dispatcher: str) -> tuple[float, float]:
+        ctx = resolve(qwen3_moe(expert_dispatcher=dispatcher)).context
+        data = copy.deepcopy(ctx.profile.data)
+        data["overlap"]["ep"] = 0.0
+        ctx = ctx.with_profile(Profile("t", "(test)", data))
+        return ep_seconds(ctx, ctx.regime(False), c)[0], ctx
+    alltoall, ctx = comm_and_sort("alltoall")
+    deepep, _ = comm_and_sort("deepep")
+    reached = ranks_reached_per_token(128, 8, np.array([8]))[0]
+    assert reached == pytest.approx(5.34, abs=0.01)
+    w, spec = ctx.workload, ctx.spec
+    token_bytes = 4 * w.seq_len * spec.hidden_size * 2 * ctx.profile.expert_imbalance()
+    a2a = lambda copies: all_to_all_seconds(ctx, np.array([token_bytes * copies]), np.array([8]), np.array([1]))[0]
+    assert alltoall - deepep == pytest.approx(moe_share(ctx.regime(False).layer) * (a2a(8) - a2a(reached)), rel=1e-6)

@@ -20,7 +20,8 @@ block's compute the exchange can hide behind is the profile's overlap `cp` (hand
 Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
 tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a
 dispatch and a combine all-to-all in the forward and two in the backward, of tokens x top-k x
-hidden elements in the compute dtype (x the profile's expert imbalance: the busiest rank receives
+hidden elements in the compute dtype (DeepEP, `--expert-dispatcher deepep`: tokens x the distinct
+ranks their experts live on) (x the profile's expert imbalance: the busiest rank receives
 that much more), each rank sending 1/ep of them to each other rank, the in-node share over NVLink
 and the rest over the network at the same time; each followed (preceded) by the sort of the
 received chunks by expert; not overlapped by default (profile overlap `ep`).
@@ -79,15 +80,32 @@ def ep_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
         return np.zeros(len(c))
     tokens = c.micro_batch_size * w.seq_len / c.cp / np.where(c.sequence_parallel, c.tp, 1)
     # the busiest rank receives (and sorts) `imbalance` times the mean of the routed copies
-    routed_bytes = (tokens * spec.experts_per_token * spec.hidden_size * regime.numerics.compute_bytes
-                    * ctx.profile.expert_imbalance())
-    one = all_to_all_seconds(ctx, routed_bytes, c.ep, c.tp)
+    token_bytes = tokens * spec.hidden_size * regime.numerics.compute_bytes * ctx.profile.expert_imbalance()
+    routed_bytes = token_bytes * spec.experts_per_token
+    sent_copies = np.where(ctx.workload.expert_dispatcher == "deepep",
+                           ranks_reached_per_token(spec.num_experts, spec.experts_per_token, c.ep),
+                           spec.experts_per_token)
+    one = all_to_all_seconds(ctx, token_bytes * sent_copies, c.ep, c.tp)
     # Megatron-Core's alltoall dispatcher sorts the received chunks by local expert after the dispatch
     # and back before the combine (moe_utils.sort_chunks_by_idxs); torchtitan permutes them
     # (expert_parallel.py, _permute / generate_permute_indices): a row read and written per copy
     sort_s = 2 * routed_bytes / ctx.memory_bytes_per_s
     share = moe_share(regime.layer)
     return np.where(c.ep > 1, share * (one * (1 - ctx.profile.parallel_overlap("ep")) + sort_s), 0.0)
+
+
+def ranks_reached_per_token(num_experts: int, top_k: int, ep: np.ndarray) -> np.ndarray:
+    """Distinct ep ranks a token's top-k experts live on, on average: DeepEP sends a token once to
+    each rank holding any of its experts (Buffer.get_dispatch_layout's is_token_in_rank, used by
+    Megatron-Core transformer/moe/fused_a2a.py fused_dispatch) and the combine sums a rank's experts
+    before sending back. With the k experts uniformly chosen (the balanced routing of the published
+    benchmarks) among E, E/ep per rank, a rank is missed with probability C(E - E/ep, k) / C(E, k)."""
+    ep = np.asarray(ep, dtype=float)
+    per_rank = num_experts / ep
+    missed = np.ones_like(ep)
+    for i in range(top_k):  # C(E - E/ep, k) / C(E, k) as a product of k ratios
+        missed = missed * np.clip(num_experts - per_rank - i, 0, None) / (num_experts - i)
+    return ep * (1 - missed)
 
 
 def all_to_all_seconds(ctx: Context, nbytes: np.ndarray, ep: np.ndarray, tp: np.ndarray) -> np.ndarray:
