@@ -182,6 +182,14 @@ def torchtitan_module(plan: _Plan, options: LaunchOptions) -> str:
 # -- Megatron-LM ---------------------------------------------------------------------------------
 # Megatron-LM's pretrain_gpt.py arguments (megatron/training/arguments.py, core_r0.14).
 
+def megatron_pipeline_layout(stages: list[list[int]]) -> str:
+    """Megatron-Core's pipeline_model_parallel_layout string (transformer/pipeline_parallel_layer_layout.py:
+    stages in virtual-stage order split by "|", "E" the embedding, "t" a decoder layer, "L" the loss)."""
+    parts = ["t" * len(layers) for layers in stages]
+    parts[0], parts[-1] = "E" + parts[0], parts[-1] + "L"
+    return "|".join(parts)
+
+
 def megatron_arguments(plan: _Plan, options: LaunchOptions) -> list[str]:
     c, w, s = plan.config, plan.workload, plan.spec
     args = ["--tensor-model-parallel-size", str(c.tp), "--pipeline-model-parallel-size", str(c.pp),
@@ -207,7 +215,9 @@ def megatron_arguments(plan: _Plan, options: LaunchOptions) -> list[str]:
                  else ["--moe-token-dispatcher-type", "alltoall"])
     if c.cp > 1:  # TransformerEngine's ring attention; planned with torch's all-gather rotation (same volume)
         args += ["--context-parallel-size", str(c.cp), "--cp-comm-type", "p2p"]
-    if c.vpp > 1:
+    if s.num_layers % (c.pp * c.vpp):  # uneven stages: the plan's split, written out (it fixes vpp too)
+        args += ["--pipeline-model-parallel-layout", megatron_pipeline_layout(plan.plan.stages)]
+    elif c.vpp > 1:
         args += ["--num-layers-per-virtual-pipeline-stage", str(s.num_layers // (c.pp * c.vpp))]
     if c.sequence_parallel:
         args.append("--sequence-parallel")

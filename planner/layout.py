@@ -63,22 +63,18 @@ def num_micro_batches(global_batch: int, dp: int, micro_batch_size: int) -> int:
 def stage_layers(num_layers: int, pp: int, vpp: int) -> list[list[int]]:
     """Layer indices of each (virtual) pipeline stage, in stage order.
 
-    One stage per rank (1F1B): stages 1..rest get one extra layer, never the first, which also
-    holds the embedding (planner/cost/context.py `stage_layout` costs the same split). With vpp > 1
-    every virtual stage holds num_layers / (pp x vpp) layers and virtual stage c x pp + r lives on
-    rank r (the looped order of torch.distributed.pipelining's ScheduleInterleaved1F1B)."""
+    Of the pp x vpp stages, stages 1..rest get one extra layer (base, rest = divmod(layers, pp x vpp)),
+    never the first, which also holds the embedding (planner/cost/context.py `virtual_stage_span`
+    costs the same split); virtual stage c x pp + r lives on rank r (the looped order of
+    torch.distributed.pipelining's ScheduleInterleaved1F1B). Where the layers do not divide, the first
+    and last stages hold fewer: Llama 3.1 405B's 126 layers over 64 stages give 1 + 62 x 2 + 1, the
+    split Megatron-Core makes with account_for_embedding/loss_in_pipeline_split."""
     stages = pp * vpp
-    if vpp > 1:
-        if num_layers % stages:
-            raise InvalidRequest(f"{num_layers} layers do not divide over pp x vpp = {stages} virtual stages; "
-                                 "choose another --pp/--vpp")
-        size = num_layers // stages
-        return [list(range(s * size, (s + 1) * size)) for s in range(stages)]
-    if pp > num_layers:
-        raise InvalidRequest(f"--pp {pp} exceeds the {num_layers} layers; choose a smaller --pp")
-    base, rest = divmod(num_layers, pp)
-    counts = [base + (1 if 1 <= i <= rest else 0) for i in range(pp)]
-    starts = [sum(counts[:i]) for i in range(pp)]
+    if stages > num_layers:
+        raise InvalidRequest(f"pp x vpp = {stages} stages exceed the {num_layers} layers; choose a smaller --pp/--vpp")
+    base, rest = divmod(num_layers, stages)
+    counts = [base + (1 if 1 <= i <= rest else 0) for i in range(stages)]
+    starts = [sum(counts[:i]) for i in range(stages)]
     return [list(range(start, start + count)) for start, count in zip(starts, counts)]
 
 

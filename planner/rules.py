@@ -41,8 +41,8 @@ OPTION_RULES: tuple[Rule, ...] = (
     Rule("vpp needs pp > 1", lambda c, s, w: (c.vpp > 1) & (c.pp == 1), pairing=True),
     Rule("sharding the embedding and head separately needs zero 3", lambda c, s, w: c.shard_ends & (c.zero != 3),
          pairing=True),
-    Rule("layers not divisible by pp x vpp", lambda c, s, w: (c.vpp > 1) & (s.num_layers % (c.pp * c.vpp) != 0),
-         fix="a --vpp that divides the layers of each stage"),
+    Rule("more virtual stages (pp x vpp) than layers", lambda c, s, w: c.pp * c.vpp > s.num_layers,
+         fix="a smaller --pp or --vpp"),
     Rule("interleaved schedule needs micro-batches divisible by pp",
          lambda c, s, w: (c.vpp > 1) & (c.num_micro_batches % c.pp != 0),
          fix="a global batch whose micro-batch count is a multiple of pp, or --vpp 1"),
@@ -161,6 +161,8 @@ def _explain(reason: str, spec: ModelSpec, workload: Workload, config: ParallelC
                                        + (f" (full-attention layers: {spec.global_kv_heads})" if spec.global_kv_heads else ""),
         "tp does not divide the ffn size": f"--tp {config.tp} does not divide the ffn size {spec.intermediate_size}",
         "more pipeline stages than layers": f"--pp {config.pp} exceeds the {spec.num_layers} layers",
+        "more virtual stages (pp x vpp) than layers":
+            f"pp x vpp = {config.pp} x {config.vpp} stages exceed the {spec.num_layers} layers",
         "sequence not divisible into 2 x cp chunks":
             f"--seq-len {workload.seq_len} does not split into 2 x cp = {2 * config.cp} equal chunks",
         "ep does not divide the routed experts": f"--ep {config.ep} does not divide the {spec.num_experts} routed experts",

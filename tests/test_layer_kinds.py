@@ -162,20 +162,52 @@ def test_suggest_plans_todays_models(name, gpus, target):
     assert result["feasible"] > 0 and best["fits"] and result["request"]["params"] == count_params(load_model(name))
 
 
-@pytest.mark.parametrize("layers, pp, vpp", [(61, 4, 1), (61, 8, 1), (4, 4, 1), (48, 4, 2), (48, 3, 4), (7, 1, 1)])
+@pytest.mark.parametrize("layers, pp, vpp", [(61, 4, 1), (61, 8, 1), (4, 4, 1), (48, 4, 2), (48, 3, 4), (7, 1, 1),
+                                              (126, 8, 8), (61, 8, 4), (61, 16, 1), (10, 2, 3)])
 def test_stage_kind_counts_follow_the_executors_split(layers, pp, vpp):
-    """A stage holds exactly the layers executor/pipeline.py gives its rank."""
+    """A stage holds exactly the layers executor/pipeline.py gives its rank, also where the virtual
+    stages do not divide the layers; the cost model's per-rank layer count is the same split's."""
     import numpy as np
 
+    from planner.cost.candidates import Candidates
+    from planner.cost.context import stage_layout
     from planner.cost.stages import kind_count
+    from planner.plan import ParallelConfig
     pipeline = pytest.importorskip("executor.pipeline")
     split = pipeline.layers_per_stage(layers, pp, vpp)
+    assert sorted(i for stage in split for i in stage) == list(range(layers))
     kinds = [tuple(range(3)), tuple(range(3, layers)), tuple(range(0, layers, 2))]
+    layout = stage_layout(layers, Candidates.from_configs([ParallelConfig(
+        dp=1, tp=1, pp=pp, vpp=vpp, micro_batch_size=1, num_micro_batches=pp * 2)]))
     for rank in range(pp):
         held = [i for stage in pipeline.stage_indices(rank, pp, vpp) for i in split[stage]]
         for indices in kinds:
             ours = kind_count(indices, layers, np.array([rank]), np.array([pp]), np.array([vpp]))
             assert int(ours[0]) == len(set(held) & set(indices))
+        for role, index in layout.stage_index.items():
+            if int(index[0]) == rank:
+                assert int(layout.layers[role][0]) == len(held)
+
+
+def test_uneven_virtual_stages_give_the_first_and_last_fewer_layers_as_megatron_does():
+    """Llama 3.1 405B on pp 8 x vpp 8 (Megatron-Bridge's H100 recipe, case c301): 126 layers over 64
+    virtual stages, 1 + 62 x 2 + 1 — the split account_for_embedding/loss_in_pipeline_split makes —
+    written for Megatron-LM as its pipeline_model_parallel_layout."""
+    from planner.api import Request, make_plan, suggest
+    from planner.export import LaunchOptions, _Plan
+    from planner.export_engines import megatron_arguments
+    from planner.layout import stage_layers
+    from planner.search import Pins
+
+    stages = stage_layers(126, 8, 8)
+    assert [len(s) for s in stages] == [1] + [2] * 62 + [1]
+    request = Request(model="llama3.1-405b", gpu="h100-sxm-80gb", gpus=1024, seq_len=8192, global_batch=512,
+                      target="megatron", precision="fp8")
+    best = suggest(request, Pins(tp=8, pp=8, vpp=8, cp=2), top=1)["candidates"][0]
+    args = megatron_arguments(_Plan(make_plan(request, best)), LaunchOptions())
+    layout = args[args.index("--pipeline-model-parallel-layout") + 1]
+    assert layout == "|".join(["Et"] + ["tt"] * 62 + ["tL"])
+    assert "--num-layers-per-virtual-pipeline-stage" not in args
 
 
 def test_each_pipeline_stage_holds_its_own_kinds():

@@ -50,7 +50,7 @@ def test_micro_batches_that_do_not_make_the_global_batch_are_refused():
 @pytest.mark.parametrize("change,words", [
     (lambda d: d["config"].update(num_micro_batches=1), "does not make the global batch"),
     (lambda d: d["config"].update(dp=4), "dp x tp x pp"),
-    (lambda d: d["config"].update(pp=2, vpp=3, dp=1, num_micro_batches=8), "layers not divisible by pp x vpp"),
+    (lambda d: d["config"].update(pp=2, vpp=3, dp=1, num_micro_batches=8), "stages exceed the 4 layers"),
     (lambda d: d["config"].update(tp="2"), "config.tp must be a whole number"),
     (lambda d: d["config"].update(sequence_parallel=None), "must be true or false"),
     (lambda d: d["workload"].update(seq_len=64.0), "workload.seq_len must be a whole number"),

@@ -157,13 +157,23 @@ class StageLayout:
 ROLES = ("first", "middle", "last")
 
 
+def virtual_stage_span(num_layers: int, stage: np.ndarray, stages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first layer, layer count) of virtual stage `stage` of `stages`: base + (1 <= stage <= rest)
+    layers, never an extra one on the first stage (it holds the embedding) — planner/layout.py
+    stage_layers, vectorised."""
+    stages = np.maximum(stages, 1)
+    base, rest = num_layers // stages, num_layers % stages
+    start = stage * base + np.maximum(0, np.minimum(stage - 1, rest))
+    return start, base + ((stage >= 1) & (stage <= rest))
+
+
 def stage_layout(num_layers: int, c: Candidates) -> StageLayout:
     p, m, v = c.pp, c.num_micro_batches, c.vpp
-    base, rest = num_layers // p, num_layers % p
     index = {"first": np.zeros_like(p), "middle": np.minimum(1, p - 1), "last": p - 1}
     layers, in_flight, chunks = {}, {}, {}
     for role, i in index.items():
-        layers[role] = base + ((i >= 1) & (i <= rest))
+        layers[role] = sum(np.where(k < v, virtual_stage_span(num_layers, k * p + i, p * v)[1], 0)
+                           for k in range(int(np.max(v, initial=1))))
         # 1F1B keeps min(m, p - i) micro-batches on stage i. Megatron's interleaved schedule warms up
         # 2(p - i - 1) + (v - 1)p chunks (schedules.py), i.e. L(1 + (p-1)/(pv)) layer-micro-batches on
         # the first stage (Korthikanti et al. 2022, §4.2.3).

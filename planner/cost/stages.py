@@ -2,16 +2,16 @@
 interleaved MoE, alternating sliding / global attention): a stage's layer is the mean of the kinds
 it holds, weighted by how many of each it holds, so that a stage's sums are exact.
 
-The split follows the executor (executor/pipeline.py, layers_per_stage) and stage_layout: without
-interleaving stage i holds a contiguous run of base + (1 <= i <= rest) layers; with v virtual
-stages per rank, rank i holds the chunks i, i + p, ..., each of L / (p·v) consecutive layers.
+The split follows the executor (executor/pipeline.py, planner/layout.py stage_layers) and
+stage_layout: of the S = p·v (virtual) stages, stage s holds a contiguous run of base + (1 <= s <= rest)
+layers (base, rest = divmod(L, S)), and rank i holds the stages i, i + p, ..., i + (v - 1)·p.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from planner.cost.context import ROLES, Regime, StageLayout
+from planner.cost.context import ROLES, Regime, StageLayout, virtual_stage_span
 from planner.cost.summary import PartSummary, mean_layer
 
 
@@ -39,21 +39,16 @@ def role_layers(regime: Regime, layout: StageLayout, num_layers: int) -> dict[st
 
 def kind_count(indices: tuple[int, ...], num_layers: int, stage: np.ndarray, pp: np.ndarray,
                vpp: np.ndarray) -> np.ndarray:
-    """How many of the layers `indices` stage `stage` holds, per candidate."""
+    """How many of the layers `indices` rank `stage` holds over its vpp virtual stages, per candidate."""
     before = np.zeros(num_layers + 1, dtype=np.int64)  # before[j]: layers of this kind among the first j
     before[np.asarray(indices, dtype=np.int64) + 1] = 1
     before = np.cumsum(before)
-    base, rest = num_layers // pp, num_layers % pp
-    start = stage * base + np.maximum(0, np.minimum(stage - 1, rest))
-    plain = before[np.minimum(start + base + ((stage >= 1) & (stage <= rest)), num_layers)] - before[start]
-    size = num_layers // np.maximum(pp * vpp, 1)
-    interleaved = np.zeros_like(plain)
+    held = np.zeros(np.broadcast(stage, pp, vpp).shape, dtype=np.int64)
     for chunk in range(int(np.max(vpp, initial=1))):
-        first = np.minimum((chunk * pp + stage) * size, num_layers)
-        last = np.minimum(first + size, num_layers)
-        interleaved = interleaved + np.where(chunk < vpp, before[last] - before[first], 0)
-    return np.where(vpp > 1, interleaved, plain)
-
+        first, count = virtual_stage_span(num_layers, chunk * pp + stage, pp * vpp)
+        first = np.minimum(first, num_layers)
+        held = held + np.where(chunk < vpp, before[np.minimum(first + count, num_layers)] - before[first], 0)
+    return held
 
 
 POSITIONS = ("first", "second", "below_last", "last")  # of a stage's layers, in forward order
@@ -98,10 +93,6 @@ def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers:
 def _stage_ends(layout: StageLayout, role: str, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
     """The global indices of the stage's first and last layers (kind_count's split)."""
     stage, pp, vpp = layout.stage_index[role], layout.pp, layout.vpp
-    base, rest = num_layers // pp, num_layers % pp
-    start = stage * base + np.maximum(0, np.minimum(stage - 1, rest))
-    end = start + base + ((stage >= 1) & (stage <= rest)) - 1
-    size = num_layers // np.maximum(pp * vpp, 1)
-    first = np.where(vpp > 1, stage * size, start)
-    last = np.where(vpp > 1, ((vpp - 1) * pp + stage) * size + size - 1, end)
-    return first, np.maximum(last, first)
+    first, _ = virtual_stage_span(num_layers, stage, pp * vpp)
+    last_start, last_count = virtual_stage_span(num_layers, (vpp - 1) * pp + stage, pp * vpp)
+    return first, np.maximum(last_start + last_count - 1, first)

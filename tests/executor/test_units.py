@@ -111,11 +111,11 @@ def test_unsupported_options_are_refused_by_name(tmp_path, workload, config, nee
 
 
 def test_a_hand_edited_plan_with_invalid_degrees_is_refused(tmp_path):
-    """The executor runs the planner's own checks: a pipeline whose virtual stages do not divide
-    the layers would otherwise silently drop some."""
+    """The executor runs the planner's own checks: a pipeline with more virtual stages than layers
+    would otherwise run empty stages."""
     plan = json.loads(make_plan(tmp_path / "p.json", 2, {"precision": "bf16"}, dp=1, pp=2).read_text())
     plan["config"]["vpp"] = 3
-    with pytest.raises(InvalidRequest, match="layers not divisible by pp x vpp"):
+    with pytest.raises(InvalidRequest, match="stages exceed the 4 layers"):
         Plan.from_dict(plan)  # the Plan checks its own layout when it is read
 
 
