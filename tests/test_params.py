@@ -51,6 +51,16 @@ def test_todays_models_counts(name, count):
     assert count_params(load_model(name)) == count
 
 
+@pytest.mark.parametrize("name, count", [
+    ("qwen3.5-27b", 26_895_998_464), ("qwen3.5-35b-a3b", 34_660_610_688), ("qwen3.5-122b-a10b", 122_111_526_912),
+    ("qwen3.5-397b-a17b", 396_346_350_336), ("gemma-4-26b-a4b", 25_233_141_760),
+    ("nemotron-3-nano-30b-a3b", 31_577_937_344), ("nemotron-h-56b", 56_324_350_464)])
+def test_hybrid_release_counts(name, count):
+    # issue 15's later releases, their official config.json (sources in the presets); transformers 5.23 meta-device
+    # counts of the language model (no vision tower, no MTP layer)
+    assert count_params(load_model(name)) == count
+
+
 _SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 128, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # one hand-written config.json per family, each exercising its per-layer keys and left-out defaults
