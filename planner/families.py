@@ -306,6 +306,9 @@ def _qwen3_5_moe(c: Config) -> dict[str, Any]:
 NEMOTRON_BLOCKS = {"linear_attention": ("mamba", "none"), "full_attention": ("full_attention", "none"),
                    "mlp": ("none", "dense"), "moe": ("none", "sparse")}
 NEMOTRON_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+# the names released config.json files still use (e.g. Nemotron 3.5 Lightning), as transformers renames them
+# (configuration_utils._LEGACY_LAYER_TYPE_REMAP)
+NEMOTRON_LEGACY = {"mamba": "linear_attention", "attention": "full_attention"}
 
 
 def _nemotron_h(c: Config) -> dict[str, Any]:
@@ -319,6 +322,8 @@ def _nemotron_h(c: Config) -> dict[str, Any]:
             raise InvalidRequest(f"{c.where}: hybrid_override_pattern may hold only M, *, - and E; got {pattern!r}")
         blocks = [NEMOTRON_PATTERN[ch] for ch in pattern]
     blocks = blocks or ["linear_attention", "moe", "full_attention", "mlp"]
+    if isinstance(blocks, list):
+        blocks = [NEMOTRON_LEGACY.get(b, b) if isinstance(b, str) else b for b in blocks]
     if not isinstance(blocks, list) or any(b not in NEMOTRON_BLOCKS for b in blocks):
         raise InvalidRequest(f"{c.where}: layers_block_type must list {', '.join(NEMOTRON_BLOCKS)}; got {blocks!r}")
     if c.data.get("moe_latent_size"):

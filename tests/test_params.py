@@ -4,7 +4,7 @@ import pytest
 
 from planner.graph import count_params
 from planner.families import TEXT_PARTS, text_config
-from planner.models import catalog, load_model
+from planner.models import catalog, load_model, spec_from_hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -49,6 +49,27 @@ def test_known_counts():
 def test_todays_models_counts(name, count):
     # the counts issue 15 names (transformers' meta-device counts; DeepSeek-V3 without its MTP module)
     assert count_params(load_model(name)) == count
+
+
+@pytest.mark.parametrize("name, count", [
+    ("qwen3.5-27b", 26_895_998_464), ("qwen3.5-35b-a3b", 34_660_610_688), ("qwen3.5-122b-a10b", 122_111_526_912),
+    ("qwen3.5-397b-a17b", 396_346_350_336), ("gemma-4-26b-a4b", 25_233_141_760),
+    ("nemotron-3-nano-30b-a3b", 31_577_937_344), ("nemotron-3.5-lightning-30b-a3b", 31_577_937_344),
+    ("nemotron-h-56b", 56_324_350_464)])
+def test_hybrid_release_counts(name, count):
+    # issue 15's later releases, their official config.json (sources in the presets); transformers 5.23 meta-device
+    # counts of the language model (no vision tower, no MTP layer)
+    assert count_params(load_model(name)) == count
+
+
+def test_nemotron_h_older_block_names_read_as_transformers_renames_them():
+    # released config.json files still say mamba / attention (transformers' _LEGACY_LAYER_TYPE_REMAP)
+    config = {**hand_written("nemotron_h"), "layers_block_type": ["mamba", "attention", "mlp", "moe", "mamba"]}
+    del config["hybrid_override_pattern"]
+    renamed = {**config, "layers_block_type": ["linear_attention", "full_attention", "mlp", "moe", "linear_attention"]}
+    ours = count_params(spec_from_hf_config(config, name="legacy"))
+    assert ours == transformers_count(config) == count_params(spec_from_hf_config(renamed, name="renamed"))
+    assert spec_from_hf_config(config, name="legacy").layer_types == spec_from_hf_config(renamed, name="r").layer_types
 
 
 _SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4,
