@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 from planner.framework_memory import framework_memory
-from planner.ops import FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, Op, Saved, linear_op
+from planner.ops import FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, BackwardPart, Op, Saved, linear_op
 
 
 def moe_block(b: Any) -> None:
@@ -77,24 +77,55 @@ def dense_moe_block(b: Any) -> None:
     """transformers' Llama 4 MoE (modeling_llama4.py Llama4TextMoe / Llama4TextExperts / Llama4Router),
     which the executor and HF Trainer run: every token goes through every expert, weighted by its
     score (0 off the top k). The router keeps its top-k indices and the fp32 sigmoid of the scattered
-    scores; `hidden_states.repeat(E, 1) * scores` keeps the repeated input and a contiguous copy of the
-    scores; the bmm over (E, T, H) keeps its input, gate_up (whose chunks the activation and product
-    read), act(gate) and the product (the second bmm's input); the sum over experts keeps nothing."""
+    scores (Llama4Router.forward, transformers 5.23 lines 147-150); `hidden_states.repeat(E, 1) * scores`
+    (Llama4TextMoe.forward, 168-169) keeps the repeated input and a contiguous copy of the scores; the
+    bmm over (E, T, H) (Llama4TextExperts.forward, 79-81) keeps its input, gate_up (whose chunks the
+    activation and product read), act(gate) and the product (the second bmm's input); the sum over
+    experts (172) keeps nothing. Its backward runs node by node (dense_expert_backward)."""
     s, n = b.spec, b.n
     c = n.compute_bytes
     h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
-    start = b.last
     router = linear_op(n, "router", h, e, s.router_bias, b.mlp_in, split="sp", input_bytes=n.residual_bytes)
     routing = (Saved("router.sigmoid", FP32_BYTES * e, "sp"), Saved("router.topk", INDEX_BYTES * k, "sp"))
     b.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=(c + 3 * FP32_BYTES) * e))
     saved = (Saved("experts.repeated", c * h * e), Saved("experts.scores", c * e, "sp"),
              Saved("experts.in", c * h * e, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * e),
              Saved("experts.act", c * i * e), Saved("experts.prod", c * i * e, for_weight_grad=True))
+    # the shared expert's input gradient waits in autograd's buffer for the block input's other
+    # contributions (the repeat's, the router's) while the experts run their backward
+    waiting = (Saved("experts.grad_shared_in", c * h, "sp"),) if s.shared_expert_intermediate_size else ()
     # the repeat writes E rows, the weighting reads and writes them, the sum over experts reads them
     spread_io = 4 * e * c * h
     b.add(Op("experts", "experts", params=e * 3 * h * i, gemm=(h, 3 * i), tokens_factor=e,
              flops_per_token=e * 2 * 3 * h * i, io_bytes_per_token=e * 8 * c * i + spread_io,
              out_bytes_per_token=c * h, saved=saved, quantizable=True,
-             grads=(Saved("experts.grad", e * c * (h + 3 * i)),),
+             backward_parts=dense_expert_backward(c * h * e, c * i * e, waiting),
              param_dims=((e, e * 2 * h * i), (e, e * h * i))))
-    _shared_experts(b, start)
+    # the shared expert runs after the experts (Llama4TextMoe.forward: routed_out at 170, then shared_expert
+    # at 171), so autograd runs its whole backward before theirs (later nodes first): its weights' gradients
+    # exist by then
+    _shared_experts(b, "experts")
+
+
+def dense_expert_backward(rows_h: int, rows_i: int, waiting: tuple[Saved, ...] = ()) -> tuple[BackwardPart, ...]:
+    """Llama4TextMoe's backward node by node (autograd frees what a node saved once it has run), for
+    E·T rows of width H (`rows_h`, bytes per token) and of width I (`rows_i`), with `waiting` held
+    throughout:
+    1. the sum over experts' gradient, expanded over E, is copied by the reshape before it (E·T·H),
+       and the down bmm makes the product's gradient (E·T·I) and down_proj's (1/3 of the weights);
+       then the product is freed;
+    2. `up * act(gate)` makes up's and act's gradients beside the product's (3 E·T·I); then act and,
+       after silu's backward (3 E·T·I again, act freed), gate_up are freed;
+    3. chunk's backward concatenates gate_up's gradient (2 E·T·I), the gate_up bmm makes the input's
+       (E·T·H) and gate_up_proj's (2/3); then its input is freed;
+    4. the weighting by the scores makes the repeated input's gradient and, for the scores', the
+       product of the gradient and the repeated input before its sum over H (3 E·T·H).
+    As traced (a middle layer of the llama-4-scout-4l 1x4096 oracle point): down_proj's gradient
+    +1.25 GiB, the product's +1, the copy and the product freed -1.6, step 2 +2: the layer's peak."""
+    return (BackwardPart((Saved("experts.grad_out", rows_h), Saved("experts.grad_prod", rows_i), *waiting), 1 / 3,
+                         ("experts.prod",)),
+            BackwardPart((Saved("experts.grad_act_mul", 3 * rows_i), *waiting), 0.0,
+                         ("experts.act", "experts.gate_up")),
+            BackwardPart((Saved("experts.grad_gate_up", 2 * rows_i), Saved("experts.grad_in", rows_h), *waiting), 2 / 3,
+                         ("experts.in",)),
+            BackwardPart((Saved("experts.grad_spread", 3 * rows_h), *waiting), 0.0))

@@ -49,6 +49,18 @@ class Saved:
 
 
 @dataclass(frozen=True)
+class BackwardPart:
+    """One step of an op whose backward runs several autograd nodes in turn, each allocating its
+    own temporaries (transformers' Llama 4 experts: the down bmm, act(gate) * up, the gate_up bmm):
+    the gradients alive in it, the share of the op's weights whose gradients it makes, and the op's
+    saved tensors (keys) that autograd frees once it is done."""
+
+    grads: tuple[Saved, ...]
+    weight_share: float = 0.0
+    releases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Op:
     name: str
     kind: str  # matmul | attention | norm | elementwise | embedding | router | experts
@@ -71,6 +83,8 @@ class Op:
     grads: tuple[Saved, ...] = ()
     # (dim 0, elements) of each parameter tensor: FSDP2 pads dim 0 to a multiple of the ranks
     param_dims: tuple[tuple[int, int], ...] = ()
+    # the backward as several steps in order (then `grads` is unused); empty: one step
+    backward_parts: tuple[BackwardPart, ...] = ()
 
 
 def norm_op(spec: ModelSpec, n: Numerics, name: str, input_key: str, width: int = 0, rows: int = 1,

@@ -257,3 +257,48 @@ def test_deepep_sends_a_token_once_per_rank_not_once_per_expert():
     token_bytes = 4 * w.seq_len * spec.hidden_size * 2 * ctx.profile.expert_imbalance()
     a2a = lambda copies: all_to_all_seconds(ctx, np.array([token_bytes * copies]), np.array([8]), np.array([1]))[0]
     assert alltoall - deepep == pytest.approx(moe_share(ctx.regime(False).layer) * (a2a(8) - a2a(reached)), rel=1e-6)
+
+
+def test_transformers_llama4_expert_backward_frees_as_autograd_does():
+    """Llama4TextExperts' backward runs its nodes in turn (the down bmm, act(gate) * up, silu, the
+    gate_up bmm): the product is freed before act(gate) * up's backward allocates its three E·T·I
+    gradients, and only down_proj's gradient (a third of the experts' weights) exists by then; the
+    gate_up bmm makes the rest once act(gate) and gate_up are freed. One step holding every saved
+    tensor with every gradient at once would over-count the peak by the product, gate_up_proj's
+    gradient and a gradient of width H (the oracle's two Llama 4 points: +7 and +12 %)."""
+    from planner.cost.summary import backward_steps
+    from planner.ops import Saved
+
+    spec, hf = _llama4_graph("executor")
+    ops = next(ops for ops, _ in hf.kind_ops())
+    steps = [s for s in backward_steps(ops, Saved("layer_in", 2 * spec.hidden_size, "sp")) if s.name == "experts"]
+    experts = _experts_op(hf)
+    c, e, h, i = 2, spec.num_experts, spec.hidden_size, spec.intermediate_size
+    assert [s.weight_share for s in steps] == pytest.approx([1 / 3, 0, 2 / 3, 0])
+    # the shared expert runs after the experts in the forward, so its whole backward comes first
+    assert steps[0].done_params_tp == 3 * spec.hidden_size * spec.shared_expert_intermediate_size
+    assert sum(s.weight_params_tp for s in steps) == pytest.approx(experts.params)
+    assert steps[1].done_params_tp - steps[0].done_params_tp == pytest.approx(experts.params / 3)
+    down, act_mul, gate_up = (s.alive.tp + s.alive.sp for s in steps[:3])
+    # down: + the gradients of the sum (copied, E·T·H) and of the product (E·T·I); act_mul: the product
+    # freed, + three E·T·I gradients; gate_up: act and gate_up freed, + gate_up's gradient and the input's
+    assert act_mul - down == pytest.approx(c * e * i * (3 - 1 - 1) - c * e * h)
+    assert gate_up - act_mul == pytest.approx(c * e * (2 * i + h) - c * e * 3 * i - c * e * 3 * i)
+
+
+def test_dense_expert_weights_under_expert_parallelism_count_the_ranks_share_once():
+    """The experts' weight gradients, made over several backward steps, are the rank's 1/ep of them
+    in total (planner/cost/memory.py _backward_steps), as a single step's are."""
+    from planner.cost.memory import _backward_steps
+    from planner.cost.summary import summarize_parts
+
+    _, hf = _llama4_graph("executor")
+    part = summarize_parts(hf)[3][0][0]
+    experts = _experts_op(hf).params
+    gone = experts * (1 - 1 / 4)  # ep 4
+    steps = _backward_steps(part, 1, gone, lambda alive: 0.0)
+    names = [s.name for s in part.backward]
+    first, last = names.index("experts"), len(names) - 1 - names[::-1].index("experts")
+    made = sum(steps[j][1] for j in range(first, last + 1))
+    assert made == pytest.approx(experts / 4)
+    assert steps[last + 1][2] - steps[first][2] == pytest.approx(experts / 4)

@@ -320,14 +320,14 @@ def _position_parts(regime, c: Candidates, p: dict[str, np.ndarray], per_micro_b
 
 def _backward_steps(layer, t, gone, per_micro_batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(alive, weights made here, made before) of each backward step of a layer on this rank: the
-    routed experts' weight gradients are of the rank's 1/ep of them (`gone`: the others' share)."""
-    steps, experts_done = [], False
+    routed experts' weight gradients are of the rank's 1/ep of them (`gone`: the others' share), made
+    over one step or several (`weight_share`: a step's part of them, BackwardPart)."""
+    steps, experts_done = [], 0.0
     for step in layer.backward:  # in backward order: the ops before the experts see them done
-        own = step.name == "experts"
-        steps.append((per_micro_batch(step.alive), (step.weight_params_tp - (gone if own else 0.0)) / t
-                      + step.weight_params_rep,
-                      (step.done_params_tp - (gone if experts_done else 0.0)) / t + step.done_params_rep))
-        experts_done = experts_done or own
+        own = step.weight_share if step.name == "experts" else 0.0
+        steps.append((per_micro_batch(step.alive), (step.weight_params_tp - gone * own) / t + step.weight_params_rep,
+                      (step.done_params_tp - gone * experts_done) / t + step.done_params_rep))
+        experts_done = min(experts_done + own, 1.0)
     return steps
 
 

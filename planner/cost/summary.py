@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.graph import ModelGraph
-from planner.ops import Op, Saved
+from planner.ops import BackwardPart, Op, Saved
 
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 
@@ -111,6 +111,7 @@ class BackwardStep:
     weight_params_rep: float = 0.0
     done_params_tp: float = 0.0  # weights whose gradients the layer's earlier steps made
     done_params_rep: float = 0.0
+    weight_share: float = 1.0  # the share of the op's weights whose gradients this step makes (BackwardPart)
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,8 @@ def backward_steps(ops: list[Op], layer_input: Saved) -> tuple[BackwardStep, ...
     """Walk a layer's backward op by op (reverse order): autograd frees a saved tensor once the
     last node that needs it has run, i.e. after the backward of the first op (in forward order)
     that saved it; the gradient of the residual stream (the layer input's size) is held
-    throughout, as each branch's result is added to it."""
+    throughout, as each branch's result is added to it. An op with `backward_parts` takes one step
+    per part, freeing its own saved tensors as its nodes finish."""
     first_user: dict[str, int] = {}
     tensors: dict[str, Saved] = {}
     for index, op in enumerate(ops):
@@ -278,13 +280,18 @@ def backward_steps(ops: list[Op], layer_input: Saved) -> tuple[BackwardStep, ...
     steps = []
     for index in reversed(range(len(ops))):
         op = ops[index]
-        held = sum((_saved(t) for t in alive.values()), Bytes()) + residual
-        held = held + sum((_shard(g.bytes_per_token, g.split) for g in op.grads), Bytes())
         trained = op.params if op.trainable and op.kind in ("matmul", "experts", "router") else 0.0
         tp, rep = (trained, 0.0) if op.tp_split else (0.0, trained)
-        steps.append(BackwardStep(op.name, held, tp, rep, done_tp, done_rep))
-        done_tp, done_rep = done_tp + (op.params if op.trainable and op.tp_split else 0.0), \
-            done_rep + (op.params if op.trainable and not op.tp_split else 0.0)
+        for part in op.backward_parts or (BackwardPart(op.grads, 1.0),):
+            held = sum((_saved(t) for t in alive.values()), Bytes()) + residual
+            held = held + sum((_shard(g.bytes_per_token, g.split) for g in part.grads), Bytes())
+            share = part.weight_share
+            steps.append(BackwardStep(op.name, held, tp * share, rep * share, done_tp, done_rep, share))
+            done_tp, done_rep = done_tp + (op.params * share if op.trainable and op.tp_split else 0.0), \
+                done_rep + (op.params * share if op.trainable and not op.tp_split else 0.0)
+            for key in part.releases:  # a node of the op's own backward was their last user
+                if first_user.get(key) == index:
+                    alive.pop(key, None)
         for key in [k for k, user in first_user.items() if user == index]:
             alive.pop(key, None)
     return tuple(steps)
