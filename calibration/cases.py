@@ -262,6 +262,12 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         # (llm-foundry llm_foundry/models/mpt/modeling_mpt.py ComposerMPTCausalLM)
         extras["fused_loss"] = True
         notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
+    if "Megatron-Bridge" in str(row.get("framework")):
+        # Megatron-Bridge's GPT provider fuses the cross-entropy (src/megatron/bridge/models/gpt_provider.py:180
+        # cross_entropy_loss_fusion = True at 97ad8cc6f; its performance recipes run TE's kernel in place,
+        # scripts/performance/utils/overrides.py:55 cross_entropy_fusion_impl = "te")
+        extras["fused_loss"] = True
+        notes.append("fused cross-entropy (Megatron-Bridge: cross_entropy_loss_fusion, Transformer Engine's kernel)")
     extras["loss_parallel"] = loss_parallel_of(row)
     extras["fused_norm"] = fused_norm_of(row)
     if extras["fused_norm"]:
@@ -304,6 +310,14 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     recompute = "full" if recompute_text.startswith("full") else "selective" if "selective" in recompute_text else "none"
     if recompute_text in ("none", "null", "moai default"):
         recompute = "none"
+    modules = re.search(r"recompute_modules \[([^\]]*)\]", recompute_text)
+    if modules:
+        # Megatron-Core's selective recomputation of named modules (Megatron-LM transformer_config.py
+        # recompute_modules: core_attn, moe_act, mla_up_proj, ...) is not the planner's selective policy
+        # (torchtitan's per-op list): the planner keeps what those modules recompute, an upper bound
+        recompute = "none"
+        case.assumptions.append(f"Megatron-Core recompute_modules [{modules.group(1)}] not modelled: what they "
+                                "recompute is counted as kept (an upper bound on memory)")
     offload = "params" if "cpu offload" in str(row.get("optimizer")).lower() and zero == 3 else "none"
     # torchtune's 70B and 405B configs shard the embedding and the output projection on their own
     # (custom_sharded_layers: ['tok_embeddings', 'output'], "useful for large vocab size models")
