@@ -168,6 +168,9 @@ class Run:
             del facts["workload"]["framework"]  # the default: ids of runs stored before it existed stay
         if facts["workload"] and not facts["workload"].get("fused_norm", True):
             del facts["workload"]["fused_norm"]  # likewise
+        for key, default in (("recompute_modules", ""), ("moments_dtype", "fp32")):
+            if facts["workload"] and facts["workload"].get(key, default) == default:
+                facts["workload"].pop(key, None)  # likewise
         return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
 
 

@@ -193,3 +193,41 @@ def test_megatron_stage_parameters_of_qwen3_30b_are_bf16_from_the_shapes(cases):
     params = 24 * layer + h + v * h
     breakdown = predict(request_for(case), case.config)["memory"]["breakdown"]
     assert breakdown["params"] == pytest.approx(2 * params, rel=1e-6)
+
+
+def test_megatron_precision_aware_optimizer_keeps_bf16_moments(cases):
+    """c305 (DeepSeek-V3 recipe: use_precision_aware_optimizer, bf16 exp_avg and exp_avg_sq): the
+    distributed optimizer's shard holds 4 + 2 + 2 bytes a parameter instead of 4 + 4 + 4."""
+    case = cases["c305"]
+    assert case.workload.moments_dtype == "bf16"
+    fp32 = replace(case, workload=replace(case.workload, moments_dtype="fp32"))
+    states = {c.workload.moments_dtype: predict(request_for(c), c.config)["memory"]["breakdown"]["optimizer"]
+              for c in (case, fp32)}
+    assert states["bf16"] == pytest.approx(states["fp32"] * 8 / 12, rel=1e-9)
+
+
+def test_megatron_mla_up_proj_recompute_keeps_no_q_k_v_and_leaves_the_time(cases):
+    """recompute_modules mla_up_proj: the core attention's q, k and v (the up-projections' outputs) are
+    discarded after it and recomputed; each layer keeps (2 x 128 x 192 + 128 x 128) x 2 bytes a token less."""
+    case = cases["c305"]
+    assert case.workload.recompute_modules == "mla_up_proj" and case.config.recompute == "none"
+    kept = replace(case, workload=replace(case.workload, recompute_modules=""))
+    attention = {c.workload.recompute_modules: next(op for op in _memory_ops(c) if op.kind == "attention")
+                 for c in (case, kept)}
+    saved = {name: {t.key: t.bytes_per_token for t in op.saved} for name, op in attention.items()}
+    dropped = set(saved[""]) - set(saved["mla_up_proj"])
+    assert sum(saved[""][key] for key in dropped) == (2 * 128 * 192 + 128 * 128) * 2
+    with_modules, without = (predict(request_for(c), c.config) for c in (case, kept))
+    assert with_modules["time"] == without["time"]
+    assert with_modules["memory"]["peak_bytes"] < without["memory"]["peak_bytes"]
+
+
+def test_megatron_only_options_are_refused_elsewhere():
+    from planner.errors import InvalidRequest
+    from planner.specs import Workload
+
+    for options in ({"moments_dtype": "bf16"}, {"recompute_modules": "mla_up_proj"}):
+        with pytest.raises(InvalidRequest, match="--framework megatron"):
+            Workload(seq_len=4096, global_batch=8, framework="torchtitan", **options)
+    with pytest.raises(InvalidRequest, match="--recompute-modules entry"):
+        Workload(seq_len=4096, global_batch=8, framework="megatron", recompute_modules="mla_up_proj,moe_act")

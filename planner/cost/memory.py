@@ -184,6 +184,8 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
     trainable, trainable_state = _at(p, "trainable", shard), _at(p, "trainable", shard_state)
     master_bytes = FP32 if w.master_dtype == "fp32" else 2
     state_bytes = OPTIMIZER_STATE_BYTES[(w.optimizer, w.master_dtype)]
+    if w.moments_dtype == "bf16" and w.optimizer == "adamw":  # Megatron-Core's precision-aware optimizer
+        state_bytes = OPTIMIZER_STATE_BYTES[("adamw", "bf16")]
     # Megatron-Core: the model and its grad buffer in the compute dtype, the fp32 main parameters
     # among the optimizer's states (planner/framework_memory.py megatron_mixed_precision)
     megatron = (n.framework_layers and framework_memory(w.framework).megatron_mixed_precision
