@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from planner.specs import RECOMPUTE_MODULES
 
 
 def framework_of(row: dict[str, Any]) -> str:
@@ -58,3 +61,23 @@ def expert_dispatcher_of(row: dict[str, Any]) -> str:
     e.g. the Megatron-MoE-ModelZoo rows' "DeepEP" column), else the all-to-all dispatcher."""
     text = " ".join(str(row.get(key) or "") for key in ("source_detail", "notes"))
     return "deepep" if "DeepEP" in text else "alltoall"
+
+
+def recompute_modules_of(row: dict[str, Any]) -> tuple[str, ...] | None:
+    """The Megatron-Core modules a row's `activation_recompute` names ('selective: recompute_modules [a, b]')."""
+    found = re.search(r"recompute_modules \[([^\]]*)\]", str(row.get("activation_recompute") or "").lower())
+    return None if found is None else tuple(m.strip() for m in found.group(1).split(",") if m.strip())
+
+
+def megatron_options(row: dict[str, Any], optimizer_text: str, notes: list[str]) -> dict[str, Any]:
+    """Megatron-Core's recompute modules the planner models, and its precision-aware optimizer with
+    bf16 moments (--use-precision-aware-optimizer --exp-avg-dtype bf16 --exp-avg-sq-dtype bf16)."""
+    options: dict[str, Any] = {}
+    modules = recompute_modules_of(row)
+    if modules and set(modules) <= set(RECOMPUTE_MODULES):
+        options["recompute_modules"] = ",".join(modules)
+        notes.append(f"Megatron-Core recompute_modules {list(modules)}")
+    if "precision-aware" in optimizer_text and "bf16 exp_avg" in optimizer_text:
+        options["moments_dtype"] = "bf16"
+        notes.append("Megatron-Core's precision-aware optimizer: bf16 Adam moments")
+    return options

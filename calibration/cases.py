@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from calibration.case import Case, fraction_of_peak, memory_floor_bytes
-from calibration.case_stack import attention_of, expert_dispatcher_of, framework_of, fused_norm_of, loss_parallel_of
+from calibration.case_stack import (attention_of, expert_dispatcher_of, framework_of, fused_norm_of, loss_parallel_of,
+                                    megatron_options, recompute_modules_of)
 from planner.errors import InvalidRequest, read_json
 from planner.models import spec_from_hf_config
 from planner.plan import ParallelConfig
-from planner.specs import ModelSpec, Workload
+from planner.specs import RECOMPUTE_MODULES, ModelSpec, Workload
 
 SHIPPED_CASES = Path(__file__).parent / "data" / "public_cases.json"
 GIB = 2**30
@@ -262,6 +263,12 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
         # (llm-foundry llm_foundry/models/mpt/modeling_mpt.py ComposerMPTCausalLM)
         extras["fused_loss"] = True
         notes.append("fused cross-entropy (MPT's default loss_fn fused_crossentropy, flash-attn's kernel)")
+    if "Megatron-Bridge" in str(row.get("framework")):
+        # Megatron-Bridge's GPT provider fuses the cross-entropy (src/megatron/bridge/models/gpt_provider.py:180
+        # cross_entropy_loss_fusion = True at 97ad8cc6f; its performance recipes run TE's kernel in place,
+        # scripts/performance/utils/overrides.py:55 cross_entropy_fusion_impl = "te")
+        extras["fused_loss"] = True
+        notes.append("fused cross-entropy (Megatron-Bridge: cross_entropy_loss_fusion, Transformer Engine's kernel)")
     extras["loss_parallel"] = loss_parallel_of(row)
     extras["fused_norm"] = fused_norm_of(row)
     if extras["fused_norm"]:
@@ -275,6 +282,8 @@ def _workload(row: dict[str, Any]) -> tuple[Workload, list[str]]:
     if extras.get("loss_chunks", 1) > 1 and "chunked CE" not in (row.get("notes") or ""):
         notes.append("chunked cross-entropy (torchtune Llama 3.1 configs of that commit)")
     extras["framework"] = row.get("planner_framework") or framework_of(row)
+    if extras["framework"] == "megatron":
+        extras.update(megatron_options(row, optimizer_text, notes))
     return Workload(seq_len=seq, global_batch=global_batch, method=method, precision=precision,
                     optimizer=optimizer, optimizer_impl=impl, lora_rank=rank, lora_targets=targets, **extras), notes
 
@@ -307,6 +316,16 @@ def _config(row: dict[str, Any], case: Case) -> ParallelConfig:
     recompute = "full" if recompute_text.startswith("full") else "selective" if "selective" in recompute_text else "none"
     if recompute_text in ("none", "null", "moai default"):
         recompute = "none"
+    modules = recompute_modules_of(row)
+    if modules is not None:
+        # Megatron-Core's selective recomputation of named modules (Megatron-LM transformer_config.py
+        # recompute_modules: core_attn, moe_act, mla_up_proj, ...) is not the planner's selective policy
+        # (torchtitan's per-op list): the Workload's recompute_modules where the planner models them,
+        # else what those modules recompute is counted as kept, an upper bound
+        recompute = "none"
+        if not set(modules) <= set(RECOMPUTE_MODULES):
+            case.assumptions.append(f"Megatron-Core recompute_modules {list(modules)} not modelled: what they "
+                                    "recompute is counted as kept (an upper bound on memory)")
     offload = "params" if "cpu offload" in str(row.get("optimizer")).lower() and zero == 3 else "none"
     # torchtune's 70B and 405B configs shard the embedding and the output projection on their own
     # (custom_sharded_layers: ['tok_embeddings', 'output'], "useful for large vocab size models")

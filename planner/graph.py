@@ -67,12 +67,35 @@ class ModelGraph:
         return _ordered(self.ends)
 
 
+def _float8_saved(saved: tuple[Saved, ...], quantized: bool, compute_bytes: int) -> tuple[Saved, ...]:
+    """A Transformer Engine fp8 linear keeps its quantized input (one byte an element) for the weight
+    gradient instead of the input itself (planner/framework_memory.py float8_saves_fp8_inputs); linears
+    reading one tensor share its fp8 copy (te.LayerNormLinear quantizes the fused QKV's input once)."""
+    if not quantized:
+        return saved
+    return tuple(replace(t, key=f"{t.key}.fp8", bytes_per_token=t.bytes_per_token / compute_bytes)
+                 if t.for_weight_grad else t for t in saved)
+
+
 def _ordered(graph: nx.DiGraph) -> list[Op]:
     return [graph.nodes[n]["op"] for n in nx.topological_sort(graph)]
 
 
-def numerics_for(workload: Workload, params_sharded: bool) -> Numerics:
-    return replace(_dtypes_for(workload, params_sharded), compiled=workload.compile)
+def numerics_for(workload: Workload, params_sharded: bool, for_memory: bool = False) -> Numerics:
+    """`for_memory`: the numerics the memory model costs saved tensors with, where the framework's
+    memory row departs from the executor (Megatron-Core's bf16 model, Transformer Engine's layers)."""
+    numerics = replace(_dtypes_for(workload, params_sharded), compiled=workload.compile)
+    if not (for_memory and memory_view_differs(workload)):
+        return numerics
+    if framework_memory(workload.framework).megatron_mixed_precision and workload.precision != "fp32":
+        numerics = replace(numerics, residual_bytes=numerics.compute_bytes, autocast=False)  # Float16Module
+    return replace(numerics, framework_layers=True)
+
+
+def memory_view_differs(workload: Workload) -> bool:
+    """Whether the memory model's graph differs from the time model's (planner/framework_memory.py)."""
+    row = framework_memory(workload.framework)
+    return row.megatron_mixed_precision or row.float8_saves_fp8_inputs or row.te_norms or row.megatron_moe
 
 
 def _dtypes_for(workload: Workload, params_sharded: bool) -> Numerics:
@@ -109,6 +132,9 @@ class _BlockBuilder:
         self.attn_in, self.mlp_in = "attn_norm.out", "mlp_norm.out"
         self.last: str | list[str] | None = None
         self.lora_targets = set(workload.lora_targets) if workload.method != "full" else set()
+        row = framework_memory(workload.framework)
+        self.fp8_inputs = numerics.framework_layers and row.float8_saves_fp8_inputs
+        self.te_norms = numerics.framework_layers and row.te_norms
 
     def add(self, op: Op, after: str | list[str] | None = None) -> str:
         trainable = self.workload.method == "full"
@@ -172,14 +198,14 @@ class _BlockBuilder:
 
     # -- pieces -------------------------------------------------------------------------------
     def norm(self, name: str, input_key: str) -> None:
-        self.add(norm_op(self.spec, self.n, name, input_key, fused=self.workload.fused_norm))
+        self.add(norm_op(self.spec, self.n, name, input_key, fused=self.workload.fused_norm or self.te_norms))
 
     def compute_norm(self, name: str, input_key: str, width: int, rows: int = 1, tp: bool = False,
                      offset: bool | None = None) -> None:
         """A norm over a tensor in the compute dtype (q/k norms, post norms, MLA's low-rank norms);
         `tp`: its input is sharded by tensor parallelism (per-head q/k)."""
         n = replace(self.n, residual_bytes=self.n.compute_bytes)
-        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows, offset=offset)
+        op = norm_op(self.spec, n, name, input_key, width=width, rows=rows, offset=offset, fused=self.te_norms)
         if tp:
             op = replace(op, saved=tuple(replace(t, split="tp") for t in op.saved),
                          grads=tuple(replace(g, split="tp") for g in op.grads))
@@ -200,7 +226,7 @@ class _BlockBuilder:
         # fp8 training swaps the layers' linears for float8 ones (not the LM head: _build_ends)
         float8 = (self.workload.precision == "fp8" and in_features % FLOAT8_DIM_MULTIPLE == 0
                   and out_features % FLOAT8_DIM_MULTIPLE == 0)
-        op = replace(op, float8=float8)
+        op = replace(op, float8=float8, saved=_float8_saved(op.saved, float8 and self.fp8_inputs, self.n.compute_bytes))
         base = self.add(op, after=after)
         target = next((t for t, n in LORA_TARGET_OPS.items() if n == name), None)
         if target in self.lora_targets or (name == "qkv_proj" and self.lora_targets & {"q", "k", "v"}):
@@ -342,8 +368,9 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
             graph.add_edge(last, op.name)
             last = op.name
     if spec.final_norm:
-        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=workload.fused_norm),
-                                                     trainable=trainable))
+        fused = workload.fused_norm or (n.framework_layers and framework_memory(workload.framework).te_norms)
+        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=fused),
+                                                trainable=trainable))
         graph.add_edge(last, "final_norm")
         last = "final_norm"
     head = linear_op(n, "lm_head", h, v, False, "final_norm.out", split="sp")

@@ -62,10 +62,24 @@ def mla_attention(b: BlockBuilder) -> None:
         lightning_indexer(b, x, start)
         selected = min(s.index_topk, b.workload.seq_len)
         shape = replace(shape, keys_fraction=window_keys_fraction(selected, b.workload.seq_len), masked=False)
-        b.add(_selected(attention_op(s, b.workload, b.n, shape), selected, shape.keys_fraction))
+        b.add(_up_proj_recomputed(b, _selected(attention_op(s, b.workload, b.n, shape), selected, shape.keys_fraction)))
     else:
-        b.add(attention_op(s, b.workload, b.n, shape))
+        b.add(_up_proj_recomputed(b, attention_op(s, b.workload, b.n, shape)))
     b.attention_out(v_width)
+
+
+# the core attention's q, k and v: the outputs of the up-projections and RoPE
+UP_PROJ_OUTPUTS = ("attn.q", "attn.k", "kv_b_proj.out")
+
+
+def _up_proj_recomputed(b: BlockBuilder, op: Op) -> Op:
+    """Megatron-Core's recompute module mla_up_proj (Megatron-LM multi_latent_attention.py 808-811 at
+    92c8482e6d: q_b / kv_b projections and RoPE run under CheckpointWithoutOutput; 333-336: their
+    outputs are discarded once the core attention has run, and recomputed for its backward): the
+    core attention's q, k and v are not kept; the latents the up-projections read are. Memory view only."""
+    if not (b.n.framework_layers and "mla_up_proj" in b.workload.recompute_module_names):
+        return op
+    return replace(op, saved=tuple(t for t in op.saved if t.key not in UP_PROJ_OUTPUTS))
 
 
 INDEX_BYTES = 4  # int32 indices of the selected keys

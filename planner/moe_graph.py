@@ -52,6 +52,7 @@ def moe_block(b: Any) -> None:
     # torchao's Float8Linear swap (torchtitan, the executor) converts nn.Linear only, not grouped experts
     float8 = (b.workload.precision == "fp8" and b.workload.framework == "megatron"
               and h % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
+    saved = _megatron_saved(b, saved, float8)
     b.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k, float8=float8,
                 flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i + permute_io,
                 out_bytes_per_token=c * h, saved=saved, quantizable=True,
@@ -59,6 +60,23 @@ def moe_block(b: Any) -> None:
                 grads=(Saved("experts.grad", k * c * (h + m * i)),),
                 param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
     _shared_experts(b, start)
+
+
+def _megatron_saved(b: Any, saved: tuple[Saved, ...], float8: bool) -> tuple[Saved, ...]:
+    """What Megatron-Core's TEGroupedMLP keeps of the experts (planner/framework_memory.py megatron_moe):
+    not act(gate) nor the experts' outputs; the routing weights beside fc1's output. Under fp8,
+    te.GroupedLinear keeps its quantized inputs (the permuted tokens, the product), one byte each."""
+    memory = framework_memory(b.workload.framework)
+    if not b.n.framework_layers:  # the time model's view (planner/ops.py Numerics)
+        return saved
+    if memory.megatron_moe:
+        k = b.spec.experts_per_token
+        saved = tuple(t for t in saved if t.key not in ("experts.act", "experts.down_out"))
+        saved += (Saved("experts.probs", FP32_BYTES * k, "sp"),)
+    if float8 and memory.float8_saves_fp8_inputs:
+        c = b.n.compute_bytes
+        saved = tuple(replace(t, bytes_per_token=t.bytes_per_token / c) if t.for_weight_grad else t for t in saved)
+    return saved
 
 
 def _shared_experts(b: Any, start: str) -> None:

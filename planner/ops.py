@@ -36,6 +36,9 @@ class Numerics:
     residual_bytes: int
     autocast: bool
     compiled: bool = False
+    # the memory view: the framework's own layers keep what planner/framework_memory.py says (the
+    # time model's graph keeps the executor's view its calibration was fitted on)
+    framework_layers: bool = False
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ class Run:
             del facts["workload"]["fused_norm"]  # likewise
         if facts["workload"] and facts["workload"].get("expert_dispatcher") == "alltoall":
             del facts["workload"]["expert_dispatcher"]  # likewise
+        for key, default in (("recompute_modules", ""), ("moments_dtype", "fp32")):
+            if facts["workload"] and facts["workload"].get(key, default) == default:
+                facts["workload"].pop(key, None)  # likewise
         return hashlib.sha256(canonical_json(facts).encode()).hexdigest()
 
 

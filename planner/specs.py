@@ -21,6 +21,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 ATTENTION_IMPLS = ("sdpa", "eager", "fused-softmax")
 OPTIMIZER_IMPLS = ("foreach", "fused", "forloop")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+RECOMPUTE_MODULES = ("mla_up_proj",)  # Megatron-Core's --recompute-modules the planner models
+MOMENTS_DTYPES = ("fp32", "bf16")
 # the software stack a run uses: each is a set of fitted parameters in the calibration profile
 # (planner/profile.py frameworks.<name>). megatron: Megatron-LM / Megatron-Core / NeMo / Megatron-Bridge
 # with Transformer Engine; deepspeed: incl. Megatron-DeepSpeed; hf: transformers Trainer, TRL,
@@ -307,6 +309,20 @@ class Workload:
     expert_dispatcher: str = field(default="alltoall", metadata=option(
         "MoE token dispatch: alltoall (a copy per routed expert; default, the executor's) or deepep (a copy "
         "per destination rank: DeepEP, Megatron's flex dispatcher)", EXPERT_DISPATCHERS))
+    # Megatron-Core's selective recomputation of named modules (--recompute-granularity selective
+    # --recompute-modules; transformer_config.py recompute_modules): what they keep is recomputed in
+    # backward. The planner models MLA's up-projection and RoPE (mla_up_proj); memory only
+    recompute_modules: str = field(default="", metadata=option(
+        "Megatron-Core modules recomputed in backward (framework megatron; --recompute-modules): mla_up_proj"))
+    # Megatron-Core's precision-aware optimizer (--use-precision-aware-optimizer --exp-avg-dtype bf16
+    # --exp-avg-sq-dtype bf16): AdamW's moments in bf16 beside the fp32 main parameters
+    moments_dtype: str = field(default="fp32", metadata=option(
+        "AdamW's moments: fp32 (default) or bf16 (Megatron-Core's precision-aware optimizer; framework megatron)",
+        MOMENTS_DTYPES))
+
+    @property
+    def recompute_module_names(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.recompute_modules.split(",") if m.strip())
 
     def __post_init__(self) -> None:
         _require_positive("--seq-len", self.seq_len)
@@ -320,6 +336,12 @@ class Workload:
         _require_choice("--expert-dispatcher", self.expert_dispatcher, EXPERT_DISPATCHERS)
         _require_choice("--master-dtype", self.master_dtype, ("fp32", "bf16"))
         _require_choice("--framework", self.framework, FRAMEWORKS)
+        _require_choice("--moments-dtype", self.moments_dtype, MOMENTS_DTYPES)
+        for module in self.recompute_module_names:
+            _require_choice("--recompute-modules entry", module, RECOMPUTE_MODULES)
+        if (self.recompute_modules or self.moments_dtype != "fp32") and self.framework != "megatron":
+            raise InvalidRequest("--recompute-modules and --moments-dtype bf16 are Megatron-Core's; they need "
+                                 "--framework megatron")
         _require_positive("--loss-chunks", self.loss_chunks)
         if self.master_dtype == "bf16" and self.precision == "fp32":
             raise InvalidRequest("--master-dtype bf16 needs a 16-bit --precision (bf16 or fp16)")

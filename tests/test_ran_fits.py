@@ -67,11 +67,13 @@ def test_runs_import_flags_the_cases_validation_excludes(tmp_path, cases):
         assert bool(stored[case_id].excluded) == bool(case.excluded), case_id
 
 
-@pytest.mark.parametrize("case_id", ["c042", "c050", "c053", "c056", "c066"])
+@pytest.mark.parametrize("case_id", ["c042", "c050", "c053", "c056", "c066", "c302", "c305"])
 def test_published_runs_that_trained_are_predicted_to_fit(cases, case_id):
     """llm-foundry's MPT rows (c042, c050, c053, c056: MPT's loss_fn is flash-attn's fused
     cross-entropy, no fp32 copy of the logits) and Megatron's 1T row (c066: its tied embedding and
-    output layer are vocabulary shards over TP) trained; each was predicted above its device."""
+    output layer are vocabulary shards over TP) trained; each was predicted above its device. So were
+    Megatron-Bridge's Qwen3-30B-A3B on 16 H100 (c302, 132.2 GiB of 79.6) and DeepSeek-V3 on 256 B200
+    (c305, 286.3 of 167.6) before the megatron memory row (planner/framework_memory.py)."""
     row = predict_case(cases[case_id])
     assert row.fits, f"{case_id}: {row.predicted_memory_bytes / 2**30:.1f} GiB of {row.capacity_bytes / 2**30:.1f}"
 

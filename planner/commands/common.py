@@ -55,7 +55,7 @@ def add_workload(parser: argparse.ArgumentParser) -> None:
 
     from planner.specs import Workload
 
-    parse = {"lora_targets": lora_targets}
+    parse = {"lora_targets": lora_targets, "recompute_modules": str}
     for f in fields(Workload):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata

@@ -63,6 +63,13 @@ def _experts(graph, workload: Workload) -> ParamGroups:
     return total
 
 
+def _regime(spec: ModelSpec, workload: Workload, numerics) -> Regime:
+    graph = build_graph(spec, workload, numerics)
+    layer, embedding, head, kinds = summarize_parts(graph)
+    return Regime(numerics, layer, embedding, head, experts=_experts(graph, workload), kinds=kinds,
+                  expert_kinds=_expert_kinds(graph))
+
+
 class Context:
     def __init__(self, spec: ModelSpec, workload: Workload, cluster: Cluster, profile: Profile,
                  memory_margin: float | None = None) -> None:
@@ -70,21 +77,26 @@ class Context:
         self.memory_margin_override = memory_margin
         self.hardware = cluster.hardware
         self.regimes: dict[bool, Regime] = {}
+        # what the memory model costs: the framework's own layers where its memory row says so
+        # (planner/framework_memory.py), else the same regime as the time model's
+        self.memory_regimes: dict[bool, Regime] = {}
         for params_sharded in (False, True):
-            numerics = numerics_for(workload, params_sharded)
-            graph = build_graph(spec, workload, numerics)
-            layer, embedding, head, kinds = summarize_parts(graph)
-            self.regimes[params_sharded] = Regime(numerics, layer, embedding, head, experts=_experts(graph, workload),
-                                                  kinds=kinds, expert_kinds=_expert_kinds(graph))
+            self.regimes[params_sharded] = _regime(spec, workload, numerics_for(workload, params_sharded))
+            memory_numerics = numerics_for(workload, params_sharded, for_memory=True)
+            self.memory_regimes[params_sharded] = (self.regimes[params_sharded] if not memory_numerics.framework_layers
+                                                   else _regime(spec, workload, memory_numerics))
 
     def regime(self, params_sharded: bool) -> Regime:
         return self.regimes[params_sharded]
+
+    def memory_regime(self, params_sharded: bool) -> Regime:
+        return self.memory_regimes[params_sharded]
 
     def with_profile(self, profile: Profile) -> Context:
         """The same request under other calibration parameters (the graph summaries are shared)."""
         other = Context.__new__(Context)
         other.spec, other.workload, other.cluster, other.profile = self.spec, self.workload, self.cluster, profile
-        other.hardware, other.regimes = self.hardware, self.regimes
+        other.hardware, other.regimes, other.memory_regimes = self.hardware, self.regimes, self.memory_regimes
         other.memory_margin_override = self.memory_margin_override
         return other
 

@@ -107,7 +107,7 @@ def evaluate(ctx: Context, c: Candidates) -> Estimates:
     for flag in (False, True):
         index = np.nonzero(sharded == flag)[0]
         if len(index):
-            parts.append((index, _evaluate_regime(ctx, ctx.regime(flag), c.take(index))))
+            parts.append((index, _evaluate_regime(ctx, flag, c.take(index))))
     n = len(c)
     merged_memory = {k: np.zeros(n, dtype=parts[0][1][0][k].dtype) for k in parts[0][1][0]}
     merged_time = {k: np.zeros(n) for k in TIME_CATEGORIES}
@@ -130,10 +130,10 @@ def evaluate(ctx: Context, c: Candidates) -> Estimates:
     return Estimates(c, merged_memory, merged_time, step, tokens_per_s, mfu, fits, host_fits, with_margin)
 
 
-def _evaluate_regime(ctx: Context, regime: Regime, c: Candidates):
+def _evaluate_regime(ctx: Context, params_sharded: bool, c: Candidates):
     layout = stage_layout(ctx.spec.num_layers, c)
-    memory = memory_breakdown(ctx, regime, c, layout)
-    return memory, step_time(ctx, regime, c, layout)
+    memory = memory_breakdown(ctx, ctx.memory_regime(params_sharded), c, layout)
+    return memory, step_time(ctx, ctx.regime(params_sharded), c, layout)
 
 
 def step_time(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout) -> dict[str, np.ndarray]:

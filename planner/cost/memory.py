@@ -38,6 +38,7 @@ from planner.cost.moments import MOMENTS, StepParts, moments
 from planner.cost.stages import POSITIONS, role_layer, role_layer_sizes
 from planner.cost.zero3 import zero3_by_module
 from planner.cost.loss import loss_bytes_per_token
+from planner.framework_memory import framework_memory
 
 FP32 = 4
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
@@ -183,17 +184,25 @@ def _storage(ctx: Context, regime: Regime, c: Candidates, p: dict[str, np.ndarra
     trainable, trainable_state = _at(p, "trainable", shard), _at(p, "trainable", shard_state)
     master_bytes = FP32 if w.master_dtype == "fp32" else 2
     state_bytes = OPTIMIZER_STATE_BYTES[(w.optimizer, w.master_dtype)]
+    if w.moments_dtype == "bf16" and w.optimizer == "adamw":  # Megatron-Core's precision-aware optimizer
+        state_bytes = OPTIMIZER_STATE_BYTES[("adamw", "bf16")]
+    # Megatron-Core: the model and its grad buffer in the compute dtype, the fp32 main parameters
+    # among the optimizer's states (planner/framework_memory.py megatron_mixed_precision)
+    megatron = (n.framework_layers and framework_memory(w.framework).megatron_mixed_precision
+                and master_bytes != n.compute_bytes)
+    stored_bytes = n.compute_bytes if megatron else master_bytes
+    held_state_bytes = state_bytes + (master_bytes if megatron else 0.0)
     pad = np.where(fsdp, p["padding"], 1.0)  # FSDP2 pads dim 0 to a multiple of the ranks
     frozen = _at(p, "frozen", shard) * n.compute_bytes + _at(p, "quantized", shard) * NF4_BYTES_PER_PARAM
-    params = (trainable * master_bytes + frozen) * pad / shard
-    states = trainable_state * state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
+    params = (trainable * stored_bytes + frozen) * pad / shard
+    states = trainable_state * held_state_bytes * np.where(c.zero >= 2, pad, 1.0) / shard_state
     # ZeRO-Offload (optimizer): fp32 master, moments and fp32 grads live on the host; the device keeps
     # compute-dtype params and grads. FSDP2 CPUOffloadPolicy (params): everything lives on the host
     # (each reduce-scattered gradient is moved there).
     offload_opt, offload_all = c.offload == OFFLOAD_OPTIMIZER, c.offload == OFFLOAD_PARAMS
-    grad_bytes = np.where(offload_all, 0.0, np.where(offload_opt, n.compute_bytes, master_bytes))  # as stored
+    grad_bytes = np.where(offload_all, 0.0, np.where(offload_opt, n.compute_bytes, stored_bytes))  # as stored
     grads = (trainable * grad_bytes * pad
-             + np.where(c.offload == OFFLOAD_NONE, p["embedding_replicated_grad"] * master_bytes, 0.0)) / shard
+             + np.where(c.offload == OFFLOAD_NONE, p["embedding_replicated_grad"] * stored_bytes, 0.0)) / shard
     params = np.where(offload_opt, (trainable * n.compute_bytes + frozen) * pad / shard, params)
     params = np.where(offload_all, 0.0, params)
     states = np.where(offload_opt | offload_all, 0.0, states)
