@@ -162,12 +162,12 @@ def summarize_parts(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSu
     """`summarize` and, for a stack of several kinds of layer, each kind's summary with the indices
     of its layers (empty for a uniform stack)."""
     quantized = graph.workload.method == "qlora"
-    r, h = graph.numerics.residual_bytes, graph.spec.hidden_size
+    r, h = graph.numerics.residual_bytes, graph.spec.residual_width  # hc_mult streams (DeepSeek-V4)
     layer_input = Saved("layer_in", r * h, "sp")
     kinds = tuple((summarize_ops(ops, quantized, layer_input), indices) for ops, indices in graph.kind_ops())
     layer = mean_layer([(part, len(indices) / graph.spec.num_layers) for part, indices in kinds])
     ends = graph.end_ops()
-    head_names = {"final_norm", "lm_head"}
+    head_names = {"hc_head", "final_norm", "lm_head"}
     embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
     head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
     return layer, embedding, head, kinds if len(kinds) > 1 else ()
