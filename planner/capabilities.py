@@ -21,9 +21,10 @@ from planner.specs import Hardware, ModelSpec, Workload
 # families whose transformers modules carry Llama's names (model.layers[i].self_attn.q_proj,
 # mlp.gate_proj, ...): the executor's tensor and pipeline parallelism are written against them
 EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
-# transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks):
-# they run with eager attention (or flash/flex kernels the executor does not use)
-SDPA_LESS_FAMILIES = ("mpt", "gpt_oss")
+# transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks;
+# DeepseekV4PreTrainedModel: eager only, _supports_sdpa = False): they run with eager attention (or
+# flash/flex kernels the executor does not use)
+SDPA_LESS_FAMILIES = ("mpt", "gpt_oss", "deepseek_v4")
 # families the executor tensor-parallelises with their own transformers plan (config
 # base_model_tp_plan: q/k/v and gate/up column-wise, o/down row-wise, per-head q/k norms replicated),
 # verified against the single-process loss (tests/executor/test_family_tp.py); no sequence parallelism
@@ -103,9 +104,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("the executor's context parallelism (torch's context_parallel) runs llama-like models with full causal "
          "attention, without pp", lambda c, s, w: (c.cp > 1) & ((s.family not in EXECUTOR_TP_PP_FAMILIES)
                                                               | _windowed(s, w) | (c.pp > 1)), fix="--cp 1"),
-    # transformers runs DeepSeek-V3.2's indexer under no_grad: its weights get no gradient, which DDP refuses
-    # ("parameters that were not used in producing loss", tried with tiny-dsa on 2 processes); FSDP2 trains it
-    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; DeepSeek-V3.2's indexer gets none",
+    # transformers runs DeepSeek-V3.2's indexer under no_grad, and DeepSeek-V4's returns integer indices only:
+    # their weights get no gradient, which DDP refuses ("parameters that were not used in producing loss",
+    # tried with tiny-dsa on 2 processes); FSDP2 trains the rest
+    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; DeepSeek-V3.2's and V4's indexers get none",
          lambda c, s, w: (s.index_topk > 0) & (c.dp > 1) & (c.zero <= 1) & (w.method == "full"), fix="--zero 2 or 3"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
