@@ -95,6 +95,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("optimizer in backward runs only with dp = pp = 1 and one micro-batch",
          lambda c, s, w: w.optimizer_in_backward & ((c.dp > 1) | (c.pp > 1) | (c.num_micro_batches > 1)),
          fix="no --optimizer-in-backward"),
+    # executor/model.py LORA_MODULES name Llama's projections: in DeepSeek-V4 they would catch the shared
+    # expert's and the compressors' gate_proj but none of its attention (q_a/q_b/kv/o_a/o_b_proj)
+    Rule("the executor's LoRA targets (q_proj ... down_proj) do not name DeepSeek-V4's attention projections",
+         lambda c, s, w: (w.method != "full") & (s.family == "deepseek_v4"), fix="--method full"),
     Rule("LoRA/QLoRA with tp or pp is not implemented by the executor",
          lambda c, s, w: (w.method != "full") & ((c.tp > 1) | (c.pp > 1)), fix="--tp 1 --pp 1"),
     Rule("QLoRA under FSDP2 (zero 2/3) is not implemented by the executor",
@@ -116,7 +120,11 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
          fix="--ep 1"),
 )
 
-DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
+# DeepSpeed and Accelerate train transformers' own classes: DeepSeek-V4 there is eager-only too
+_DSV4_EAGER = Rule("transformers has no sdpa attention for DeepSeek-V4 (DeepseekV4PreTrainedModel)",
+                   lambda c, s, w: (s.family == "deepseek_v4") & (w.attention == "sdpa"), fix="--attention eager")
+
+DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (_DSV4_EAGER,) + (
     Rule("DeepSpeed's config has no fp8 mode", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),
     Rule("DeepSpeed's pipeline engine runs with ZeRO 0/1 and no AutoTP",
          lambda c, s, w: (c.pp > 1) & ((c.zero > 1) | (c.tp > 1)), fix="--zero 1 --tp 1, or --pp 1"),
@@ -131,7 +139,7 @@ DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
          lambda c, s, w: c.ep > 1, fix="--ep 1"),
 )
 
-ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (
+ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (_DSV4_EAGER,) + (
     Rule("Accelerate's FSDP has no pipeline parallelism", lambda c, s, w: c.pp > 1, fix="--pp 1"),
     Rule("FSDP offloads parameters, gradients and optimizer together, not the optimizer alone",
          lambda c, s, w: c.offload == _OPT, fix="--offload params or none"),
