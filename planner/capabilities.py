@@ -111,7 +111,7 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     # transformers runs DeepSeek-V3.2's indexer under no_grad, and DeepSeek-V4's returns integer indices only:
     # their weights get no gradient, which DDP refuses ("parameters that were not used in producing loss",
     # tried with tiny-dsa on 2 processes); FSDP2 trains the rest
-    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; DeepSeek-V3.2's and V4's indexers get none",
+    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; a DeepSeek-V3.2/V4 indexer gets none",
          lambda c, s, w: (s.index_topk > 0) & (c.dp > 1) & (c.zero <= 1) & (w.method == "full"), fix="--zero 2 or 3"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),

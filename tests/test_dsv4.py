@@ -140,4 +140,4 @@ def test_executor_refuses_sdpa_and_ddp():
     sdpa = runnable_reason("executor", config, spec, Workload(seq_len=64, global_batch=8), gpu=False)
     assert "without sdpa attention" in sdpa
     ddp = runnable_reason("executor", config, spec, Workload(seq_len=64, global_batch=8, attention="eager"), gpu=False)
-    assert "indexers get none" in ddp
+    assert "indexer gets none" in ddp
