@@ -161,7 +161,9 @@ def _eager_attention(b: BlockBuilder, entries: float) -> Op:
     """transformers' eager_attention_forward (m:728-763) over s + T keys per query: QK^T and PV over
     every pair (`entries` = T / s), the repeated key and value (two copies, every head) and q kept,
     the softmax of [scores | sink] kept (c per score), the row maximum's int64 index; the scores move
-    through QK^T, scaling, the mask, the sink cat, the maximum, its subtraction, softmax and PV."""
+    through QK^T, scaling, the mask, the sink cat, the maximum, its subtraction, softmax and PV. Its
+    backward holds a score-sized gradient besides the kept softmax (the fake-tensor trace of a 4-layer
+    V4-Flash cut under full recomputation misses 2.5 GiB, one such tensor, without it)."""
     s, c = b.spec, b.n.compute_bytes
     heads, width = s.num_heads, s.num_heads * s.head_dim
     keys = 1 + entries
@@ -171,7 +173,8 @@ def _eager_attention(b: BlockBuilder, entries: float) -> Op:
     return Op("attention", "attention", params=heads, flops_per_token_seq=2 * 2 * width * keys,
               io_bytes_per_token=c * (2 * width + 2 * width * keys) + 2 * c * width * keys,
               io_bytes_per_token_seq=13 * c * heads * keys, out_bytes_per_token=c * width, saved=saved,
-              grads=(Saved("attention.grad", c * (2 * width + 2 * width * keys)),), param_dims=((heads, heads),))
+              grads=(Saved("attention.grad", c * (2 * width + 2 * width * keys)),
+                     Saved("attention.scores_grad", c * heads * keys, times_seq=True)), param_dims=((heads, heads),))
 
 
 def _kernel_attention(b: BlockBuilder, rate: int) -> Op:

@@ -279,7 +279,7 @@ def backward_steps(ops: list[Op], layer_input: Saved) -> tuple[BackwardStep, ...
     for index in reversed(range(len(ops))):
         op = ops[index]
         held = sum((_saved(t) for t in alive.values()), Bytes()) + residual
-        held = held + sum((_shard(g.bytes_per_token, g.split) for g in op.grads), Bytes())
+        held = held + sum((_saved(g) for g in op.grads), Bytes())  # a score-sized gradient: × seq
         trained = op.params if op.trainable and op.kind in ("matmul", "experts", "router") else 0.0
         tp, rep = (trained, 0.0) if op.tp_split else (0.0, trained)
         steps.append(BackwardStep(op.name, held, tp, rep, done_tp, done_rep))
