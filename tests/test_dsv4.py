@@ -141,3 +141,16 @@ def test_executor_refuses_sdpa_and_ddp():
     assert "without sdpa attention" in sdpa
     ddp = runnable_reason("executor", config, spec, Workload(seq_len=64, global_batch=8, attention="eager"), gpu=False)
     assert "indexer gets none" in ddp
+
+
+def test_suggest_with_sdpa_points_to_eager_attention():
+    """Every engine refuses V4 with sdpa; the ways out say eager attention (alone where it fits)."""
+    from planner.api import Request, suggest
+    from planner.errors import Infeasible
+
+    with pytest.raises(Infeasible) as refused:
+        suggest(Request(model="tiny-dsv4", gpu="cpu", gpus=1, seq_len=64, global_batch=8, precision="fp32"))
+    assert "--attention eager" in str(refused.value)
+    result = suggest(Request(model="tiny-dsv4", gpu="cpu", gpus=1, seq_len=64, global_batch=8, precision="fp32",
+                             attention="eager"))
+    assert result["candidates"]
