@@ -127,7 +127,8 @@ def compressor(b: BlockBuilder, x: str, start: Any, rate: int) -> None:
 
 def _per_entry(op: Op, rate: int) -> Op:
     """An op over the compressed entries (one per `rate` tokens): its per-token bytes divided by rate."""
-    return replace(op, io_bytes_per_token=op.io_bytes_per_token / rate, out_bytes_per_token=op.out_bytes_per_token / rate,
+    return replace(op, io_bytes_per_token=op.io_bytes_per_token / rate,
+                   out_bytes_per_token=op.out_bytes_per_token / rate,
                    saved=tuple(replace(t, bytes_per_token=t.bytes_per_token / rate) for t in op.saved),
                    grads=tuple(replace(g, bytes_per_token=g.bytes_per_token / rate) for g in op.grads))
 

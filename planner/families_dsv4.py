@@ -78,8 +78,8 @@ def _layer_types(c: Config, layers: int) -> tuple[str, ...]:
                                  f"got {sorted(set(ratios) - set(RATIO_TO_TYPE))}")
         given = [RATIO_TO_TYPE[r] for r in ratios]
     if given is None:
-        given = ["heavily_compressed_attention"] * min(layers, 2) + [
-            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(layers - 2, 0))]
+        csa, hca = "compressed_sparse_attention", "heavily_compressed_attention"
+        given = [hca] * min(layers, 2) + [csa if i % 2 else hca for i in range(max(layers - 2, 0))]
     if len(given) < layers:
         raise InvalidRequest(f"{c.where}: layer_types (or compress_ratios) names {len(given)} layers but "
                              f"num_hidden_layers is {layers}; give one entry per layer")
