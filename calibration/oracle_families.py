@@ -40,6 +40,9 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
     "gpt-oss-20b-4l": ("gpt-oss-20b", 4, {}, "attention sinks, sliding (128) and full layers, clamped SwiGLU experts"),
     "llama-4-scout-4l": ("llama-4-scout", 4, {}, "three chunked (8192) rotary layers and a global one without rotary, "
                          "16 experts (top 1) beside a shared expert, which transformers runs on every token"),
+    # compress_ratios (46 long in the release) is cut by transformers itself: sliding, sliding, CSA, HCA
+    "deepseek-v4-4l": ("deepseek-v4", 4, {}, "two sliding-window layers, a compressed sparse (with its indexer) and a "
+                       "heavily compressed one, 4 hyper-connected streams, the first 3 of 256 experts hash-routed"),
 }
 
 
@@ -75,6 +78,11 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("gpt-oss-20b-4l fsdp8 1x2048 eager", model_ref("gpt-oss-20b-4l"), 2048, 1, dp=8, zero=3, attention="eager"),
     _point("llama-4-scout-4l fsdp16 1x4096", model_ref("llama-4-scout-4l"), 4096, 1, dp=16, zero=3),
     _point("llama-4-scout-4l fsdp16 1x16384 full", model_ref("llama-4-scout-4l"), 16384, 1, "full", dp=16, zero=3),
+    # transformers has eager attention only for DeepSeek-V4
+    _point("deepseek-v4-4l fsdp256 1x4096 eager", model_ref("deepseek-v4-4l"), 4096, 1, dp=256, zero=3,
+           attention="eager"),
+    _point("deepseek-v4-4l fsdp256 1x4096 eager full", model_ref("deepseek-v4-4l"), 4096, 1, "full", dp=256, zero=3,
+           attention="eager"),
 ]
 
 

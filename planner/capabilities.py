@@ -21,9 +21,10 @@ from planner.specs import Hardware, ModelSpec, Workload
 # families whose transformers modules carry Llama's names (model.layers[i].self_attn.q_proj,
 # mlp.gate_proj, ...): the executor's tensor and pipeline parallelism are written against them
 EXECUTOR_TP_PP_FAMILIES = ("llama", "mistral", "qwen2")
-# transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks):
-# they run with eager attention (or flash/flex kernels the executor does not use)
-SDPA_LESS_FAMILIES = ("mpt", "gpt_oss")
+# transformers has no sdpa attention for these (MptForCausalLM; GptOssForCausalLM's attention sinks;
+# DeepseekV4PreTrainedModel: eager only, _supports_sdpa = False): they run with eager attention (or
+# flash/flex kernels the executor does not use)
+SDPA_LESS_FAMILIES = ("mpt", "gpt_oss", "deepseek_v4")
 # families the executor tensor-parallelises with their own transformers plan (config
 # base_model_tp_plan: q/k/v and gate/up column-wise, o/down row-wise, per-head q/k norms replicated),
 # verified against the single-process loss (tests/executor/test_family_tp.py); no sequence parallelism
@@ -94,6 +95,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("optimizer in backward runs only with dp = pp = 1 and one micro-batch",
          lambda c, s, w: w.optimizer_in_backward & ((c.dp > 1) | (c.pp > 1) | (c.num_micro_batches > 1)),
          fix="no --optimizer-in-backward"),
+    # executor/model.py LORA_MODULES name Llama's projections: in DeepSeek-V4 they would catch the shared
+    # expert's and the compressors' gate_proj but none of its attention (q_a/q_b/kv/o_a/o_b_proj)
+    Rule("the executor's LoRA targets (q_proj ... down_proj) do not name DeepSeek-V4's attention projections",
+         lambda c, s, w: (w.method != "full") & (s.family == "deepseek_v4"), fix="--method full"),
     Rule("LoRA/QLoRA with tp or pp is not implemented by the executor",
          lambda c, s, w: (w.method != "full") & ((c.tp > 1) | (c.pp > 1)), fix="--tp 1 --pp 1"),
     Rule("QLoRA under FSDP2 (zero 2/3) is not implemented by the executor",
@@ -103,9 +108,10 @@ EXECUTOR_RULES: tuple[Rule, ...] = (
     Rule("the executor's context parallelism (torch's context_parallel) runs llama-like models with full causal "
          "attention, without pp", lambda c, s, w: (c.cp > 1) & ((s.family not in EXECUTOR_TP_PP_FAMILIES)
                                                               | _windowed(s, w) | (c.pp > 1)), fix="--cp 1"),
-    # transformers runs DeepSeek-V3.2's indexer under no_grad: its weights get no gradient, which DDP refuses
-    # ("parameters that were not used in producing loss", tried with tiny-dsa on 2 processes); FSDP2 trains it
-    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; DeepSeek-V3.2's indexer gets none",
+    # transformers runs DeepSeek-V3.2's indexer under no_grad, and DeepSeek-V4's returns integer indices only:
+    # their weights get no gradient, which DDP refuses ("parameters that were not used in producing loss",
+    # tried with tiny-dsa on 2 processes); FSDP2 trains the rest
+    Rule("the executor's DDP (zero 0/1) needs a gradient for every weight; a DeepSeek-V3.2/V4 indexer gets none",
          lambda c, s, w: (s.index_topk > 0) & (c.dp > 1) & (c.zero <= 1) & (w.method == "full"), fix="--zero 2 or 3"),
     Rule(f"the executor's expert parallelism runs {', '.join(EXECUTOR_EP_FAMILIES)} (their transformers ep plan)",
          lambda c, s, w: (c.ep > 1) & (s.family not in EXECUTOR_EP_FAMILIES), fix="--ep 1"),
@@ -121,7 +127,11 @@ def _no_deepep(engine: str) -> Rule:
                 fix="--expert-dispatcher alltoall")
 
 
-DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
+# DeepSpeed and Accelerate train transformers' own classes: DeepSeek-V4 there is eager-only too
+_DSV4_EAGER = Rule("transformers has no sdpa attention for DeepSeek-V4 (DeepseekV4PreTrainedModel)",
+                   lambda c, s, w: (s.family == "deepseek_v4") & (w.attention == "sdpa"), fix="--attention eager")
+
+DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (_DSV4_EAGER,) + (
     _no_deepep("DeepSpeed"),
     Rule("DeepSpeed's config has no fp8 mode", lambda c, s, w: w.precision == "fp8", fix="--precision bf16"),
     Rule("DeepSpeed's pipeline engine runs with ZeRO 0/1 and no AutoTP",
@@ -137,7 +147,7 @@ DEEPSPEED_RULES: tuple[Rule, ...] = _common("DeepSpeed") + (
          lambda c, s, w: c.ep > 1, fix="--ep 1"),
 )
 
-ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (
+ACCELERATE_RULES: tuple[Rule, ...] = _common("Accelerate") + (_DSV4_EAGER,) + (
     _no_deepep("Accelerate"),
     Rule("Accelerate's FSDP has no pipeline parallelism", lambda c, s, w: c.pp > 1, fix="--pp 1"),
     Rule("FSDP offloads parameters, gradients and optimizer together, not the optimizer alone",

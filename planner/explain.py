@@ -98,4 +98,17 @@ def ways_out(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> list[
         free = replace(pins, offload=None, zero=None, recompute=None)
         if fits(request, free):
             ideas.append("letting the search choose --zero, --recompute and --offload")
-    return ideas
+    return ideas + _eager_ways_out(request, resolved, pins, fits)
+
+
+def _eager_ways_out(request, resolved, pins, fits: Callable[[Any, Any], bool]) -> list[str]:
+    """A model transformers runs without sdpa (planner/capabilities.py SDPA_LESS_FAMILIES) asked with
+    sdpa: eager attention, alone or with the first way out that then works."""
+    from planner.capabilities import SDPA_LESS_FAMILIES
+
+    if request.workload.attention != "sdpa" or resolved.spec.family not in SDPA_LESS_FAMILIES:
+        return []
+    eager = replace(request, attention="eager")
+    if fits(eager, pins):
+        return ["--attention eager"]
+    return [f"--attention eager and {idea}" for idea in ways_out(eager, resolved, pins, fits)[:1]]

@@ -22,7 +22,9 @@ from planner.ops import (FLOAT8_DIM_MULTIPLE, FP32_BYTES, INDEX_BYTES, Attention
                          attention_op, attention_shape, chunk_keys_fraction, linear_op, lora_op, masked_by_window,
                          norm_op, window_keys_fraction)
 from planner.framework_memory import framework_memory
+from planner.deepseek_v4 import dsv4_attention
 from planner.gemma4 import gemma4_attention, gemma4_moe, mlp_width, per_layer_ends, per_layer_input
+from planner.hyper_connections import hc_ends, hyper_connected_layer
 from planner.linear_attention import gated_deltanet, kimi_delta_attention, mamba2
 from planner.mla import mla_attention
 from planner.moe_graph import moe_block
@@ -151,6 +153,9 @@ class _BlockBuilder:
         norms) or post-norm (OLMo 2: the branch's output normalised before the residual add). A
         hybrid's block may hold a mixer only or an MLP only (Nemotron-H: attention "none" / mlp "none")."""
         s, kind = self.spec, self.kind
+        if s.hc_mult:  # DeepSeek-V4's hyper-connected streams (planner/hyper_connections.py)
+            hyper_connected_layer(self)
+            return self.graph
         pre, post = s.layer_norms != "post", s.layer_norms in ("sandwich", "post")
         if not pre:
             self.attn_in, self.mlp_in = "layer_in", "mid"
@@ -178,6 +183,8 @@ class _BlockBuilder:
             (kimi_delta_attention if self.spec.linear_mixer == "kimi_delta" else gated_deltanet)(self)
         elif attention == "mamba":
             mamba2(self)
+        elif self.spec.o_groups:
+            dsv4_attention(self)
         elif self.spec.value_norm:
             gemma4_attention(self)
         elif self.spec.is_mla:
@@ -367,9 +374,17 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
             graph.add_node(op.name, op=op)
             graph.add_edge(last, op.name)
             last = op.name
+    final_in = "final_in"
+    if spec.hc_mult:  # DeepSeek-V4: the embedding made into streams, collapsed by the hyper-head
+        expand, hc_head = hc_ends(spec, n, trainable)
+        for op in (expand, hc_head):
+            graph.add_node(op.name, op=op)
+            graph.add_edge(last, op.name)
+            last = op.name
+        final_in = "hc_head.out"
     if spec.final_norm:
         fused = workload.fused_norm or (n.framework_layers and framework_memory(workload.framework).te_norms)
-        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", "final_in", fused=fused),
+        graph.add_node("final_norm", op=replace(norm_op(spec, n, "final_norm", final_in, fused=fused),
                                                 trainable=trainable))
         graph.add_edge(last, "final_norm")
         last = "final_norm"

@@ -14,6 +14,7 @@ from typing import Any
 
 from planner.errors import InvalidRequest, read_json, require_regular_file, unknown_name
 from planner.families import FAMILY_READERS, NOT_YET, TEXT_PARTS, text_config
+from planner.families_dsv4 import read_deepseek_v4
 from planner.families_gemma4 import read_gemma4
 from planner.families_hybrid import HYBRID_READERS
 from planner.hfconfig import Config, llama_like
@@ -24,7 +25,7 @@ PRESET_DIR = Path(__file__).parent / "presets" / "models"
 
 # Model types whose config.json we read (planner/families.py holds today's families' readers).
 SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "gpt_neox", "mpt",
-                   *FAMILY_READERS, *HYBRID_READERS, "gemma4_text", *TEXT_PARTS)
+                   *FAMILY_READERS, *HYBRID_READERS, "gemma4_text", "deepseek_v4", *TEXT_PARTS)
 
 
 @cache
@@ -167,7 +168,7 @@ def _mpt(c: Config) -> dict[str, Any]:
 
 _READERS = {"llama": llama_like, "mistral": llama_like, "qwen2": _qwen2, "mixtral": _mixtral,
             "baichuan": _baichuan, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "mpt": _mpt, **FAMILY_READERS,
-            **HYBRID_READERS, "gemma4_text": read_gemma4}
+            **HYBRID_READERS, "gemma4_text": read_gemma4, "deepseek_v4": read_deepseek_v4}
 
 
 def _check_shape(spec: ModelSpec) -> None:
@@ -192,6 +193,9 @@ def _check_layers(spec: ModelSpec, where: str) -> None:
     if "linear_attention" in types and not (spec.linear_value_heads and spec.linear_key_heads):
         raise InvalidRequest(f"{where}: layer_types has linear_attention layers but model_type {spec.family} has no "
                              "linear-attention heads; use full_attention or a model_type with linear attention")
+    if types & {"compressed_sparse_attention", "heavily_compressed_attention"} and not spec.o_groups:
+        raise InvalidRequest(f"{where}: layer_types has compressed attention layers, which only model_type "
+                             f"deepseek_v4 has; use full_attention or sliding_attention for {spec.family}")
     if "sparse" in spec.mlp_layer_types and not spec.is_moe:
         raise InvalidRequest(f"{where}: some layers are mixture-of-experts but the number of experts is "
                              f"{spec.num_experts}; give at least 2 experts or no MoE layers")

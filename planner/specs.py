@@ -33,7 +33,8 @@ FRAMEWORKS = ("executor", "torchtitan", "megatron", "deepspeed", "hf", "llm-foun
 EXPERT_DISPATCHERS = ("alltoall", "deepep")
 
 
-ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention")
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "linear_attention",
+                   "compressed_sparse_attention", "heavily_compressed_attention")  # the last two: DeepSeek-V4
 # a hybrid's block may hold a Mamba-2 mixer, or no mixer / no MLP at all (Nemotron-H)
 MIXER_TYPES = (*ATTENTION_TYPES, "mamba", "none")
 MLP_TYPES = ("dense", "sparse", "none")
@@ -47,6 +48,7 @@ class LayerKind:
     rope: bool = True  # rotary embedding applied to q and k
     mlp: str = "dense"  # dense (gated or plain MLP) | sparse (routed experts)
     kv_shared: bool = False  # reuses an earlier layer's keys and values (Gemma 4 num_kv_shared_layers)
+    hash_routed: bool = False  # its experts are chosen by a fixed token-id table (DeepSeek-V4 hash_moe)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,18 @@ class ModelSpec:
     per_layer_input_size: int = 0
     per_layer_input_vocab: int = 0
     moe_beside_mlp: bool = False
+    # DeepSeek-V4 (planner/deepseek_v4.py): hc_mult residual streams mixed by hyper-connections (0: one
+    # plain residual stream), grouped low-rank output projection (o_groups x o_lora_rank), the
+    # compression rates of compressed_sparse_attention / heavily_compressed_attention layers, the
+    # hash-routed MoE layers and the clamp of the SwiGLU inputs (0: none)
+    hc_mult: int = 0
+    hc_sinkhorn_iters: int = 0
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    csa_compress_rate: int = 0
+    hca_compress_rate: int = 0
+    hash_moe_layers: tuple[int, ...] = ()
+    swiglu_limit: float = 0.0
     source: str = ""
     # the config.json it was read from (what the executor instantiates); not part of equality
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -164,6 +178,12 @@ class ModelSpec:
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
 
+    @property
+    def residual_width(self) -> int:
+        """Values per token of the residual stream between layers: hc_mult copies of the hidden
+        state under hyper-connections (DeepSeek-V4), else the hidden state."""
+        return self.hidden_size * max(self.hc_mult, 1)
+
     def layer_kinds(self) -> list[tuple[LayerKind, tuple[int, ...]]]:
         """The distinct kinds of layer in the stack, in order of first appearance, with the
         indices of the layers of each kind (a uniform model has one kind holding every layer)."""
@@ -176,7 +196,8 @@ class ModelSpec:
         attention = self.layer_types[index] if self.layer_types else "full_attention"
         mlp = self.mlp_layer_types[index] if self.mlp_layer_types else ("sparse" if self.is_moe else "dense")
         shared = index >= self.num_layers - self.kv_shared_layers if self.kv_shared_layers else False
-        return LayerKind(attention=attention, rope=index not in self.no_rope_layers, mlp=mlp, kv_shared=shared)
+        return LayerKind(attention=attention, rope=index not in self.no_rope_layers, mlp=mlp, kv_shared=shared,
+                         hash_routed=index in self.hash_moe_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +205,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         values = _strict_fields(cls, data, "model spec")
-        for key in ("layer_types", "no_rope_layers", "mlp_layer_types"):
+        for key in ("layer_types", "no_rope_layers", "mlp_layer_types", "hash_moe_layers"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)

@@ -46,13 +46,13 @@ def test_uniform_model_keeps_its_one_layer():
 
 
 @pytest.mark.parametrize("name", ["deepseek-v3", "tiny-moe-shared", "tiny-sliding", "llama-4-scout", "gpt-oss-20b",
-                                  "tiny-gemma4", "tiny-kimi-linear", "tiny-dsa"])
+                                  "tiny-gemma4", "tiny-kimi-linear", "tiny-dsa", "tiny-dsv4"])
 def test_mean_layer_times_depth_is_the_sum_over_layers(name):
     """Every additive quantity of the summarised layer, times the depth, equals the sum over each
     layer's own summary."""
     spec, graph = _graph(name)
     layer, _, _ = summarize(graph)
-    layer_input = Saved("layer_in", graph.numerics.residual_bytes * spec.hidden_size, "sp")
+    layer_input = Saved("layer_in", graph.numerics.residual_bytes * spec.residual_width, "sp")
     parts = [(summarize_ops(ops, False, layer_input), len(indices)) for ops, indices in graph.kind_ops()]
     L = spec.num_layers
 

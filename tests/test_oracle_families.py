@@ -3,7 +3,8 @@ layers with zero-centred norms and a tied head (Gemma 3), MLA with dense-first M
 dense-first MoE with a shared expert (GLM-4.5-Air), Gated DeltaNet hybrids (Qwen3-Next, through
 the GPU kernels' stand-ins of calibration/gpu_kernels.py), attention sinks in eager attention
 (gpt-oss), Mamba-2 hybrids (a Nemotron-H shape chosen here, through the fused mamba_ssm stand-in),
-chunked attention with NoPE layers and experts run on every token (Llama 4), each a released config at full width cut to a
+chunked attention with NoPE layers and experts run on every token (Llama 4), compressed attention with
+hyper-connections and hash routing (DeepSeek-V4), each a released config at full width cut to a
 few layers and traced whole; the planner within the grid's tolerance, and (slow) a re-trace
 reproduces a stored point."""
 
@@ -53,6 +54,9 @@ def test_the_mechanisms_are_covered():
     assert any(s.attention_sinks and s.expert_gate == "clamped_swiglu" for s in specs)
     assert any(any(kind.attention == "mamba" for kind, _ in s.layer_kinds()) for s in specs)
     assert {p["config"]["recompute"] for p in POINTS} == {"none", "full"}
+    # DeepSeek-V4: compressed (sparse and heavy) attention, hyper-connected streams, hash-routed layers
+    assert any(s.hc_mult > 1 and {"compressed_sparse_attention", "heavily_compressed_attention"} <= set(s.layer_types)
+               and s.hash_moe_layers for s in specs)
 
 
 def test_every_point_within_the_grid_tolerance_and_median_within_one_percent():

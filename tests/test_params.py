@@ -45,9 +45,10 @@ def test_known_counts():
 @pytest.mark.parametrize("name, count", [
     ("deepseek-v3", 671_026_404_352), ("qwen3-30b-a3b", 30_532_122_624), ("gemma-3-27b", 27_009_346_304),
     ("phi-4", 14_659_507_200), ("gpt-oss-20b", 20_914_757_184), ("llama-4-scout", 107_769_861_120),
-    ("qwen3-8b", 8_190_735_360)])
+    ("qwen3-8b", 8_190_735_360), ("deepseek-v4", 284_332_230_231)])
 def test_todays_models_counts(name, count):
-    # the counts issue 15 names (transformers' meta-device counts; DeepSeek-V3 without its MTP module)
+    # the counts issue 15 names (transformers' meta-device counts; DeepSeek-V3 and V4-Flash without their MTP
+    # module, which transformers does not build)
     assert count_params(load_model(name)) == count
 
 
@@ -117,6 +118,14 @@ HAND_WRITTEN = {
                      "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
                      "v_head_dim": 12, "n_group": 1, "topk_group": 1, "index_n_heads": 3, "index_head_dim": 16,
                      "index_topk": 4, "mlp_layer_types": ["sparse", "dense", "sparse", "sparse", "dense"]},
+    # intermediate_size (from _SMALL) is DeepseekV4Config's alias of moe_intermediate_size and wins over it;
+    # compress_ratios names one layer more (the MTP layer's), transformers builds one shared expert whatever
+    # n_shared_experts says
+    "deepseek_v4": {"head_dim": 32, "q_lora_rank": 24, "moe_intermediate_size": 40, "n_routed_experts": 6,
+                    "num_experts_per_tok": 2, "n_shared_experts": 2, "o_groups": 2, "o_lora_rank": 16,
+                    "index_n_heads": 3, "index_head_dim": 16, "index_topk": 4, "hc_mult": 3, "hc_sinkhorn_iters": 5,
+                    "compress_ratios": [4, 0, 128, 4, 128, 0], "compress_rate_hca": 8, "num_hash_layers": 2,
+                    "qk_rope_head_dim": 8, "sliding_window": 16},
     "qwen3_5_text": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 4, "linear_key_head_dim": 8,
                      "linear_value_head_dim": 8, "linear_conv_kernel_dim": 3},
     "qwen3_5_moe": {"text_config": {"head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2,

@@ -209,13 +209,14 @@ def _tp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
 
 
 def _pp_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
-    """Activation sends between stages: forward and backward per micro-batch and per virtual stage
+    """Activation sends between stages (the residual stream: hc_mult streams under DeepSeek-V4's
+    hyper-connections): forward and backward per micro-batch and per virtual stage
     (interleaved 1F1B: every micro-batch crosses each rank's vpp model chunks, so a rank sends
     2 x vpp times per micro-batch; Megatron-Core pipeline_parallel/schedules.py
     forward_backward_pipelining_with_interleaving sends after every chunk's forward and backward).
     The fill and drain ones (pp - 1 hops each way) sit on the critical path, steady-state ones are
     partly hidden."""
-    nbytes = (regime.numerics.compute_bytes * ctx.spec.hidden_size * c.micro_batch_size * ctx.workload.seq_len
+    nbytes = (regime.numerics.compute_bytes * ctx.spec.residual_width * c.micro_batch_size * ctx.workload.seq_len
               / c.cp / np.where(c.sequence_parallel, c.tp, 1))
     span = c.tp * c.data_ranks * c.pp
     bandwidth, latency = comm.link_bandwidth(ctx.cluster, ctx.profile, span)

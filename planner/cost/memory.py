@@ -260,21 +260,22 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         gb = 0.0 * gb
     grad_layer = gb * _at(p, "per_layer_trainable", shard) * layer_pad / shard
     kept_at, grad_at = _position_parts(regime, c, p, per_micro_batch, gb * layer_pad / shard, grad_layer)
-    boundary = np.where(c.pp > 1, 2 * cb * hidden * tokens / sp_div, 0.0)  # pipeline send/receive buffers
+    stream = spec.residual_width  # the residual between layers: hc_mult streams under hyper-connections
+    boundary = np.where(c.pp > 1, 2 * cb * stream * tokens / sp_div, 0.0)  # pipeline send/receive buffers
     ends = fsdp & c.shard_ends  # the embedding and the head are FSDP units of their own
     embedding_trainable = p["root_trainable"] - p["head_trainable"]
     return StepParts(
         layers=layers, others=(layout.in_flight[role] - layers) * kept, kept_layer=kept,
         embedding=has_emb * layout.chunks_in_flight[role] * per_micro_batch(regime.embedding.saved["none"]),
         head=has_head * per_micro_batch(regime.head.saved["none"]),
-        held_output=has_head * num.residual_bytes * hidden * tokens / sp_div,
+        held_output=has_head * num.residual_bytes * stream * tokens / sp_div,
         loss_forward=loss["forward"], loss_backward=loss["backward"], grad_logits=has_head * tokens * vocab * cb / logit_split,
         steps=steps, grads_held=store["grads_held"], grad_layer=grad_layer,
         kind_steps=kind_steps, kept_at=kept_at, grad_at=grad_at, kind_at={k[5:]: p[k] for k in p if k.startswith("kind_")} if kind_steps else None,
         grad_head=gb * p["head_trainable"] * root_pad / shard, grad_all=store["grads"], grad_bytes=gb,
         head_weights=head_weights,
         embedding_grad=has_emb * gb * (vocab * hidden / p["vocab_split"] + p["embedding_replicated_grad"]),
-        incoming_grad=has_emb * num.residual_bytes * hidden * tokens / sp_div,
+        incoming_grad=has_emb * num.residual_bytes * stream * tokens / sp_div,
         tied_grad=np.where(fsdp, 0.0, tied),
         compute_bytes=cb, autocast_casts=casts, cast_layer=np.where(casts, cb * trained_matmuls, 0.0),
         cast_head=np.where(casts, cb * head_weights, 0.0), fsdp=fsdp,

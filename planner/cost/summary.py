@@ -163,12 +163,12 @@ def summarize_parts(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSu
     """`summarize` and, for a stack of several kinds of layer, each kind's summary with the indices
     of its layers (empty for a uniform stack)."""
     quantized = graph.workload.method == "qlora"
-    r, h = graph.numerics.residual_bytes, graph.spec.hidden_size
+    r, h = graph.numerics.residual_bytes, graph.spec.residual_width  # hc_mult streams (DeepSeek-V4)
     layer_input = Saved("layer_in", r * h, "sp")
     kinds = tuple((summarize_ops(ops, quantized, layer_input), indices) for ops, indices in graph.kind_ops())
     layer = mean_layer([(part, len(indices) / graph.spec.num_layers) for part, indices in kinds])
     ends = graph.end_ops()
-    head_names = {"final_norm", "lm_head"}
+    head_names = {"hc_head", "final_norm", "lm_head"}
     embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
     head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
     return layer, embedding, head, kinds if len(kinds) > 1 else ()
@@ -284,7 +284,7 @@ def backward_steps(ops: list[Op], layer_input: Saved) -> tuple[BackwardStep, ...
         tp, rep = (trained, 0.0) if op.tp_split else (0.0, trained)
         for part in op.backward_parts or (BackwardPart(op.grads, 1.0),):
             held = sum((_saved(t) for t in alive.values()), Bytes()) + residual
-            held = held + sum((_shard(g.bytes_per_token, g.split) for g in part.grads), Bytes())
+            held = held + sum((_saved(g) for g in part.grads), Bytes())  # a score-sized gradient: × seq
             share = part.weight_share
             steps.append(BackwardStep(op.name, held, tp * share, rep * share, done_tp, done_rep, share))
             done_tp, done_rep = done_tp + (op.params * share if op.trainable and op.tp_split else 0.0), \
