@@ -18,13 +18,13 @@ SHAREGPT = DATA / "sharegpt_sample.jsonl"
 SEQ_LEN, GLOBAL_BATCH = 64, 8
 
 
-def make_plan(path: Path, gpus: int, workload: dict | None = None, **config) -> Path:
-    """A Plan for llama-tiny on `gpus` CPU processes, as `planner predict --save-plan` writes it."""
+def make_plan(path: Path, gpus: int, workload: dict | None = None, model: str = "llama-tiny", **config) -> Path:
+    """A Plan for llama-tiny (or `model`) on `gpus` CPU processes, as `planner predict --save-plan` writes it."""
     from planner import api
     from planner.plan import ParallelConfig, save_plan
 
     w = {"seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH, "precision": "fp32", **(workload or {})}
-    request = api.Request(model="llama-tiny", gpu="cpu", gpus=gpus, gpus_per_node=gpus, **w)
+    request = api.Request(model=model, gpu="cpu", gpus=gpus, gpus_per_node=gpus, **w)
     tp, pp = config.pop("tp", 1), config.pop("pp", 1)
     dp = config.pop("dp", gpus // (tp * pp))
     mbs = config.pop("micro_batch_size", 1)

@@ -57,3 +57,21 @@ def test_layout_matches_single_process(name, tmp_path, single_process_losses, si
     assert summary["status"] == "finished"
     assert summary["plan"]["config"] == json.loads(plan.read_text())["config"]
     assert summary["environment"]["world_size"] == processes
+
+
+@pytest.mark.slow
+def test_interleaved_stages_that_do_not_divide_the_layers_train_as_one_process(tmp_path):
+    """A 6-layer llama-tiny on pp 2 x vpp 2: virtual stages of 1, 2, 2 and 1 layers (planner/layout.py
+    stage_layers, Megatron's account-for-embedding/loss split) train to the single process's loss."""
+    from planner.models import load_model
+
+    config = dict(load_model("llama-tiny").hf_config, num_hidden_layers=6)
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(config))
+    reference = make_plan(tmp_path / "one.json", 1, model=str(model), micro_batch_size=4)
+    train(reference, tmp_path / "one", 20, "--no-save")
+    plan = make_plan(tmp_path / "pp.json", 2, model=str(model), pp=2, vpp=2, micro_batch_size=2)
+    assert [len(s) for s in json.loads(plan.read_text())["layout"]["stages"]] == [1, 2, 2, 1]
+    train(plan, tmp_path / "pp", 20, "--no-save")
+    got, want = losses(tmp_path / "pp"), losses(tmp_path / "one")
+    assert got[20] < got[1] - 1.0 and abs(got[20] - want[20]) < 1e-2, (got[20], want[20])
