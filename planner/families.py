@@ -325,8 +325,6 @@ def _nemotron_h(c: Config) -> dict[str, Any]:
         blocks = [NEMOTRON_LEGACY.get(b, b) if isinstance(b, str) else b for b in blocks]
     if not isinstance(blocks, list) or any(b not in NEMOTRON_BLOCKS for b in blocks):
         raise InvalidRequest(f"{c.where}: layers_block_type must list {', '.join(NEMOTRON_BLOCKS)}; got {blocks!r}")
-    if c.data.get("moe_latent_size"):
-        raise InvalidRequest(f"{c.where}: moe_latent_size (latent MoE projections) is not modelled yet")
     hidden, heads = c.int("hidden_size", default=4096), c.int("num_attention_heads", default=32)
     mamba_heads = c.int("mamba_num_heads", default=128)
     return dict(
@@ -343,6 +341,7 @@ def _nemotron_h(c: Config) -> dict[str, Any]:
         experts_per_token=c.int("num_experts_per_tok", default=2),
         shared_expert_intermediate_size=c.int("moe_shared_expert_intermediate_size", default=7688)
         * c.count("n_shared_experts", 1),
+        moe_latent_size=c.int("moe_latent_size", default=0),
         layer_types=tuple(NEMOTRON_BLOCKS[b][0] for b in blocks),
         mlp_layer_types=tuple(NEMOTRON_BLOCKS[b][1] for b in blocks),
         mamba_heads=mamba_heads, mamba_head_dim=c.int("mamba_head_dim", default=64),

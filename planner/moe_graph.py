@@ -13,13 +13,17 @@ def moe_block(b: Any) -> None:
     """transformers' MoE block with the grouped_mm experts (integrations/moe.py,
     grouped_mm_experts_forward), per token with k routed copies; then the shared experts
     (Qwen2-MoE shared_expert with its sigmoid gate, DeepSeek shared_experts, Llama 4
-    shared_expert), a dense gated MLP every token passes through."""
+    shared_expert), a dense gated MLP every token passes through. With a latent (Nemotron 3
+    LatentMoE, moe_latent_size) the routed experts run at its width `w` between fc1_latent_proj and
+    fc2_latent_proj; the router and the shared experts read the hidden states (transformers 5.23
+    modeling_nemotron_h.py NemotronHMoE.forward, NemotronHExperts: up (E, I, w), down (E, w, I))."""
     s, n = b.spec, b.n
     if s.expert_dispatch == "dense" and framework_memory(b.workload.framework).transformers_modeling:
         dense_moe_block(b)
         return
     c = n.compute_bytes
     h, i, k, e = s.hidden_size, s.intermediate_size, s.experts_per_token, s.num_experts
+    w = s.expert_width  # the experts' input and output width: the hidden size, or the latent
     start = b.last
     router = linear_op(n, "router", h, e, s.router_bias, b.mlp_in, split="sp", input_bytes=n.residual_bytes)
     # softmax(router_logits.float()) keeps its fp32 output; topk its int64 indices; the top values are
@@ -31,34 +35,38 @@ def moe_block(b: Any) -> None:
     # with_capacity, switch_load_balancing_loss_func; torchtitan moe.py TokenChoiceTopKRouter)
     router_io = (c + 3 * FP32_BYTES) * e
     b.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=router_io))
+    if s.moe_latent_size:  # replicated over TP, as MLA's low-rank projections (the experts need the whole latent)
+        b.linear("fc1_latent_proj", h, w, s.mlp_bias, b.mlp_in, column=True, tp_split=False)
     # experts: sort by expert (int64 permutation, its token index and inverse), gather the hidden states
     # (kept by the first grouped_mm for the weights' gradient), gate_up output (kept by the activation's
     # chunk views), act(gate) (kept with up by their product), the product (kept by the second grouped_mm
     # for the weights' gradient), the down output and the routing weights (kept by their product)
     saved = (Saved("experts.index", 3 * INDEX_BYTES * k + FP32_BYTES * k, "sp"),
-             Saved("experts.in", c * h * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
+             Saved("experts.in", c * w * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
              Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
-             Saved("experts.down_out", c * h * k))
+             Saved("experts.down_out", c * w * k))
     if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
         saved += (Saved("experts.clamped", 3 * c * i * k),)
-    biases = e * (2 * i + h) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
-    bias_dims = ((e, e * 2 * i), (e, e * h)) if s.expert_bias else ()
+    biases = e * (2 * i + w) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
+    bias_dims = ((e, e * 2 * i), (e, e * w)) if s.expert_bias else ()
     m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
     # permutation into expert order (a row read and written per routed copy: Megatron-Core moe_utils.permute /
     # TE moe_permute, torchtitan's index gather) and back (k rows and their fp32 routing weights read, one
     # row written: unpermute's weighted sum)
-    permute_io = 2 * k * c * h + (k + 1) * c * h + FP32_BYTES * k
+    permute_io = 2 * k * c * w + (k + 1) * c * w + FP32_BYTES * k
     # under fp8, Megatron-Core runs the grouped experts in float8 too (TEGroupedLinear inside te.fp8_autocast);
     # torchao's Float8Linear swap (torchtitan, the executor) converts nn.Linear only, not grouped experts
     float8 = (b.workload.precision == "fp8" and b.workload.framework == "megatron"
-              and h % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
+              and w % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
     saved = _megatron_saved(b, saved, float8)
-    b.add(Op("experts", "experts", params=e * m * h * i + biases, gemm=(h, m * i), tokens_factor=k, float8=float8,
-                flops_per_token=k * 2 * m * h * i, io_bytes_per_token=k * 8 * c * i + permute_io,
-                out_bytes_per_token=c * h, saved=saved, quantizable=True,
+    b.add(Op("experts", "experts", params=e * m * w * i + biases, gemm=(w, m * i), tokens_factor=k, float8=float8,
+                flops_per_token=k * 2 * m * w * i, io_bytes_per_token=k * 8 * c * i + permute_io,
+                out_bytes_per_token=c * w, saved=saved, quantizable=True,
                 # backward, alive at once: the gate_up (or up) and product gradients, then the input's
-                grads=(Saved("experts.grad", k * c * (h + m * i)),),
-                param_dims=((e, e * (m - 1) * h * i), (e, e * h * i)) + bias_dims))
+                grads=(Saved("experts.grad", k * c * (w + m * i)),),
+                param_dims=((e, e * (m - 1) * w * i), (e, e * w * i)) + bias_dims))
+    if s.moe_latent_size:  # keeps the experts' combined latent output for its weight gradient
+        b.linear("fc2_latent_proj", w, h, s.mlp_bias, "experts.out", column=True, input_bytes=c, tp_split=False)
     _shared_experts(b, start)
 
 

@@ -99,6 +99,8 @@ class ModelSpec:
     # how transformers' modeling code runs the routed experts: "routed" (the top-k copies of each token,
     # grouped by expert) or "dense" (every token through every expert, weighted: Llama 4)
     expert_dispatch: str = "routed"
+    # routed experts run in a latent of this width between two projections (Nemotron 3 LatentMoE; 0: none)
+    moe_latent_size: int = 0
     qk_norm: str = ""  # "" | "head": RMSNorm over head_dim (Qwen3, Gemma 3) | "full": over q/kv width (OLMo 2)
     attention_sinks: bool = False  # one learned sink logit per head (gpt-oss)
     layer_norms: str = "pre"  # pre | sandwich (Gemma 2/3: pre and post norms) | post (OLMo 2: post only)
@@ -173,6 +175,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
+
+    @property
+    def expert_width(self) -> int:
+        """Width of the routed experts' input and output (and of the tokens they exchange)."""
+        return self.moe_latent_size or self.hidden_size
 
     @property
     def is_mla(self) -> bool:

@@ -39,7 +39,8 @@ ZERO_OR_INT_BOUNDS = {"global_head_dim": 2**14, "global_kv_heads": 2**14, "kv_sh
                       "per_layer_input_size": 2**18, "per_layer_input_vocab": 2**24,
                       # DeepSeek-V4 (4 streams, 20 Sinkhorn iterations, 8 groups of rank 1024, rates 4 and 128)
                       "hc_mult": 2**10, "hc_sinkhorn_iters": 2**14, "o_groups": 2**14, "o_lora_rank": 2**18,
-                      "csa_compress_rate": 2**20, "hca_compress_rate": 2**20}
+                      "csa_compress_rate": 2**20, "hca_compress_rate": 2**20,
+                      "moe_latent_size": 2**18}  # a width, bounded as hidden_size
 MAX_LORA_RANK = 2**16
 # hardware: memory 2**50 B (1 PiB; devices hold ~2e11), FLOP/s 1e21 (devices reach ~1e16),
 # bandwidths 1e16 B/s (HBM ~1e13), host memory 2**56 B per node (nodes hold ~2**41)

@@ -56,7 +56,8 @@ def test_todays_models_counts(name, count):
     ("qwen3.5-27b", 26_895_998_464), ("qwen3.5-35b-a3b", 34_660_610_688), ("qwen3.5-122b-a10b", 122_111_526_912),
     ("qwen3.5-397b-a17b", 396_346_350_336), ("gemma-4-26b-a4b", 25_233_141_760),
     ("nemotron-3-nano-30b-a3b", 31_577_937_344), ("nemotron-3.5-lightning-30b-a3b", 31_577_937_344),
-    ("nemotron-h-56b", 56_324_350_464)])
+    ("nemotron-h-56b", 56_324_350_464), ("nemotron-3-super-120b-a12b", 120_668_687_360),
+    ("nemotron-3-ultra-550b-a55b", 549_308_968_960), ("deepseek-v4-pro", 1_572_997_179_491)])
 def test_hybrid_release_counts(name, count):
     # issue 15's later releases, their official config.json (sources in the presets); transformers 5.23 meta-device
     # counts of the language model (no vision tower, no MTP layer)
@@ -71,6 +72,16 @@ def test_nemotron_h_older_block_names_read_as_transformers_renames_them():
     ours = count_params(spec_from_hf_config(config, name="legacy"))
     assert ours == transformers_count(config) == count_params(spec_from_hf_config(renamed, name="renamed"))
     assert spec_from_hf_config(config, name="legacy").layer_types == spec_from_hf_config(renamed, name="r").layer_types
+
+
+
+def test_nemotron_h_latent_moe_counts_match_transformers():
+    # Nemotron 3 Super / Ultra: routed experts of width moe_latent_size between fc1_latent_proj and
+    # fc2_latent_proj (with mlp_bias: their biases too); the experts themselves have no bias
+    config = {**hand_written("nemotron_h"), "moe_latent_size": 20, "mlp_bias": True}
+    ours = count_params(spec_from_hf_config(config, name="latent"))
+    assert ours == transformers_count(config)
+    assert ours != count_params(spec_from_hf_config({**config, "moe_latent_size": None}, name="plain"))
 
 
 _SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 5, "num_attention_heads": 4,

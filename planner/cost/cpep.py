@@ -20,7 +20,7 @@ block's compute the exchange can hide behind is the profile's overlap `cp` (hand
 Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
 tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a
 dispatch and a combine all-to-all in the forward and two in the backward, of tokens x top-k x
-hidden elements in the compute dtype (DeepEP, `--expert-dispatcher deepep`: tokens x the distinct
+hidden (a latent MoE: latent) elements in the compute dtype (DeepEP, `--expert-dispatcher deepep`: tokens x the distinct
 ranks their experts live on) (x the profile's expert imbalance: the busiest rank receives
 that much more), each rank sending 1/ep of them to each other rank, the in-node share over NVLink
 and the rest over the network at the same time; each followed (preceded) by the sort of the
@@ -80,7 +80,10 @@ def ep_seconds(ctx: Context, regime: Regime, c: Candidates) -> np.ndarray:
         return np.zeros(len(c))
     tokens = c.micro_batch_size * w.seq_len / c.cp / np.where(c.sequence_parallel, c.tp, 1)
     # the busiest rank receives (and sorts) `imbalance` times the mean of the routed copies
-    token_bytes = tokens * spec.hidden_size * regime.numerics.compute_bytes * ctx.profile.expert_imbalance()
+    # a latent MoE exchanges its latent tokens: fc1_latent_proj runs before the experts and fc2_latent_proj
+    # after them (modeling_nemotron_h.py NemotronHMoE.forward), and shrinking the all-to-all is the latent's
+    # purpose (LatentMoE, arXiv 2601.18089: routed tokens projected to the latent before expert parallelism)
+    token_bytes = tokens * spec.expert_width * regime.numerics.compute_bytes * ctx.profile.expert_imbalance()
     routed_bytes = token_bytes * spec.experts_per_token
     sent_copies = np.where(ctx.workload.expert_dispatcher == "deepep",
                            ranks_reached_per_token(spec.num_experts, spec.experts_per_token, c.ep),
