@@ -20,9 +20,9 @@ block's compute the exchange can hide behind is the profile's overlap `cp` (hand
 Expert parallelism (torchtitan expert_parallel.py ExpertParallel: all_to_all_single of the routed
 tokens to the ranks holding their experts and back; Megatron-Core MoEAlltoAllTokenDispatcher): a
 dispatch and a combine all-to-all in the forward and two in the backward, of tokens x top-k x
-hidden (a latent MoE: latent) elements in the compute dtype (DeepEP, `--expert-dispatcher deepep`: tokens x the distinct
-ranks their experts live on) (x the profile's expert imbalance: the busiest rank receives
-that much more), each rank sending 1/ep of them to each other rank, the in-node share over NVLink
+hidden (a latent MoE's latent) elements in the compute dtype (DeepEP, `--expert-dispatcher deepep`:
+tokens x the distinct ranks their experts live on) (x the profile's expert imbalance: the busiest rank
+receives that much more), each rank sending 1/ep of them to each other rank, the in-node share over NVLink
 and the rest over the network at the same time; each followed (preceded) by the sort of the
 received chunks by expert; not overlapped by default (profile overlap `ep`).
 """
