@@ -43,6 +43,12 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
     # compress_ratios (46 long in the release) is cut by transformers itself: sliding, sliding, CSA, HCA
     "deepseek-v4-4l": ("deepseek-v4", 4, {}, "two sliding-window layers, a compressed sparse (with its indexer) and a "
                        "heavily compressed one, 4 hyper-connected streams, the first 3 of 256 experts hash-routed"),
+    # one kind of layer each (traced whole all the same: four layers are no more than the oracle traces)
+    "qwen3-8b-4l": ("qwen3-8b", 4, {}, "per-head q and k RMSNorms, an untied head"),
+    "qwen3-30b-a3b-4l": ("qwen3-30b-a3b", 4, {}, "per-head q and k RMSNorms, 128 experts (top 8) without a shared one"),
+    "phi-4-4l": ("phi-4", 4, {}, "fused qkv and gate-up projections, an untied head"),
+    "gemma-4-26b-a4b-6l": ("gemma-4-26b-a4b", 6, {}, "five sliding (1024) layers and one global (head dim 512, keys as "
+                           "values, partial rotary), 128 experts (top 8) beside a dense MLP, a tied softcapped head"),
 }
 
 
@@ -83,6 +89,16 @@ FAMILY_GRID: list[dict[str, Any]] = [
            attention="eager"),
     _point("deepseek-v4-4l fsdp256 1x4096 eager full", model_ref("deepseek-v4-4l"), 4096, 1, "full", dp=256, zero=3,
            attention="eager"),
+    # one device: autocast over fp32 parameters; tensor parallel through Qwen3's transformers plan
+    _point("qwen3-8b-4l 1x4096", model_ref("qwen3-8b-4l"), 4096, 1),
+    _point("qwen3-8b-4l fsdp8 2x4096 full", model_ref("qwen3-8b-4l"), 4096, 2, "full", dp=8, zero=3),
+    _point("qwen3-8b-4l tp4 1x4096", model_ref("qwen3-8b-4l"), 4096, 1, tp=4),
+    _point("qwen3-30b-a3b-4l fsdp16 2x4096", model_ref("qwen3-30b-a3b-4l"), 4096, 2, dp=16, zero=3),
+    _point("qwen3-30b-a3b-4l fsdp16 1x8192 full", model_ref("qwen3-30b-a3b-4l"), 8192, 1, "full", dp=16, zero=3),
+    _point("phi-4-4l 1x4096", model_ref("phi-4-4l"), 4096, 1),
+    _point("phi-4-4l fsdp8 2x4096 full", model_ref("phi-4-4l"), 4096, 2, "full", dp=8, zero=3),
+    _point("gemma-4-26b-a4b-6l fsdp8 2x4096", model_ref("gemma-4-26b-a4b-6l"), 4096, 2, dp=8, zero=3),
+    _point("gemma-4-26b-a4b-6l fsdp8 1x8192 full", model_ref("gemma-4-26b-a4b-6l"), 8192, 1, "full", dp=8, zero=3),
 ]
 
 
