@@ -70,10 +70,11 @@ def gemma4_attention(b: BlockBuilder) -> None:
     b.last = ends
     b.rotary(q_width + (0 if kind.kv_shared else kv_width))
     shape = b.attention_shape(AttentionShape(q_width, kv_width, kv_width, q_width, s.num_heads, v_key="v_norm.out"))
-    if repeats_kv(s, kind, shape.masked) and not shape.masked:  # the masked path repeats them already
+    repeated = repeats_kv(s, kind, shape.masked)
+    if repeated and not shape.masked:  # the masked path repeats them already
         shape = replace(shape, k=q_width, v=q_width, v_key="attn.v")
     op = attention_op(s, b.workload, b.n, shape)
-    if kind.kv_shared and not shape.masked:  # SDPA keeps the producing layer's K and V: no copy of its own
+    if kind.kv_shared and not (shape.masked or repeated):  # SDPA keeps the producing layer's K and V: no copy of its own
         op = replace(op, saved=tuple(t for t in op.saved if t.key not in ("attn.k", shape.v_key)))
     b.add(op)
     b.attention_out(q_width)
