@@ -8,7 +8,10 @@ from the catalog entries: only the depth and the per-layer lists are cut, and wh
 its first dense layers or its global layers beyond the cut, the key that places them is set so
 that the cut stack still holds one of each). The points use FSDP2 (ZeRO 3): transformers' grouped
 experts take bf16 weights only, so MoE models are traced with FSDP2's bf16 parameters, and the
-activations then dominate the peak. `python -m calibration.oracle_families` re-traces them;
+activations then dominate the peak. Families of one kind of layer (Qwen3, Qwen3-MoE, Phi-3) are cut
+to four layers, and Qwen3 is traced on one device (autocast) and tensor parallel too, through its
+transformers plan as the executor runs it. `python -m calibration.oracle_families` re-traces them
+(`--only NAME` for some);
 `planner oracle --grid calibration/data/oracle_families.json` compares.
 """
 
@@ -49,6 +52,8 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
     "phi-4-4l": ("phi-4", 4, {}, "fused qkv and gate-up projections, an untied head"),
     "gemma-4-26b-a4b-6l": ("gemma-4-26b-a4b", 6, {}, "five sliding (1024) layers and one global (head dim 512, keys as "
                            "values, partial rotary), 128 experts (top 8) beside a dense MLP, a tied softcapped head"),
+    "gemma-4-31b-6l": ("gemma-4-31b", 6, {}, "the dense Gemma 4: five sliding (1024) layers and one global (head dim 512, "
+                       "keys as values), a tied softcapped head"),
 }
 
 
@@ -99,6 +104,7 @@ FAMILY_GRID: list[dict[str, Any]] = [
     _point("phi-4-4l fsdp8 2x4096 full", model_ref("phi-4-4l"), 4096, 2, "full", dp=8, zero=3),
     _point("gemma-4-26b-a4b-6l fsdp8 2x4096", model_ref("gemma-4-26b-a4b-6l"), 4096, 2, dp=8, zero=3),
     _point("gemma-4-26b-a4b-6l fsdp8 1x8192 full", model_ref("gemma-4-26b-a4b-6l"), 8192, 1, "full", dp=8, zero=3),
+    _point("gemma-4-31b-6l fsdp8 1x8192", model_ref("gemma-4-31b-6l"), 8192, 1, dp=8, zero=3),
 ]
 
 

@@ -4,7 +4,9 @@ dense-first MoE with a shared expert (GLM-4.5-Air), Gated DeltaNet hybrids (Qwen
 the GPU kernels' stand-ins of calibration/gpu_kernels.py), attention sinks in eager attention
 (gpt-oss), Mamba-2 hybrids (a Nemotron-H shape chosen here, through the fused mamba_ssm stand-in),
 chunked attention with NoPE layers and experts run on every token (Llama 4), compressed attention with
-hyper-connections and hash routing (DeepSeek-V4), each a released config at full width cut to a
+hyper-connections and hash routing (DeepSeek-V4), per-head q/k norms on one device, FSDP and TP
+(Qwen3, Qwen3-MoE), fused projections (Phi-3), 512-wide global heads with experts beside the MLP
+and a soft-capped head (Gemma 4), each a released config at full width cut to a
 few layers and traced whole; the planner within the grid's tolerance, and (slow) a re-trace
 reproduces a stored point."""
 
