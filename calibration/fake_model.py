@@ -106,10 +106,12 @@ def parallelize(model: torch.nn.Module, layers: list[torch.nn.Module], spec: Mod
     the ring attention's stand-in, inside the checkpoint, so that recomputation in the backward
     replays them too."""
     from executor.parallelize import apply_activation_checkpointing, apply_fsdp, apply_tensor_parallel
+    from executor.setup import transformers_tp_plan
 
     mesh = device_mesh(config)
-    if config.tp > 1:
-        apply_tensor_parallel(model, layers, mesh["tp"], config.sequence_parallel, spec.tie_word_embeddings)
+    if config.tp > 1:  # executor/setup.py _shard_and_wrap: Llama's names by hand, else the model's own plan
+        apply_tensor_parallel(model, layers, mesh["tp"], config.sequence_parallel, spec.tie_word_embeddings,
+                              transformers_tp_plan(spec))
     for layer in layers:
         layer.forward = _as_on_cuda(layer.forward, config.cp)
     apply_activation_checkpointing(layers, config.recompute)

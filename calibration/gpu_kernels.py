@@ -40,8 +40,9 @@ _SDPA = F.scaled_dot_product_attention
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SDPA as the GPU dispatches it: the memory-efficient kernel where q/k and v head dims differ."""
-    differs = query.shape[-1] != value.shape[-1]
+    """SDPA as the GPU dispatches it: the memory-efficient kernel where q/k and v head dims differ
+    or exceed the CUDA flash kernel's 256 (sdp_utils.cpp check_head_dim_size_flash; Gemma 4's 512)."""
+    differs = query.shape[-1] != value.shape[-1] or query.shape[-1] > 256
     if differs and attn_mask is None and dropout_p == 0.0 and query.shape[1] == key.shape[1]:
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, None, True, 0.0, is_causal, scale=scale)

@@ -216,9 +216,10 @@ def _check_attention_kernel(attention_ops: list[str], calls: set[tuple[int, int,
 def expected_attention_calls(spec: ModelSpec, workload: Workload, config: ParallelConfig) -> set[tuple[int, int, bool]]:
     """(query heads, key heads, masked) of each kind of softmax-attention layer: masked where its
     window or chunk is no longer than the sequence (planner/ops.py masked_by_window)."""
+    from planner.gemma4 import layer_heads, repeats_kv
     from planner.ops import masked_attention, masked_by_window
 
-    heads, kv_heads = spec.num_heads // config.tp, spec.num_kv_heads // config.tp
+    heads = spec.num_heads // config.tp
     spans = {"sliding_attention": spec.sliding_window or 0, "chunked_attention": spec.attention_chunk_size or 0}
     expected = set()
     for kind, _ in spec.layer_kinds():
@@ -228,7 +229,8 @@ def expected_attention_calls(spec: ModelSpec, workload: Workload, config: Parall
             masked = masked_by_window(workload, spans[kind.attention])
         else:
             continue  # linear attention, Mamba-2, no mixer
-        expected.add((heads, heads if masked else kv_heads, masked))
+        kv_heads = layer_heads(spec, kind)[1] // config.tp  # Gemma 4's global layers have their own
+        expected.add((heads, heads if repeats_kv(spec, kind, masked) else kv_heads, masked))
     return expected
 
 

@@ -8,7 +8,10 @@ from the catalog entries: only the depth and the per-layer lists are cut, and wh
 its first dense layers or its global layers beyond the cut, the key that places them is set so
 that the cut stack still holds one of each). The points use FSDP2 (ZeRO 3): transformers' grouped
 experts take bf16 weights only, so MoE models are traced with FSDP2's bf16 parameters, and the
-activations then dominate the peak. `python -m calibration.oracle_families` re-traces them;
+activations then dominate the peak. Families of one kind of layer (Qwen3, Qwen3-MoE, Phi-3) are cut
+to four layers, and Qwen3 is traced on one device (autocast) and tensor parallel too, through its
+transformers plan as the executor runs it. `python -m calibration.oracle_families` re-traces them
+(`--only NAME` for some);
 `planner oracle --grid calibration/data/oracle_families.json` compares.
 """
 
@@ -43,6 +46,14 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
     # compress_ratios (46 long in the release) is cut by transformers itself: sliding, sliding, CSA, HCA
     "deepseek-v4-4l": ("deepseek-v4", 4, {}, "two sliding-window layers, a compressed sparse (with its indexer) and a "
                        "heavily compressed one, 4 hyper-connected streams, the first 3 of 256 experts hash-routed"),
+    # one kind of layer each (traced whole all the same: four layers are no more than the oracle traces)
+    "qwen3-8b-4l": ("qwen3-8b", 4, {}, "per-head q and k RMSNorms, an untied head"),
+    "qwen3-30b-a3b-4l": ("qwen3-30b-a3b", 4, {}, "per-head q and k RMSNorms, 128 experts (top 8) without a shared one"),
+    "phi-4-4l": ("phi-4", 4, {}, "fused qkv and gate-up projections, an untied head"),
+    "gemma-4-26b-a4b-6l": ("gemma-4-26b-a4b", 6, {}, "five sliding (1024) layers and one global (head dim 512, keys as "
+                           "values, partial rotary), 128 experts (top 8) beside a dense MLP, a tied softcapped head"),
+    "gemma-4-31b-6l": ("gemma-4-31b", 6, {}, "the dense Gemma 4: five sliding (1024) layers and one global (head dim 512, "
+                       "keys as values), a tied softcapped head"),
 }
 
 
@@ -83,6 +94,17 @@ FAMILY_GRID: list[dict[str, Any]] = [
            attention="eager"),
     _point("deepseek-v4-4l fsdp256 1x4096 eager full", model_ref("deepseek-v4-4l"), 4096, 1, "full", dp=256, zero=3,
            attention="eager"),
+    # one device: autocast over fp32 parameters; tensor parallel through Qwen3's transformers plan
+    _point("qwen3-8b-4l 1x4096", model_ref("qwen3-8b-4l"), 4096, 1),
+    _point("qwen3-8b-4l fsdp8 2x4096 full", model_ref("qwen3-8b-4l"), 4096, 2, "full", dp=8, zero=3),
+    _point("qwen3-8b-4l tp4 1x4096", model_ref("qwen3-8b-4l"), 4096, 1, tp=4),
+    _point("qwen3-30b-a3b-4l fsdp16 2x4096", model_ref("qwen3-30b-a3b-4l"), 4096, 2, dp=16, zero=3),
+    _point("qwen3-30b-a3b-4l fsdp16 1x8192 full", model_ref("qwen3-30b-a3b-4l"), 8192, 1, "full", dp=16, zero=3),
+    _point("phi-4-4l 1x4096", model_ref("phi-4-4l"), 4096, 1),
+    _point("phi-4-4l fsdp8 2x4096 full", model_ref("phi-4-4l"), 4096, 2, "full", dp=8, zero=3),
+    _point("gemma-4-26b-a4b-6l fsdp8 2x4096", model_ref("gemma-4-26b-a4b-6l"), 4096, 2, dp=8, zero=3),
+    _point("gemma-4-26b-a4b-6l fsdp8 1x8192 full", model_ref("gemma-4-26b-a4b-6l"), 8192, 1, "full", dp=8, zero=3),
+    _point("gemma-4-31b-6l fsdp8 1x8192", model_ref("gemma-4-31b-6l"), 8192, 1, dp=8, zero=3),
 ]
 
 

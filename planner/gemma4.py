@@ -29,6 +29,16 @@ from planner.specs import LayerKind, ModelSpec
 
 # `b` below is planner/graph.py's _BlockBuilder (graph imports this module, so it is not named here)
 BlockBuilder = Any
+# transformers' SDPA runs GQA natively only for head dims up to this (integrations/sdpa_attention.py
+# use_gqa_in_sdpa: `key.shape[-1] == value.shape[-1] <= 256`); above it, repeat_kv copies k and v
+# for every head even without a mask (Gemma 4's 512-wide global heads), and SDPA keeps the copies
+SDPA_GQA_MAX_HEAD_DIM = 256
+
+
+def repeats_kv(spec: ModelSpec, kind: LayerKind, masked: bool) -> bool:
+    """Whether transformers hands SDPA k and v repeated for every query head."""
+    head_dim, kv_heads = layer_heads(spec, kind)
+    return kv_heads < spec.num_heads and (masked or head_dim > SDPA_GQA_MAX_HEAD_DIM)
 
 
 def layer_heads(spec: ModelSpec, kind: LayerKind) -> tuple[int, int]:
@@ -60,8 +70,11 @@ def gemma4_attention(b: BlockBuilder) -> None:
     b.last = ends
     b.rotary(q_width + (0 if kind.kv_shared else kv_width))
     shape = b.attention_shape(AttentionShape(q_width, kv_width, kv_width, q_width, s.num_heads, v_key="v_norm.out"))
+    repeated = repeats_kv(s, kind, shape.masked)
+    if repeated and not shape.masked:  # the masked path repeats them already
+        shape = replace(shape, k=q_width, v=q_width, v_key="attn.v")
     op = attention_op(s, b.workload, b.n, shape)
-    if kind.kv_shared and not shape.masked:  # SDPA keeps the producing layer's K and V: no copy of its own
+    if kind.kv_shared and not (shape.masked or repeated):  # SDPA keeps the producing layer's K and V: no copy of its own
         op = replace(op, saved=tuple(t for t in op.saved if t.key not in ("attn.k", shape.v_key)))
     b.add(op)
     b.attention_out(q_width)

@@ -393,7 +393,20 @@ def _build_ends(spec: ModelSpec, workload: Workload, n: Numerics) -> nx.DiGraph:
                    param_dims=() if spec.tie_word_embeddings else head.param_dims)
     graph.add_node("lm_head", op=head)
     graph.add_edge(last, "lm_head")
+    if spec.final_logit_softcapping:
+        graph.add_node("logit_softcap", op=logit_softcap_op(spec, n))
+        graph.add_edge("lm_head", "logit_softcap")
     return graph
+
+
+def logit_softcap_op(spec: ModelSpec, n: Numerics) -> Op:
+    """Gemma 2 / Gemma 4's head soft-cap, `logits = tanh(logits / cap) * cap` (modeling_gemma2.py
+    Gemma2ForCausalLM.forward, modeling_gemma4.py Gemma4ForCausalLM.forward): tanh keeps its output
+    for its backward, one more tensor of the logits' size in the compute dtype (whole on every TP
+    rank: the head's output is gathered for the loss)."""
+    c, v = n.compute_bytes, spec.vocab_size
+    return Op("logit_softcap", "elementwise", tp_split=False, io_bytes_per_token=6 * c * v,
+              out_bytes_per_token=c * v, saved=(Saved("logit_softcap.tanh", c * v, "none"),))
 
 
 def count_params(spec: ModelSpec) -> int:

@@ -136,3 +136,44 @@ def test_tp_must_divide_the_full_layers_kv_heads():
 def test_gemma_4_31b_counts_the_model_cards_30_7b():
     # transformers' meta-device count of google/gemma-4-31B-it's language model (tests/test_params.py)
     assert count_params(load_model("gemma-4-31b")) == 30_697_345_280
+
+
+def _with(**fields):
+    from dataclasses import replace
+
+    spec = replace(load_model("tiny-gemma4"), **fields)
+    graph = build_graph(spec, WORKLOAD, numerics_for(WORKLOAD, params_sharded=False))
+    return spec, {(kind.attention, kind.kv_shared): {n: block.nodes[n]["op"] for n in block.nodes}
+                  for kind, _, block in graph.blocks}, graph
+
+
+def _saved_bytes(op) -> dict[str, float]:
+    return {t.key: t.bytes_per_token for t in op.saved}
+
+
+def test_heads_wider_than_256_get_k_and_v_repeated_for_every_head_without_a_mask():
+    # transformers' use_gqa_in_sdpa: native GQA only up to head dim 256 (Gemma 4's global heads are 512)
+    c = numerics_for(WORKLOAD, params_sharded=False).compute_bytes
+    for width, repeated in ((256, False), (512, True)):
+        spec, ops, _ = _with(global_head_dim=width)
+        for kv_shared in (False, True):
+            saved = _saved_bytes(ops[("full_attention", kv_shared)]["attention"])
+            if repeated:  # its own copies, kv-shared layers included, and no mask
+                assert saved["attn.k"] == saved["attn.v"] == c * spec.num_heads * width
+                assert "attn.mask" not in saved
+            elif kv_shared:
+                assert "attn.k" not in saved
+            else:
+                assert saved["attn.k"] == c * spec.global_kv_heads * width
+        # the sliding layers' 32-wide heads run GQA natively either way
+        assert _saved_bytes(ops[("sliding_attention", False)]["attention"])["attn.k"] == \
+            c * spec.num_kv_heads * spec.head_dim
+
+
+def test_a_soft_capped_head_keeps_the_tanh_output_of_the_logits():
+    c = numerics_for(WORKLOAD, params_sharded=False).compute_bytes
+    spec, _, graph = _with(final_logit_softcapping=30.0)
+    softcap = {op.name: op for op in graph.end_ops()}["logit_softcap"]
+    assert _saved_bytes(softcap) == {"logit_softcap.tanh": c * spec.vocab_size}
+    _, _, uncapped = _with(final_logit_softcapping=0.0)
+    assert "logit_softcap" not in {op.name for op in uncapped.end_ops()}

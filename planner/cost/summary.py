@@ -168,7 +168,7 @@ def summarize_parts(graph: ModelGraph) -> tuple[PartSummary, PartSummary, PartSu
     kinds = tuple((summarize_ops(ops, quantized, layer_input), indices) for ops, indices in graph.kind_ops())
     layer = mean_layer([(part, len(indices) / graph.spec.num_layers) for part, indices in kinds])
     ends = graph.end_ops()
-    head_names = {"hc_head", "final_norm", "lm_head"}
+    head_names = {"hc_head", "final_norm", "lm_head", "logit_softcap"}
     embedding = summarize_ops([op for op in ends if op.name not in head_names], quantized, None)
     head = summarize_ops([op for op in ends if op.name in head_names], quantized, None)
     return layer, embedding, head, kinds if len(kinds) > 1 else ()
