@@ -53,6 +53,7 @@ def test_the_mechanisms_are_covered():
     assert any(any(kind.attention == "linear_attention" for kind, _ in s.layer_kinds()) for s in specs)
     assert any(s.attention_sinks and s.expert_gate == "clamped_swiglu" for s in specs)
     assert any(any(kind.attention == "mamba" for kind, _ in s.layer_kinds()) for s in specs)
+    assert any(s.is_moe and not s.gated_mlp for s in specs)  # Nemotron 3 Nano: relu2 experts beside Mamba-2
     assert {p["config"]["recompute"] for p in POINTS} == {"none", "full"}
     # DeepSeek-V4: compressed (sparse and heavy) attention, hyper-connected streams, hash-routed layers
     assert any(s.hc_mult > 1 and {"compressed_sparse_attention", "heavily_compressed_attention"} <= set(s.layer_types)
