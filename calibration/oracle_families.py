@@ -54,6 +54,8 @@ CUTS: dict[str, tuple[str, int, dict[str, Any], str]] = {
                            "values, partial rotary), 128 experts (top 8) beside a dense MLP, a tied softcapped head"),
     "gemma-4-31b-6l": ("gemma-4-31b", 6, {}, "the dense Gemma 4: five sliding (1024) layers and one global (head dim 512, "
                        "keys as values), a tied softcapped head"),
+    "nemotron-3-nano-30b-a3b-6l": ("nemotron-3-nano-30b-a3b", 6, {}, "Mamba-2, relu2 experts (128, top 6) beside a "
+                                   "shared expert, Mamba-2, experts, Mamba-2, attention (MEMEM*)"),
 }
 
 
@@ -86,6 +88,9 @@ FAMILY_GRID: list[dict[str, Any]] = [
     # Mamba-2 through the fused mamba_ssm function's stand-in (nemotron_h counts as MoE: bf16 master weights)
     _point("nemotron-h-shape-6l bf16 2x4096", model_ref("nemotron-h-shape-6l"), 4096, 2, master_dtype="bf16"),
     _point("nemotron-h-shape-6l fsdp8 4x4096 full", model_ref("nemotron-h-shape-6l"), 4096, 4, "full", dp=8, zero=3),
+    _point("nemotron-3-nano-30b-a3b-6l fsdp8 2x4096", model_ref("nemotron-3-nano-30b-a3b-6l"), 4096, 2, dp=8, zero=3),
+    _point("nemotron-3-nano-30b-a3b-6l fsdp8 2x8192 full", model_ref("nemotron-3-nano-30b-a3b-6l"), 8192, 2, "full",
+           dp=8, zero=3),
     _point("gpt-oss-20b-4l fsdp8 1x2048 eager", model_ref("gpt-oss-20b-4l"), 2048, 1, dp=8, zero=3, attention="eager"),
     _point("llama-4-scout-4l fsdp16 1x4096", model_ref("llama-4-scout-4l"), 4096, 1, dp=16, zero=3),
     _point("llama-4-scout-4l fsdp16 1x16384 full", model_ref("llama-4-scout-4l"), 16384, 1, "full", dp=16, zero=3),
@@ -119,6 +124,8 @@ def cut_config(name: str) -> dict[str, Any]:
     for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
         if isinstance(text.get(key), list):
             text[key] = text[key][:layers]
+    if isinstance(text.get("hybrid_override_pattern"), str):  # Nemotron-H: a letter per layer
+        text["hybrid_override_pattern"] = text["hybrid_override_pattern"][:layers]
     text.update(overrides)
     config["_name_or_path"] = name
     return config

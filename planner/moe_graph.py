@@ -37,16 +37,7 @@ def moe_block(b: Any) -> None:
     b.add(replace(router, tp_split=False, saved=router.saved + routing, io_bytes_per_token=router_io))
     if s.moe_latent_size:  # replicated over TP, as MLA's low-rank projections (the experts need the whole latent)
         b.linear("fc1_latent_proj", h, w, s.mlp_bias, b.mlp_in, column=True, tp_split=False)
-    # experts: sort by expert (int64 permutation, its token index and inverse), gather the hidden states
-    # (kept by the first grouped_mm for the weights' gradient), gate_up output (kept by the activation's
-    # chunk views), act(gate) (kept with up by their product), the product (kept by the second grouped_mm
-    # for the weights' gradient), the down output and the routing weights (kept by their product)
-    saved = (Saved("experts.index", 3 * INDEX_BYTES * k + FP32_BYTES * k, "sp"),
-             Saved("experts.in", c * w * k, for_weight_grad=True), Saved("experts.gate_up", 2 * c * i * k),
-             Saved("experts.act", c * i * k), Saved("experts.prod", c * i * k, for_weight_grad=True),
-             Saved("experts.down_out", c * w * k))
-    if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
-        saved += (Saved("experts.clamped", 3 * c * i * k),)
+    saved = _experts_saved(s, c, w, i, k)
     biases = e * (2 * i + w) if s.expert_bias else 0  # gpt-oss gate_up_proj_bias, down_proj_bias
     bias_dims = ((e, e * 2 * i), (e, e * w)) if s.expert_bias else ()
     m = 3 if s.gated_mlp else 2  # gate, up and down matrices, or up and down (Nemotron-H relu2 experts)
@@ -59,8 +50,11 @@ def moe_block(b: Any) -> None:
     float8 = (b.workload.precision == "fp8" and b.workload.framework == "megatron"
               and w % FLOAT8_DIM_MULTIPLE == 0 and i % FLOAT8_DIM_MULTIPLE == 0)
     saved = _megatron_saved(b, saved, float8)
+    # memory-bound passes over the intermediate: gated, gate_up written and read, act written, act and up
+    # read, product written and read (8 i); relu2, up written and read, relu's output written and read, the
+    # square written and read (6 i)
     b.add(Op("experts", "experts", params=e * m * w * i + biases, gemm=(w, m * i), tokens_factor=k, float8=float8,
-                flops_per_token=k * 2 * m * w * i, io_bytes_per_token=k * 8 * c * i + permute_io,
+                flops_per_token=k * 2 * m * w * i, io_bytes_per_token=k * (2 * m + 2) * c * i + permute_io,
                 out_bytes_per_token=c * w, saved=saved, quantizable=True,
                 # backward, alive at once: the gate_up (or up) and product gradients, then the input's
                 grads=(Saved("experts.grad", k * c * (w + m * i)),),
@@ -68,6 +62,29 @@ def moe_block(b: Any) -> None:
     if s.moe_latent_size:  # keeps the experts' combined latent output for its weight gradient
         b.linear("fc2_latent_proj", w, h, s.mlp_bias, "experts.out", column=True, input_bytes=c, tp_split=False)
     _shared_experts(b, start)
+
+
+def _experts_saved(s: Any, c: int, w: int, i: int, k: int) -> tuple[Saved, ...]:
+    """What autograd keeps of the grouped experts per token (transformers 5.23 integrations/moe.py
+    grouped_mm_experts_forward, 440-535): the sort by expert (int64 permutation, its token index and
+    inverse) and the gathered hidden states (kept by the first grouped_mm for the weights' gradient);
+    gated, the gate_up output (kept by the activation's chunk views), act(gate) (kept with up by their
+    product) and the product (kept by the second grouped_mm); the down output and the routing weights
+    (kept by their product). Non-gated (Nemotron-H, has_gate=False, 503-504): relu2 is
+    ReLUSquaredActivation (activations.py 211-214), relu then torch.square; ReluBackward0 keeps relu's
+    result and PowBackward0 keeps its input, the same tensor, so up's output is not kept: relu's output
+    and the square (kept by the second grouped_mm)."""
+    index = Saved("experts.index", 3 * INDEX_BYTES * k + FP32_BYTES * k, "sp")
+    inputs = Saved("experts.in", c * w * k, for_weight_grad=True)
+    down_out = Saved("experts.down_out", c * w * k)
+    if not s.gated_mlp:
+        return (index, inputs, Saved("experts.relu", c * i * k),
+                Saved("experts.prod", c * i * k, for_weight_grad=True), down_out)
+    saved = (index, inputs, Saved("experts.gate_up", 2 * c * i * k), Saved("experts.act", c * i * k),
+             Saved("experts.prod", c * i * k, for_weight_grad=True), down_out)
+    if s.expert_gate == "clamped_swiglu":  # modeling_gpt_oss.py _apply_gate: the clamped gate, up + 1 and glu too
+        saved += (Saved("experts.clamped", 3 * c * i * k),)
+    return saved
 
 
 def _megatron_saved(b: Any, saved: tuple[Saved, ...], float8: bool) -> tuple[Saved, ...]:

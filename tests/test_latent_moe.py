@@ -69,3 +69,23 @@ def test_ep_traffic_scales_with_latent_over_hidden(monkeypatch):
     linear = [cpep.ep_seconds(ctx, ctx.regime(False), c)[0] for ctx in (latent_ctx, hidden_ctx)]
     assert linear[0] == pytest.approx(linear[1] * LATENT / HIDDEN, rel=1e-12)
     assert np.asarray(moved[0]) == pytest.approx(np.asarray(moved[1]) * LATENT / HIDDEN, rel=1e-12)
+
+
+def test_relu2_experts_keep_relu_output_and_square_not_a_gate_up_triple():
+    """Non-gated experts (transformers integrations/moe.py grouped_mm_experts_forward, has_gate=False):
+    relu keeps its result and torch.square its input, the same tensor; the second grouped_mm keeps the
+    square; up's output is kept by nothing. Gated experts keep gate_up (2 I), act and the product."""
+    spec = replace(spec_from_hf_config(CONFIG, name="latent"), moe_latent_size=0)
+    c = 2
+
+    def intermediate(ops):
+        return sum(t.bytes_per_token for t in ops["experts"].saved
+                   if t.key not in ("experts.index", "experts.in", "experts.down_out"))
+
+    plain, gated = moe_ops(spec), moe_ops(replace(spec, gated_mlp=True))
+    assert intermediate(plain) == TOP_K * 2 * c * MOE_I
+    assert intermediate(gated) == TOP_K * 4 * c * MOE_I
+    assert {t.key for t in plain["experts"].saved} >= {"experts.relu", "experts.prod"}
+    assert "experts.gate_up" not in {t.key for t in plain["experts"].saved}
+    # the memory-bound passes: one intermediate write and read fewer (6 I against 8 I)
+    assert gated["experts"].io_bytes_per_token - plain["experts"].io_bytes_per_token == TOP_K * 2 * c * MOE_I

@@ -260,3 +260,18 @@ def test_nemotron_h_blocks_hold_one_mixer_or_one_mlp():
     assert short[0]["ssd_scan"].flops_per_token == long[0]["ssd_scan"].flops_per_token > 0
     assert "down_proj" not in short[0] and "in_proj" not in short[1] and "rotary" not in short[2]
     assert short[3]["experts"].gemm == (spec.hidden_size, 2 * spec.intermediate_size)  # relu2 experts: up and down
+
+
+def test_a_layer_between_runs_beside_the_largest_layer_the_stack_puts_next_to_it():
+    """FSDP2 prefetches the layer below the one running its backward (planner/cost/moments.py
+    NEIGHBOURS): alternating kinds (Nemotron-H's Mamba-2 and experts) never put two of the largest
+    side by side; a stack that does keeps the largest as the partner; one layer has no neighbour."""
+    import numpy as np
+
+    from planner.cost.stages import _partner
+
+    sizes = np.array([[1.0, 5.0], [10.0, 10.0]])  # kind x candidate
+    largest = sizes.max(axis=0)
+    assert list(_partner(sizes, largest, np.array([0, 1, 0, 1, 0]))) == [1.0, 5.0]
+    assert list(_partner(sizes, largest, np.array([0, 1, 1, 0]))) == [10.0, 10.0]
+    assert list(_partner(sizes, largest, np.array([1]))) == [10.0, 10.0]

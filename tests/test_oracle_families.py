@@ -59,6 +59,7 @@ def test_the_mechanisms_are_covered():
     assert any(any(kind.attention == "linear_attention" for kind, _ in s.layer_kinds()) for s in specs)
     assert any(s.attention_sinks and s.expert_gate == "clamped_swiglu" for s in specs)
     assert any(any(kind.attention == "mamba" for kind, _ in s.layer_kinds()) for s in specs)
+    assert any(s.is_moe and not s.gated_mlp for s in specs)  # Nemotron 3 Nano: relu2 experts beside Mamba-2
     assert {p["config"]["recompute"] for p in POINTS} == {"none", "full"}
     # issue 15's families: Qwen3 (one device, FSDP and its transformers TP plan), Qwen3-MoE, Phi-3,
     # Gemma 4 (512-wide global heads whose k and v transformers repeats, experts beside the MLP, a soft-capped head)

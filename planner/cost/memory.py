@@ -35,7 +35,7 @@ import numpy as np
 from planner.cost.candidates import Candidates
 from planner.cost.context import ROLES, Context, Regime, StageLayout
 from planner.cost.moments import MOMENTS, StepParts, moments
-from planner.cost.stages import POSITIONS, role_layer, role_layer_sizes
+from planner.cost.stages import POSITIONS, SIZED, role_layer, role_layer_sizes
 from planner.cost.zero3 import zero3_by_module
 from planner.cost.loss import loss_bytes_per_token
 from planner.framework_memory import framework_memory
@@ -86,7 +86,7 @@ def stage_params(ctx: Context, regime: Regime, c: Candidates, layout: StageLayou
     mean = (local["per_layer"], local["per_layer_trainable"])
     sizes = role_layer_sizes(regime, layout, role, ctx.spec.num_layers, t)
     at = {} if sizes is None else {k: v for k, v in sizes.items() if k.startswith("kind")}
-    for name in (*POSITIONS, "max"):
+    for name in SIZED:
         # under expert parallelism the experts' share of each kind is averaged (_expert_local): the mean layer
         size, trained = mean if sizes is None else (np.where(c.ep > 1, m, v) for v, m in zip(sizes[name], mean))
         at[f"layer_{name}"], at[f"layer_{name}_trainable"] = size, trained
@@ -281,18 +281,18 @@ def _step_parts(ctx: Context, regime: Regime, c: Candidates, layout: StageLayout
         cast_head=np.where(casts, cb * head_weights, 0.0), fsdp=fsdp,
         zero2=(c.zero == 2) | (fsdp & (c.pp > 1)),
         gathered_layer=_gathered_bytes(cb, p["per_layer"], p["per_layer_quantized"]) * layer_pad,
-        gathered_at={k: _gathered_bytes(cb, p[f"layer_{k}"], p["per_layer_quantized"]) * layer_pad for k in (*POSITIONS, "max")},
+        gathered_at={k: _gathered_bytes(cb, p[f"layer_{k}"], p["per_layer_quantized"]) * layer_pad for k in SIZED},
         gathered_root=np.where(ends, 0.0, cb * p["root"] * root_pad),
         gathered_head=np.where(ends, cb * p["root_head"] * root_pad, 0.0),
         gathered_embedding=np.where(ends, cb * p["root_embedding"] * root_pad, 0.0), ends=ends,
         scatter_layer=reduce_bytes(w) * p["per_layer_trainable"] * layer_pad,
-        scatter_at={k: reduce_bytes(w) * p[f"layer_{k}_trainable"] * layer_pad for k in (*POSITIONS, "max")},
+        scatter_at={k: reduce_bytes(w) * p[f"layer_{k}_trainable"] * layer_pad for k in SIZED},
         scatter_root=reduce_bytes(w) * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad,
         # the head's unsharded gradient, a tied head's too (autograd buffers it for the embedding's)
         root_grads=np.where(fsdp & ~ends, cb * (p["head_trainable"] * root_pad + tied / store["master_bytes"]), 0.0),
         root_grads_all=np.where(fsdp, cb * np.where(ends, embedding_trainable, p["root_trainable"]) * root_pad, 0.0),
         layer_grads_unsharded=np.where(fsdp, cb * p["layer_first_trainable"] * layer_pad, 0.0),
-        unsharded_at={k: np.where(fsdp, cb * p[f"layer_{k}_trainable"], 0.0) for k in (*POSITIONS, "max")},  # unpadded
+        unsharded_at={k: np.where(fsdp, cb * p[f"layer_{k}_trainable"], 0.0) for k in SIZED},  # unpadded
         boundary=boundary, layers_resident=layers, ring=_ring_bytes(spec, c, tokens, cb),
         tied_sum=np.where(fsdp & ~ends, 3 * cb * tied / store["master_bytes"], 0.0),
         checkpointed=c.recompute != 0, **_expert_units(regime, c, w, cb, layer_pad, fsdp))

@@ -238,8 +238,10 @@ def _around(x: StepParts, index: np.ndarray, above: np.ndarray, at: str) -> tupl
     return tuple(np.where(known, e, m) for e, m in zip(exact, mean))
 
 
-# the layer running its backward, the one below (prefetched) and the one above (reduce-scattering)
-NEIGHBOURS = {"first": ("first", "first", "second"), "last": ("last", "below_last", "last"), "max": ("max",) * 3}
+# the layer running its backward, the one below (prefetched) and the one above (reduce-scattering); a layer
+# between runs as the largest kind beside the largest layer the stack puts next to it (stages.py _partner)
+NEIGHBOURS = {"first": ("first", "first", "second"), "last": ("last", "below_last", "last"),
+              "max": ("max", "partner", "max")}
 
 
 def _gathered(x: StepParts, where: str) -> np.ndarray:

@@ -52,6 +52,7 @@ def kind_count(indices: tuple[int, ...], num_layers: int, stage: np.ndarray, pp:
 
 
 POSITIONS = ("first", "second", "below_last", "last")  # of a stage's layers, in forward order
+SIZED = (*POSITIONS, "max", "partner")  # role_layer_sizes' entries
 
 
 def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers: int,
@@ -83,6 +84,8 @@ def role_layer_sizes(regime: Regime, layout: StageLayout, role: str, num_layers:
                                      sizes.shape[1:]) for _, ix in regime.kinds])
     result["max"] = (np.where(held, sizes, 0).max(axis=0), np.where(held, trained, 0).max(axis=0))
     result["kind_max"] = np.where(held, sizes, -1).argmax(axis=0)
+    result["partner"] = tuple(_partner(v, m, kind_of) for v, m in zip((sizes, trained), result["max"]))
+    result["kind_partner"] = result["kind_max"]
     result["kind_held"] = held
     # which kinds hold routed experts (under ep x ZeRO 3 FSDP2 units of their own: planner/cost/moments.py)
     experts = np.asarray(regime.expert_kinds, dtype=bool).reshape(-1, *[1] * (sizes.ndim - 1))
@@ -96,3 +99,14 @@ def _stage_ends(layout: StageLayout, role: str, num_layers: int) -> tuple[np.nda
     first, _ = virtual_stage_span(num_layers, stage, pp * vpp)
     last_start, last_count = virtual_stage_span(num_layers, (vpp - 1) * pp + stage, pp * vpp)
     return first, np.maximum(last_start + last_count - 1, first)
+
+
+def _partner(sizes: np.ndarray, largest: np.ndarray, kind_of: np.ndarray) -> np.ndarray:
+    """The largest layer that runs beside the stage's largest kind (FSDP2 prefetches the one below):
+    the model's largest sum of two adjacent layers less the largest kind, at most the largest kind.
+    Alternating kinds (Nemotron-H's Mamba-2 / experts) never put two of the largest side by side."""
+    pairs = {(int(a), int(b)) for a, b in zip(kind_of[:-1], kind_of[1:])}
+    if not pairs:
+        return largest
+    pair = np.max(np.stack([sizes[a] + sizes[b] for a, b in pairs]), axis=0)
+    return np.minimum(np.maximum(pair - largest, 0.0), largest)
