@@ -29,13 +29,19 @@ SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "baichuan", "gpt2", "
 
 
 @cache
-def catalog() -> dict[str, dict[str, Any]]:
-    """name -> preset document {name, source, published_params, config}."""
+def _preset_documents() -> str:
+    """The preset files read once, kept as JSON text so that no caller can change them."""
     docs = {}
     for path in sorted(PRESET_DIR.glob("*.json")):
         doc = json.loads(path.read_text())
         docs[doc["name"]] = doc
-    return docs
+    return json.dumps(docs)
+
+
+def catalog() -> dict[str, dict[str, Any]]:
+    """name -> preset document {name, source, published_params, config}: a fresh copy on every call
+    (transformers' config classes, for one, fill in a rope_scaling dict they are given)."""
+    return json.loads(_preset_documents())
 
 
 def load_model(ref: str | ModelSpec) -> ModelSpec:

@@ -1,5 +1,7 @@
 """Parameter counts equal what transformers instantiates (meta device, no memory used)."""
 
+import copy
+
 import pytest
 
 from planner.graph import count_params
@@ -11,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def transformers_count(config: dict) -> int:
-    config = dict(config)
+    config = copy.deepcopy(config)  # transformers fills in nested dicts (rope_scaling) it is given
     if config["model_type"] in TEXT_PARTS:  # the language model of a multimodal config
         config = text_config(config, TEXT_PARTS[config["model_type"]])
     model_type = config.pop("model_type")
